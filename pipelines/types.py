@@ -1,0 +1,130 @@
+"""Frozen dataclasses at the edges of the generation API: the request, the per-step event, the result."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+from PIL import Image
+
+# Key of the embedded model (trained in training/, shipped in assets/models/tiny-shapes); see pipelines/registry.py.
+DEFAULT_MODEL = "tiny-shapes"
+
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines an image. Field names follow diffusers' `__call__` arguments."""
+
+    prompt: str  # text prompt; "" is valid (unconditional generation)
+    negative_prompt: str = ""  # "" means "none", exactly as diffusers' default negative_prompt=None
+    model: str = DEFAULT_MODEL  # registry key (pipelines/registry.py), hub id or local diffusers folder
+    scheduler: str | None = None  # key of pipelines.schedulers.SCHEDULERS; None keeps the model's own scheduler
+    num_inference_steps: int = 20  # denoising steps, 1..1000
+    guidance_scale: float = 7.5  # CFG scale s; <= 1 disables the unconditional pass, as in diffusers
+    seed: int | None = None  # None draws a random seed; the result reports the one used
+    width: int | None = None  # pixels; None takes the model's default size; must be a multiple of its factor
+    height: int | None = None  # pixels; as width
+    guidance: str = "cfg"  # key of guidance.registry.METHODS
+    guidance_params: Mapping[str, float] = field(default_factory=dict)  # method parameters, e.g. guidance_rescale
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be a hub id or a local diffusers folder, got an empty value")
+        steps = self.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
+        object.__setattr__(self, "guidance_scale", float(g))
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
+            raise ValueError(f"seed must be an integer from 0 to 2**63-1 or None, got {self.seed!r}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIDE):
+                raise ValueError(f"{name} must be an integer from 1 to {MAX_SIDE} (a multiple of the model's factor) or None, got {v!r}")
+        if not isinstance(self.guidance, str):
+            raise ValueError("guidance must be a method key string")
+        params = dict(self.guidance_params)
+        for k, v in params.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"guidance_params must map names to finite numbers, got {k!r}={v!r}")
+        # A read-only copy keeps the request hashable in spirit and immune to caller mutation.
+        object.__setattr__(self, "guidance_params", _FrozenParams(params))
+        # Guidance method and parameters are validated against the registry here, once.
+        from guidance.registry import validate as _validate_guidance
+
+        _validate_guidance(self.guidance, params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        d = asdict(self) | {"guidance_params": dict(self.guidance_params)}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class _FrozenParams(dict):
+    """A dict that refuses mutation, so a frozen request stays frozen."""
+
+    def _readonly(self, *a: Any, **k: Any) -> None:
+        raise TypeError("guidance_params of a GenerationRequest is read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What the loop hands the observer after each iteration. Latent tensors are (B, C, h, w), detached."""
+
+    step: int  # 0-based index of this loop iteration
+    num_steps: int  # total iterations (len(timesteps); 2N-1 for Heun)
+    timestep: float  # scheduler timestep t
+    sigma: float | None  # k-diffusion σ (VP models) or flow σ (flow models) at this step
+    latents: torch.Tensor  # x_{t-1}: latents after the scheduler step, in the scheduler's space
+    denoised: torch.Tensor  # x̂0: predicted clean latents from the guided prediction
+    denoised_cond: torch.Tensor | None  # x̂0 of the conditional prediction alone (None without CFG)
+    denoised_uncond: torch.Tensor | None  # x̂0 of the unconditional prediction alone (None without CFG)
+    guidance_delta_norm: float | None  # ‖pred_cond − pred_uncond‖ (L2 over the first image), None without CFG
+    effective_scale: float  # guidance scale applied at this step (1.0 = conditional only)
+    elapsed: float  # seconds since the loop started
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock seconds spent in each phase of generate()."""
+
+    load: float  # loading (or fetching from cache) the pipeline
+    encode: float  # text encoding
+    denoise: float  # the denoising loop, observer time included
+    decode: float  # VAE decode + postprocess
+    total: float  # all of the above
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one generate() call."""
+
+    image: Image.Image  # final image (first of the batch); for a cancelled run, the decoded last x̂0
+    seed: int  # the seed actually used
+    request: GenerationRequest  # the request as given (seed may be None there)
+    timings: Timings  # per-phase wall-clock seconds
+    latents: torch.Tensor  # final latents (1, C, h, w)
+    steps_completed: int  # iterations run (== num_steps unless cancelled)
+    num_steps: int  # iterations planned
+    cancelled: bool  # True when an observer stopped the run early
+    scheduler: str  # scheduler key used (or the class name when the model's own is not in the registry)
+    family: str  # model family key ("sd", "sdxl", "pixart_sigma", "sd3")
