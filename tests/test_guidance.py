@@ -262,6 +262,22 @@ def test_every_method_runs_with_defaults(key: str) -> None:
     assert out.pred.shape == SHAPE and torch.isfinite(out.pred).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key", list(registry.METHODS))
+def test_half_precision_keeps_dtype(key: str, dtype: torch.dtype) -> None:
+    c, u = (t.to(dtype) for t in preds(71))
+    out = registry.create(key, 7.5, {})(c, u, ctx(step=3, sigma=1.0))
+    assert out.pred.dtype == dtype and torch.isfinite(out.pred).all()
+
+
+def test_apg_half_precision_matches_diffusers() -> None:
+    method = registry.create("apg", 7.5, {})
+    guider = AdaptiveProjectedGuidance(7.5, adaptive_projected_guidance_momentum=-0.5, eta=0.0)
+    for step in range(3):
+        c, u = (t.to(torch.bfloat16) for t in preds(72 + step))
+        assert torch.equal(method(c, u, ctx(step, 3)).pred, guided(guider, step, 3, c, u))
+
+
 def test_describe_lists_methods_params_and_papers() -> None:
     text = registry.describe()
     for spec in registry.METHODS.values():
