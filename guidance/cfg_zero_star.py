@@ -24,12 +24,12 @@ def cfg_zero_star_scale(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, eps:
 class CFGZeroStar(GuidanceMethod):
     """v = s*·v_u + s(v_c − s*·v_u) (diffusers' form), v = 0 for the first zero_init_steps steps.
 
-    s* is the least-squares scale of v_u onto v_c, per image. The paper writes the guided velocity
+    s* = argmin_s ‖v_c − s·v_u‖², per image. The paper writes the guided velocity
     as (1 − w)·s*·v_u + w·v_c, which is this formula with w = s. Zero-init (paper section 4.2) is for flow
     matching, where a zero velocity leaves x_t in place; with ε or v models diffusers applies it the same way, and
     so do we, but a zero ε or v means something else there (for ε: "x_t is already clean").
-    zero_init_steps counts zeroed steps (diffusers); the official code's zero_steps=k zeroes k + 1 steps, and its
-    use_zero_init=False is zero_init_steps=0 here.
+    zero_init_steps counts zeroed steps, as in diffusers' guider; diffusers' Helios pipeline instead zeroes steps
+    i <= zero_steps (k + 1 steps for zero_steps=k), and its use_zero_init=False is zero_init_steps=0 here.
 
     effective_scale: 0.0 on zeroed steps; otherwise 1 + (s − 1)·s̄*, with s̄* the batch mean of s* — the CFG
     scale w whose output w·v_c + (1 − w)·v_u pulls away from v_u as hard, since ours is s·v_c + (1 − s)·s*·v_u.
