@@ -128,3 +128,5 @@ class GenerationResult:
     cancelled: bool  # True when an observer stopped the run early
     scheduler: str  # scheduler key used (or the class name when the model's own is not in the registry)
     family: str  # model family key ("sd", "sdxl", "pixart_sigma", "sd3")
+    height: int  # pixels rendered
+    width: int  # pixels rendered

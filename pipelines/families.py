@@ -1,0 +1,246 @@
+"""Per-family conditioning and denoiser calls: SD 1.x/2.x, SDXL, PixArt-Σ (T5) and SD3 (CLIP+CLIP+T5).
+
+Each family is detected from the loaded pipeline's class (never from the model name) and wraps only the
+public parts of that pipeline: `encode_prompt`, `prepare_latents`, `prepare_extra_step_kwargs`, the
+denoiser's forward and the VAE. The denoising loop itself lives in pipelines/generate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one run, batched as diffusers batches it: [uncond, cond] when CFG is on."""
+
+    embeds: torch.Tensor  # (B or 2B, L, D) encoder hidden states
+    cfg: bool  # True when the batch holds [uncond, cond]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # pooled embeds, time ids, attention masks
+
+    def select(self, with_uncond: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Embeddings for a pass with or without the unconditional half."""
+        if with_uncond or not self.cfg:
+            return self.embeds, self.extra
+        half = self.embeds.shape[0] // 2
+        return self.embeds[half:], {k: v[half:] for k, v in self.extra.items()}
+
+
+class Family:
+    """Base: what differs between model families. Subclasses override what their pipeline does differently."""
+
+    key: str = ""
+    pipeline_class: type[DiffusionPipeline] = DiffusionPipeline
+    flow: bool = False  # flow matching (velocity prediction) instead of a discrete VP schedule
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return pipe.unet
+
+    def prediction_type(self, pipe: Any) -> str:
+        """'epsilon', 'v_prediction', 'sample' or 'flow'."""
+        return "flow" if self.flow else pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def size_multiple(self, pipe: Any) -> int:
+        """Pixel sizes must be multiples of this (VAE factor × patch size)."""
+        return pipe.vae_scale_factor
+
+    def default_size(self, pipe: Any) -> int:
+        return self.denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+    def latent_channels(self, pipe: Any) -> int:
+        return self.denoiser(pipe).config.in_channels
+
+    def encode(self, pipe: Any, prompt: str, negative_prompt: str | None, cfg: bool, device: torch.device,
+               height: int, width: int) -> Conditioning:
+        """Text conditioning; negative_prompt None means diffusers' default (\"\" or zeros for SDXL)."""
+        raise NotImplementedError
+
+    def timesteps(self, pipe: Any, num_inference_steps: int, device: torch.device, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Set the scheduler's timesteps (before prepare_latents: Euler's init_noise_sigma depends on them)."""
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device)
+        return timesteps
+
+    def step_kwargs(self, pipe: Any, generator: torch.Generator) -> dict[str, Any]:
+        return pipe.prepare_extra_step_kwargs(generator, 0.0)
+
+    def predict(self, pipe: Any, latent_model_input: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                with_uncond: bool, guidance_scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unscale_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> what vae.decode expects."""
+        return latents / pipe.vae.config.scaling_factor
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1] (unclamped)."""
+        vae = pipe.vae
+        z = self.unscale_latents(pipe, latents).to(vae.dtype)
+        return vae.decode(z, return_dict=False)[0]
+
+
+class SDFamily(Family):
+    """SD 1.x / 2.x / Turbo: one CLIP text encoder, UNet, epsilon or v-prediction."""
+
+    key = "sd"
+    pipeline_class = StableDiffusionPipeline
+
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+        embeds, neg = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+        return Conditioning(torch.cat([neg, embeds]) if cfg else embeds, cfg)
+
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale):
+        embeds, extra = cond.select(with_uncond)
+        return pipe.unet(latent_model_input, t, encoder_hidden_states=embeds,
+                         timestep_cond=self._timestep_cond(pipe, guidance_scale, latent_model_input),
+                         added_cond_kwargs=extra or None, return_dict=False)[0]
+
+    @staticmethod
+    def _timestep_cond(pipe, guidance_scale: float, x: torch.Tensor) -> torch.Tensor | None:
+        """Guidance-scale embedding for guidance-distilled UNets (LCM); None for ordinary models."""
+        dim = pipe.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        w = torch.tensor(guidance_scale - 1).repeat(x.shape[0])
+        return pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=x.device, dtype=x.dtype)
+
+
+class SDXLFamily(SDFamily):
+    """SDXL: two CLIP encoders, pooled text embeds and size/crop time ids as added conditioning."""
+
+    key = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt,
+        )
+        # Adapted from diffusers 0.42.1, StableDiffusionXLPipeline._get_add_time_ids (original size,
+        # crop top-left, target size; no micro-conditioning beyond the defaults of __call__).
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype, device=device)
+        if cfg:
+            return Conditioning(torch.cat([neg, embeds]), True, {
+                "text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])})
+        return Conditioning(embeds, False, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def unscale_latents(self, pipe, latents):
+        cfg = pipe.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            return latents * std / cfg.scaling_factor + mean
+        return latents / cfg.scaling_factor
+
+
+class PixArtSigmaFamily(Family):
+    """PixArt-Σ: T5 encoder with attention masks, DiT with learned-sigma channels (dropped as diffusers does)."""
+
+    key = "pixart_sigma"
+    pipeline_class = PixArtSigmaPipeline
+
+    def denoiser(self, pipe):
+        return pipe.transformer
+
+    def size_multiple(self, pipe):
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+        # clean_caption=True and 300 tokens are PixArtSigmaPipeline.__call__'s defaults.
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            prompt, cfg, negative_prompt=negative_prompt or "", num_images_per_prompt=1, device=device,
+            clean_caption=True, max_sequence_length=300,
+        )
+        if cfg:
+            return Conditioning(torch.cat([neg, embeds]), True, {"encoder_attention_mask": torch.cat([neg_mask, mask])})
+        return Conditioning(embeds, False, {"encoder_attention_mask": mask})
+
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale):
+        embeds, extra = cond.select(with_uncond)
+        timestep = t[None].to(latent_model_input.device) if t.ndim == 0 else t
+        out = pipe.transformer(
+            latent_model_input, encoder_hidden_states=embeds, encoder_attention_mask=extra["encoder_attention_mask"],
+            timestep=timestep.expand(latent_model_input.shape[0]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+        )[0]
+        channels = self.latent_channels(pipe)
+        if pipe.transformer.config.out_channels // 2 == channels:
+            out = out.chunk(2, dim=1)[0]  # learned sigma: keep the ε half, as PixArtSigmaPipeline does
+        return out
+
+
+class SD3Family(Family):
+    """SD3 / SD3.5: two CLIPs + T5, MMDiT, flow matching with optional resolution-dependent shift."""
+
+    key = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    flow = True
+
+    def denoiser(self, pipe):
+        return pipe.transformer
+
+    def size_multiple(self, pipe):
+        return pipe.vae_scale_factor * pipe.patch_size
+
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, max_sequence_length=256,
+        )
+        if cfg:
+            return Conditioning(torch.cat([neg, embeds]), True, {"pooled_projections": torch.cat([neg_pooled, pooled])})
+        return Conditioning(embeds, False, {"pooled_projections": pooled})
+
+    def timesteps(self, pipe, num_inference_steps, device, latent_hw):
+        kwargs = {}
+        config = pipe.scheduler.config
+        if config.get("use_dynamic_shifting", None):
+            patch = pipe.transformer.config.patch_size
+            seq_len = (latent_hw[0] // patch) * (latent_hw[1] // patch)
+            kwargs["mu"] = calculate_shift(
+                seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5), config.get("max_shift", 1.16),
+            )
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, **kwargs)
+        return timesteps
+
+    def step_kwargs(self, pipe, generator):
+        return {}  # StableDiffusion3Pipeline passes nothing extra to scheduler.step
+
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale):
+        embeds, extra = cond.select(with_uncond)
+        return pipe.transformer(
+            hidden_states=latent_model_input, timestep=t.expand(latent_model_input.shape[0]),
+            encoder_hidden_states=embeds, pooled_projections=extra["pooled_projections"], return_dict=False,
+        )[0]
+
+    def unscale_latents(self, pipe, latents):
+        return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+
+# Order matters: SDXL before nothing it subclasses; detection is by isinstance on the pipeline class.
+FAMILIES: dict[str, Family] = {f.key: f for f in (SDFamily(), SDXLFamily(), PixArtSigmaFamily(), SD3Family())}
+
+
+def family_of(pipe: DiffusionPipeline) -> Family:
+    """The family of a loaded pipeline, by its class; anything else is refused with the supported list."""
+    for family in FAMILIES.values():
+        if type(pipe) is family.pipeline_class:
+            return family
+    for family in FAMILIES.values():
+        if isinstance(pipe, family.pipeline_class):
+            return family
+    supported = ", ".join(f.pipeline_class.__name__ for f in FAMILIES.values())
+    raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {supported}")

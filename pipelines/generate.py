@@ -1,0 +1,160 @@
+"""The one denoising loop. Every image in this project (UI, CLI, tests, benchmarks) is made by generate()."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from guidance.base import GuidanceContext
+from guidance.registry import create as create_guidance
+from pipelines.families import family_of
+from pipelines.loading import ModelLoader
+from pipelines.observers import Observer
+from pipelines.types import GenerationRequest, GenerationResult, StepEvent, Timings
+from pipelines.x0 import predict_x0, sigma_at
+
+
+def resolve_size(request: GenerationRequest, pipe, family) -> tuple[int, int]:
+    """(height, width) from the request or the model's default; refuses sizes the model cannot render."""
+    multiple = family.size_multiple(pipe)
+    default = family.default_size(pipe)
+    height, width = request.height or default, request.width or default
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            raise ValueError(
+                f"{name} {value} is not a multiple of {multiple}, this model's size factor; "
+                f"use a multiple of {multiple} such as {lower} or {lower + multiple}"
+            )
+    return height, width
+
+
+@torch.no_grad()
+def generate(
+    request: GenerationRequest,
+    observer: Observer | None = None,
+    *,
+    loader: ModelLoader | None = None,
+) -> GenerationResult:
+    """Make one image for `request`, handing a StepEvent to `observer` after every loop iteration.
+
+    Same seed and settings give the same image as the stock diffusers pipeline (tests/test_parity.py).
+    The noise comes from a CPU torch.Generator seeded with the seed, so results do not depend on the device.
+    """
+    observer = observer or Observer()
+    loader = loader or ModelLoader()
+    t_start = time.perf_counter()
+    with loader.run_lock:
+        # 1. Load (cached) and pick the pipeline view that owns this run's scheduler
+        pipe, scheduler_key = loader.view(request.model, request.scheduler)
+        family = family_of(pipe)
+        scheduler = pipe.scheduler
+        device = loader.device if loader.offload else pipe.device
+        t_loaded = time.perf_counter()
+
+        # 2. Resolve what the request left open, and validate against this model
+        height, width = resolve_size(request, pipe, family)
+        seed = request.seed if request.seed is not None else random.randrange(2**32)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        denoiser = family.denoiser(pipe)
+        # As diffusers: CFG only above scale 1, and never for guidance-distilled (LCM) UNets.
+        do_cfg = request.guidance_scale > 1.0 and getattr(denoiser.config, "time_cond_proj_dim", None) is None
+        method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params)
+        prediction_type = family.prediction_type(pipe)
+
+        # 3. Encode the prompt ("" negative means diffusers' default None)
+        cond = family.encode(pipe, request.prompt, request.negative_prompt or None, do_cfg, device, height, width)
+        t_encoded = time.perf_counter()
+
+        # 4. Timesteps, then initial latents (scaled by the scheduler's init_noise_sigma)
+        latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        timesteps = family.timesteps(pipe, request.num_inference_steps, device, latent_hw)
+        latents = pipe.prepare_latents(1, family.latent_channels(pipe), height, width, cond.embeds.dtype, device, generator)
+        step_kwargs = family.step_kwargs(pipe, generator)
+        num_steps = len(timesteps)
+
+        # 5. Denoise
+        denoised = latents
+        steps_completed = 0
+        cancelled = False
+        for i, t in enumerate(timesteps):
+            if observer.is_cancelled():
+                cancelled = True
+                break
+            # 5a. Guidance context and whether this step needs the unconditional pass
+            sigma = sigma_at(scheduler, i, t, family.flow)
+            ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)
+            with_uncond = do_cfg and method.wants_uncond(ctx)
+
+            # 5b. Model prediction, batched [uncond, cond] as diffusers batches it
+            model_input = torch.cat([latents] * 2) if with_uncond else latents
+            if hasattr(scheduler, "scale_model_input"):
+                model_input = scheduler.scale_model_input(model_input, t)
+            output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale)
+
+            # 5c. Guidance
+            pred_cond = pred_uncond = None
+            delta_norm = None
+            if with_uncond:
+                pred_uncond, pred_cond = output.chunk(2)
+                guided = method(pred_cond, pred_uncond, ctx)
+                pred, effective_scale = guided.pred, guided.effective_scale
+                delta_norm = float((pred_cond[0] - pred_uncond[0]).float().norm())
+            else:
+                pred, effective_scale = output, 1.0
+
+            # 5d. Scheduler step x_t -> x_{t-1}; x̂0 from the scheduler where it gives one, else derived
+            sample = latents
+            step = scheduler.step(pred, t, sample, **step_kwargs, return_dict=True)
+            latents = step.prev_sample
+            denoised = getattr(step, "pred_original_sample", None)
+            if denoised is None:
+                denoised = getattr(step, "denoised", None)  # LCM's boundary-conditioned x̂0
+            if denoised is None:
+                denoised = predict_x0(scheduler, sigma, sample, pred, prediction_type)
+            steps_completed = i + 1
+
+            # 5e. Observe (copies, so an observer can never alter the run)
+            observer.on_step(StepEvent(
+                step=i,
+                num_steps=num_steps,
+                timestep=float(t),
+                sigma=sigma,
+                latents=latents.detach().clone(),
+                denoised=denoised.detach().clone(),
+                denoised_cond=None if pred_cond is None else predict_x0(scheduler, sigma, sample, pred_cond, prediction_type),
+                denoised_uncond=None if pred_uncond is None else predict_x0(scheduler, sigma, sample, pred_uncond, prediction_type),
+                guidance_delta_norm=delta_norm,
+                effective_scale=effective_scale,
+                elapsed=time.perf_counter() - t_encoded,
+            ))
+        t_denoised = time.perf_counter()
+
+        # 6. Decode: the final latents, or the last x̂0 when stopped early (the best image there is)
+        final = denoised if cancelled and steps_completed else latents
+        decoded = family.decode(pipe, final)
+        image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+        t_end = time.perf_counter()
+
+    return GenerationResult(
+        image=image,
+        seed=seed,
+        request=request,
+        timings=Timings(
+            load=t_loaded - t_start,
+            encode=t_encoded - t_loaded,
+            denoise=t_denoised - t_encoded,
+            decode=t_end - t_denoised,
+            total=t_end - t_start,
+        ),
+        latents=latents.detach(),
+        steps_completed=steps_completed,
+        num_steps=num_steps,
+        cancelled=cancelled,
+        scheduler=scheduler_key,
+        family=family.key,
+        height=height,
+        width=width,
+    )

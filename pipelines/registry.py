@@ -1,0 +1,47 @@
+"""Models offered by default: the embedded model plus a curated list of hub ids (the UI's allow-list)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the playground offers by name."""
+
+    key: str  # short name shown in the UI and accepted by --model
+    source: str  # local diffusers folder or hub id
+    family: str  # expected family key (documentation; detection is always from the loaded class)
+    steps: int  # recommended num_inference_steps
+    guidance_scale: float  # recommended guidance scale
+    scheduler: str | None  # recommended scheduler key; None keeps the model's own
+    note: str  # one line for the UI
+
+
+MODELS: dict[str, ModelEntry] = {m.key: m for m in (
+    ModelEntry("tiny-shapes", str(ASSETS / "models" / "tiny-shapes"), "sd", 20, 7.5, None,
+               "embedded 64×64 shapes model trained from scratch; runs offline on a CPU"),
+    ModelEntry("sd-turbo", "stabilityai/sd-turbo", "sd", 1, 0.0, "euler_a", "SD 2.1 distilled; 1–4 steps, no CFG"),
+    ModelEntry("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 30, 7.5, None, "SD 1.5, 512×512"),
+    ModelEntry("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 30, 7.0, None, "SDXL base 1.0, 1024×1024"),
+    ModelEntry("pixart-sigma-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "pixart_sigma", 20, 4.5, None,
+               "PixArt-Σ 512 with a T5-XXL text encoder"),
+    ModelEntry("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 28, 4.5, None,
+               "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching"),
+)}
+
+
+def resolve(model: str) -> str:
+    """A registry key -> its source; anything else (a folder or hub id) is returned unchanged."""
+    entry = MODELS.get(model)
+    return entry.source if entry else model
+
+
+def extra_models_from_env(value: str | None = None) -> list[str]:
+    """Extra allow-listed hub ids or folders from PLAYGROUND_EXTRA_MODELS (comma separated)."""
+    value = os.environ.get("PLAYGROUND_EXTRA_MODELS", "") if value is None else value
+    return [v.strip() for v in value.split(",") if v.strip()]
