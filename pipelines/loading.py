@@ -109,7 +109,7 @@ class ModelLoader:
         if not is_dir and (source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1):
             raise ValueError(f"model {model!r}: no such folder; give a registry key, a diffusers folder or a hub id")
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=self.dtype)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
         except (OSError, ValueError, EnvironmentError) as e:
             where = "folder" if is_dir else "hub id"
             hint = "" if is_dir else " (offline, only models already in the Hugging Face cache load)"

@@ -1,0 +1,136 @@
+"""Command line: `python -m pipelines generate ...`, `python -m pipelines guidance`, `python -m pipelines schedulers`.
+
+Same API as the UI: a GenerationRequest handed to generate(), observed by a TraceWriter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipelines.registry import MODELS
+from pipelines.schedulers import SCHEDULERS
+from pipelines.types import DEFAULT_MODEL, MAX_STEPS
+
+
+def _guidance_param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"value of {name!r} must be a number, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Diffusion playground command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="make one image and write image.png, trace.json and steps/ to --out",
+                       description="Make one image; write DIR/image.png (A1111 `parameters` + request JSON in PNG "
+                                   "text chunks), DIR/trace.json (one entry per denoising step) and DIR/steps/ "
+                                   "(per-step latent→RGB and x̂0 previews).")
+    g.add_argument("--prompt", required=True, help="text prompt; an empty string generates unconditionally")
+    g.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registry key ({', '.join(MODELS)}), a local diffusers folder or a hub id "
+                        f"(default: {DEFAULT_MODEL}, the embedded model)")
+    g.add_argument("--scheduler", default=None, metavar="KEY",
+                   help=f"one of {', '.join(SCHEDULERS)} (default: the model's own scheduler)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps, 1..{MAX_STEPS} (default: the model's recommended, else 20)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale s, finite and >= 0; <= 1 disables the unconditional pass "
+                        "(default: the model's recommended, else 7.5)")
+    g.add_argument("--guidance", default="cfg", metavar="KEY",
+                   help="guidance method (see `python -m pipelines guidance`; default: cfg)")
+    g.add_argument("--guidance-param", action="append", type=_guidance_param, default=[], metavar="NAME=VALUE",
+                   help="a guidance method parameter, repeatable (e.g. guidance_rescale=0.7)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, reported)")
+    g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of the model's factor "
+                                                           "(default: the model's native size)")
+    g.add_argument("--height", type=int, default=None, help="height in pixels, as --width")
+    g.add_argument("--x0-preview", choices=("decode", "rgb", "channels", "none"), default="decode",
+                   help="how steps/*_x0.png is rendered: full VAE decode (default), latent→RGB, channel grid, or not at all")
+    g.add_argument("--latents-preview", choices=("rgb", "channels", "decode", "none"), default="rgb",
+                   help="how steps/*_latents.png is rendered (default: latent→RGB)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+
+    sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
+    sub.add_parser("schedulers", help="list scheduler keys")
+    sub.add_parser("models", help="list the models offered by name")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.generate import generate
+    from pipelines.loading import ModelLoader
+    from pipelines.outputs import TraceWriter
+    from pipelines.previews import Previewer
+    from pipelines.types import GenerationRequest
+
+    entry = MODELS.get(args.model)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        model=args.model,
+        scheduler=args.scheduler,
+        num_inference_steps=args.steps if args.steps is not None else (entry.steps if entry else 20),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else (entry.guidance_scale if entry else 7.5),
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        guidance=args.guidance,
+        guidance_params=dict(args.guidance_param),
+    )
+    loader = ModelLoader(device=args.device)
+    pipe, _ = loader.view(request.model, request.scheduler)  # loads once; generate() reuses it
+    previews = {name: (src, kind) for name, src, kind in (
+        ("latents", "latents", args.latents_preview), ("x0", "denoised", args.x0_preview)) if kind != "none"}
+    writer = TraceWriter(args.out, Previewer(pipe), previews)
+    result = generate(request, writer, loader=loader)
+    writer.finish(result)
+    t = result.timings
+    print(f"wrote {os.path.join(args.out, 'image.png')} ({result.width}x{result.height}, seed {result.seed}, "
+          f"{result.scheduler}, {result.steps_completed} steps in {t.denoise:.2f}s, total {t.total:.2f}s)")
+    return 0
+
+
+def _quiet_library_progress() -> None:
+    """Loading bars from diffusers/transformers would bury the one line this command prints."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_library_progress()
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "guidance":
+            from guidance.registry import describe
+
+            print(describe())
+        elif args.command == "schedulers":
+            for spec in SCHEDULERS.values():
+                print(f"{spec.key:16} {spec.cls.__name__:34} {spec.kind:9} A1111: {spec.label}")
+        elif args.command == "models":
+            for m in MODELS.values():
+                print(f"{m.key:18} {m.source:55} {m.note}")
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
