@@ -1,0 +1,118 @@
+"""The CLI as a user runs it: a subprocess on a saved tiny model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.__main__ import main
+from tests.tiny import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline("sd").save_pretrained(path)
+    return path
+
+
+def test_generate_writes_image_trace_and_steps(model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("generate", "--prompt", "a red circle", "--negative-prompt", "blue", "--model", str(model_dir),
+                   "--scheduler", "euler_a", "--steps", "3", "--guidance-scale", "6", "--seed", "11",
+                   "--width", "40", "--height", "24", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(out / "image.png")
+    assert image.size == (40, 24)
+    params = image.text["parameters"]
+    assert params.splitlines()[0] == "a red circle"
+    assert params.splitlines()[1] == "Negative prompt: blue"
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 6, Seed: 11, Size: 40x24" in params.splitlines()[2]
+    request = json.loads(image.text["request"])
+    assert request["seed"] == 11 and request["scheduler"] == "euler_a" and request["negative_prompt"] == "blue"
+    trace = json.loads((out / "trace.json").read_text())
+    assert [s["step"] for s in trace["steps"]] == [0, 1, 2]
+    for s in trace["steps"]:
+        assert s["timestep"] > 0 and s["sigma"] > 0 and s["effective_scale"] == 6.0 and s["guidance_delta_norm"] > 0
+        for rel in s["previews"].values():
+            assert Image.open(out / rel).size == (40, 24)
+        assert set(s["previews"]) == {"latents", "x0"}
+
+
+def test_guidance_method_and_params_reach_the_trace(model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("generate", "--prompt", "a star", "--model", str(model_dir), "--steps", "4", "--seed", "1",
+                   "--width", "16", "--height", "16", "--guidance", "interval",
+                   "--guidance-param", "start=0.5", "--guidance-param", "sigma_hi=1000", "--guidance-param", "sigma_lo=0",
+                   "--scheduler", "euler", "--x0-preview", "none",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads((out / "trace.json").read_text())["steps"]
+    assert [s["effective_scale"] for s in steps[:2]] == [1.0, 1.0]  # outside the window: cond only
+    assert all(s["guidance_delta_norm"] is None for s in steps[:2])
+    assert all(s["effective_scale"] == 7.5 for s in steps[2:])
+    assert "Guidance: interval" in Image.open(out / "image.png").text["parameters"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--steps", "0"], "num_inference_steps must be an integer from 1 to 1000"),
+    (["--guidance-scale", "nan"], "guidance_scale must be a finite number >= 0"),
+    (["--guidance-scale", "-1"], "guidance_scale must be a finite number >= 0"),
+    (["--width", "33"], "not a multiple of 2"),
+    (["--scheduler", "warp"], "unknown scheduler 'warp'; valid for this model: ddim"),
+    (["--scheduler", "flow_euler"], "valid for this model: ddim"),
+    (["--guidance", "magic"], "unknown guidance method 'magic'; choose one of: cfg"),
+    (["--guidance", "rescale", "--guidance-param", "guidance_rescale=1.5"], "must be in [0"),
+])
+def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, args, expected):
+    # In-process (the same main() the module runs) to keep the suite fast; one subprocess case follows.
+    code = main(["generate", "--prompt", "x", "--model", str(model_dir), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert not (tmp_path / "o" / "image.png").exists()
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(model_dir, tmp_path):
+    proc = run_cli("generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: num_inference_steps must be an integer from 1 to 1000, got 5000" in proc.stderr
+
+
+def test_unknown_model_folder_is_a_clear_error(tmp_path):
+    proc = run_cli("generate", "--prompt", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such folder" in proc.stderr
+
+
+def test_help_documents_every_flag():
+    proc = run_cli("generate", "--help")
+    assert proc.returncode == 0
+    for flag in ("--prompt", "--negative-prompt", "--model", "--scheduler", "--steps", "--guidance-scale", "--seed",
+                 "--width", "--height", "--out", "--guidance", "--guidance-param"):
+        assert flag in proc.stdout
+
+
+def test_listings():
+    guidance = run_cli("guidance")
+    assert guidance.returncode == 0
+    for key in ("cfg", "rescale", "interval", "apg", "cfg_zero_star", "guidance_rescale", "arXiv"):
+        assert key in guidance.stdout
+    schedulers = run_cli("schedulers").stdout
+    for key in ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc",
+                "lcm", "flow_euler"):
+        assert key in schedulers
