@@ -1,0 +1,167 @@
+"""The shapes world, the judge, a few-step smoke training of every stage, the export, and the committed model."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from training import world  # noqa: E402
+from training.common import ASSET  # noqa: E402
+
+TOKENIZER_DIR = ASSET / "tokenizer"
+
+
+# ---- world and captions ---------------------------------------------------------------------
+
+def test_render_is_seeded_and_64px() -> None:
+    a = world.batch(random.Random(3), 4)
+    b = world.batch(random.Random(3), 4)
+    assert a[0].shape == (4, 3, 64, 64) and a[0].min() >= -1 and a[0].max() <= 1
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_background_never_equals_an_object_color() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        s = world.sample_scene(rng)
+        assert s.background not in {o.color for o in s.objects}
+
+
+def test_captions_only_state_true_attributes() -> None:
+    rng = random.Random(1)
+    n_empty = 0
+    for _ in range(1000):
+        s = world.sample_scene(rng)
+        c = world.caption(s, rng)
+        if not c:
+            n_empty += 1
+            continue
+        for o in s.objects:
+            assert o.shape in c
+        said_colors = {k for k in world.COLORS if f"{k} " in c}
+        assert said_colors <= {o.color for o in s.objects} | {s.background}, c
+        if len(s.objects) == 1:
+            o = s.objects[0]
+            for size in world.SIZES:
+                assert (size in c) <= (size == o.size), c
+            # a stated position is the object's cell ("top" must not be said of "top left")
+            for phrase_pos, phrases in world._POS_PHRASES.items():
+                if any(c.endswith(p) or f"{p}," in c or f"{p} on a" in c for p in phrases) and phrase_pos != o.position:
+                    assert any(p in c for p in world._POS_PHRASES[o.position]), c
+        else:
+            assert s.relation in c
+    assert 60 < n_empty < 140  # ~10% empty captions, so CFG's unconditional branch is learned
+
+
+def test_two_object_relation_matches_geometry() -> None:
+    rng = random.Random(2)
+    for _ in range(300):
+        s = world.sample_scene(rng, two_objects=True)
+        a, b = s.objects
+        if s.relation == "above":
+            assert a.cy < b.cy
+        elif s.relation == "below":
+            assert a.cy > b.cy
+        elif s.relation == "to the left of":
+            assert a.cx < b.cx
+        else:
+            assert a.cx > b.cx
+
+
+# ---- judge ----------------------------------------------------------------------------------
+
+def test_judge_recognizes_ground_truth_renders() -> None:
+    from training.judge import Judge, validate
+
+    acc = validate(Judge(), n=400, seed=2024)
+    for k in ("color", "shape", "position", "size"):
+        assert acc[k] >= 0.95, acc
+
+
+def test_judge_finds_nothing_on_a_blank_image() -> None:
+    from training.judge import Judge
+
+    v = Judge()(np.full((64, 64, 3), 128, np.uint8))
+    assert not v.found and v.shape is None
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not TOKENIZER_DIR.exists(), reason="model not exported yet")
+def test_tokenizer_is_openai_clip() -> None:
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    # Reference ids of openai/clip-vit-* for this sentence.
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    ids = tok("", padding="max_length", max_length=77).input_ids
+    assert ids[:2] == [49406, 49407] and set(ids[1:]) == {49407}
+
+
+# ---- smoke training + export ----------------------------------------------------------------
+
+@pytest.mark.skipif(not TOKENIZER_DIR.exists(), reason="model not exported yet")
+def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> None:
+    import pickle
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from training import encode, export, train_unet, train_vae
+    from training.tokenizer import load as load_tokenizer
+
+    torch.set_num_threads(2)
+    shutil.copytree(TOKENIZER_DIR, tmp_path / "tokenizer")
+    m = train_vae.train(tmp_path, minutes=1, steps=3, batch_size=4, lr=1e-3, kl_weight=1e-6, seed=0, tiny=True)
+    assert m["step"] == 3 and np.isfinite(m["mse"])
+    vae = train_vae.load_vae(tmp_path, tiny=True)
+    latents, scenes = encode.encode(vae, 16, seed=0, chunk=8)
+    assert latents.shape == (16, 4, 16, 16)
+    torch.save({"latents": latents, "scaling_factor": float(1 / latents.float().std()), "seed": 0}, tmp_path / "latents.pt")
+    (tmp_path / "scenes.pkl").write_bytes(pickle.dumps(scenes))
+    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=3, warmup=1)
+    assert r["step"] == 3
+    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=4, warmup=1)
+    assert r["step"] == 4  # resumed from the checkpoint
+
+    # export via the same code path as the real model, with the tiny VAE
+    orig = export.load_vae
+    export.load_vae = lambda cache: train_vae.load_vae(cache, tiny=True)
+    try:
+        pipe, _ = export.build_pipeline(tmp_path)
+    finally:
+        export.load_vae = orig
+    dest = export.export(pipe, tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer")
+    loaded = DiffusionPipeline.from_pretrained(dest)
+    assert loaded.unet.dtype == torch.float32 and loaded.text_encoder.dtype == torch.float32
+    out = loaded("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    assert load_tokenizer(dest / "tokenizer")("a red circle").input_ids[0] == 49406
+
+
+# ---- the committed model --------------------------------------------------------------------
+
+@pytest.mark.skipif(not (ASSET / "model_index.json").exists(), reason="model not exported yet")
+def test_committed_model_loads_offline_and_makes_64px_images() -> None:
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    size = sum(f.stat().st_size for f in ASSET.rglob("*") if f.is_file())
+    assert size < 30 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(ASSET)
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    image = pipe("a large red circle in the center", num_inference_steps=5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    preview = json.loads((ASSET / "latent_preview.json").read_text())
+    assert np.array(preview["latent_rgb_factors"]).shape == (4, 3) and len(preview["latent_rgb_bias"]) == 3

@@ -1,0 +1,204 @@
+"""Train the CLIP text encoder and the UNet jointly on pre-encoded latents (epsilon prediction, SD noise schedule).
+
+Recipe: captions re-drawn from each scene every time it is seen (10% empty, for CFG), uniform timesteps with
+Min-SNR-5 loss weights (Hang et al. 2023, arXiv:2303.09556), AdamW with warmup + cosine decay over a wall-clock
+budget, EMA weights, bf16 autocast on CPU. Resumable: checkpoints hold model, EMA, optimizer, RNG streams, elapsed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import pickle
+import random
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from training import world
+from training.common import CACHE, save_atomic, setup
+from training.tokenizer import load as load_tokenizer
+
+# SD's training noise schedule, so every SD scheduler applies at inference.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+TEXT_CONFIG = dict(
+    vocab_size=49408,  # the full CLIP BPE vocabulary; the embedding table dominates the size, so keep hidden small
+    hidden_size=96,  # 49408 x 96 = 4.7M of the model's ~12M parameters
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=96,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+UNET_CONFIG = dict(
+    sample_size=16,  # 16x16 latents -> 64x64 images by default
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),  # attention at 16x16 and 8x8
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 128, 128),
+    layers_per_block=1,
+    cross_attention_dim=96,  # = text hidden_size
+    attention_head_dim=4,  # diffusers' legacy name: the number of heads
+    norm_num_groups=32,
+)
+
+
+def build_models(tiny: bool = False) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """Text encoder and UNet from their configs; tiny=True shrinks both for smoke tests (vocab stays full)."""
+    tc, uc = dict(TEXT_CONFIG), dict(UNET_CONFIG)
+    if tiny:
+        tc.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+        uc.update(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
+    return CLIPTextModel(CLIPTextConfig(**tc)), UNet2DConditionModel(**uc)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for epsilon prediction: min(SNR, gamma) / SNR."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+class Data:
+    """Pre-encoded latents (scaled) and their scenes; captions are drawn fresh for each batch."""
+
+    def __init__(self, path: Path, tokenizer) -> None:
+        d = torch.load(path / "latents.pt", weights_only=False)
+        self.latents = d["latents"]
+        self.scaling_factor = d["scaling_factor"]
+        self.scenes = pickle.loads((path / "scenes.pkl").read_bytes())
+        self.tokenizer = tokenizer
+
+    def batch(self, idx: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (B, 4, 16, 16) scaled, token ids (B, 77)) for dataset indices idx."""
+        captions = [world.caption(self.scenes[i], rng) for i in idx.tolist()]
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.latents[idx].float() * self.scaling_factor, ids
+
+
+def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_decay: float = 0.999,
+          warmup: int = 300, tiny: bool = False, bf16: bool = True, max_steps: int | None = None,
+          ckpt_every_s: float = 300.0, data: Data | None = None) -> dict:
+    """Train until the wall-clock budget (minutes, counted across resumes) or max_steps; checkpoint to out/unet.pt."""
+    ckpt = out / "unet.pt"
+    torch.manual_seed(seed)
+    data = data or Data(out, load_tokenizer(out / "tokenizer"))
+    text_encoder, unet = build_models(tiny)
+    ema_te, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    step, elapsed, log = 0, 0.0, []
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    if ckpt.exists():
+        s = torch.load(ckpt, weights_only=False)
+        for m, k in ((text_encoder, "te"), (unet, "unet"), (ema_te, "ema_te"), (ema_unet, "ema_unet")):
+            m.load_state_dict(s[k])
+        opt.load_state_dict(s["opt"])
+        step, elapsed, log = s["step"], s["elapsed"], s["log"]
+        gen.set_state(s["gen"])
+        rng.setstate(s["rng"])
+        print(f"resumed at step {step}, {elapsed / 60:.1f} min", flush=True)
+
+    def save() -> None:
+        save_atomic({"te": text_encoder.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
+                     "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                     "log": log, "gen": gen.get_state(), "rng": rng.getstate(), "scaling_factor": data.scaling_factor,
+                     "tiny": tiny, "budget_min": minutes}, ckpt)
+
+    budget = minutes * 60
+    acp = sched.alphas_cumprod
+    text_encoder.train(), unet.train()
+    t_last, t_ckpt, run_loss = time.time(), time.time(), 0.0
+    while elapsed < budget and (max_steps is None or step < max_steps):
+        # LR: linear warmup over steps, cosine over the wall-clock budget to 10%.
+        p = min(1.0, elapsed / budget)
+        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        idx = torch.randint(0, len(data.latents), (batch_size,), generator=gen)
+        latents, ids = data.batch(idx, rng)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        noisy = sched.add_noise(latents, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = text_encoder(ids)[0]
+            pred = unet(noisy, t, hidden).sample
+        per = (pred.float() - noise).pow(2).mean((1, 2, 3))
+        loss = (per * min_snr_weights(acp, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_te, text_encoder, d)
+        ema_update(ema_unet, unet, d)
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        run_loss += per.mean().item()
+        if step % 50 == 0:
+            log.append({"step": step, "loss": run_loss / 50, "lr": cur_lr, "min": elapsed / 60})
+            run_loss = 0.0
+            print(json.dumps(log[-1]), flush=True)
+        if now - t_ckpt > ckpt_every_s:
+            save()
+            t_ckpt = time.time()
+            t_last = t_ckpt  # checkpoint time does not count against the budget
+    save()
+    return {"step": step, "elapsed_min": elapsed / 60, "loss": log[-1]["loss"] if log else None}
+
+
+def load_checkpoint(out: Path = CACHE, ema: bool = True) -> tuple[CLIPTextModel, UNet2DConditionModel, dict]:
+    """Text encoder and UNet (EMA weights by default) from out/unet.pt, plus the raw checkpoint dict."""
+    s = torch.load(out / "unet.pt", weights_only=False)
+    te, unet = build_models(s.get("tiny", False))
+    te.load_state_dict(s["ema_te" if ema else "te"])
+    unet.load_state_dict(s["ema_unet" if ema else "unet"])
+    return te.eval(), unet.eval(), s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=CACHE)
+    p.add_argument("--minutes", type=float, default=90, help="total training budget across resumes")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", action="store_true")
+    a = p.parse_args()
+    setup()
+    print(train(a.out, a.minutes, a.batch_size, a.lr, a.seed, bf16=not a.no_bf16))
+
+
+if __name__ == "__main__":
+    main()

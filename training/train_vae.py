@@ -1,0 +1,111 @@
+"""Train the f=4 AutoencoderKL (64x64x3 <-> 16x16x4) on rendered scenes; resumable, time-boxed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from training import world
+from training.common import CACHE, lr_at, save_atomic, setup
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,  # 3 levels -> 2 downsamples -> factor 4
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+)
+
+
+def build_vae(tiny: bool = False) -> AutoencoderKL:
+    """The VAE from its config; tiny=True for smoke tests."""
+    cfg = dict(VAE_CONFIG)
+    if tiny:
+        cfg.update(block_out_channels=(8, 16, 16), norm_num_groups=4)
+    return AutoencoderKL(**cfg)
+
+
+def train(out: Path, minutes: float, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, tiny: bool = False, bf16: bool = False) -> dict:
+    """Train until `steps` or `minutes` runs out; checkpoint to out/vae.pt; return final metrics."""
+    ckpt = out / "vae.pt"
+    torch.manual_seed(seed)
+    vae = build_vae(tiny)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step, log = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, log = state["step"], state["log"]
+        print(f"resumed at step {step}")
+    rng = random.Random(seed * 1000003 + step)  # a different stream after a resume, still seeded
+    t0 = time.time()
+    vae.train()
+    while step < steps and time.time() - t0 < minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr, 200, steps)
+        x = torch.from_numpy(world.batch(rng, batch_size)[0])
+        # bf16 autocast uses the CPU's AMX units (about 2x here); master weights and the loss stay fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        mse = torch.nn.functional.mse_loss(rec.float(), x)
+        kl = post.kl().mean() / (4 * 16 * 16)
+        loss = mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log.append({"step": step, "mse": mse.item(), "kl": kl.item(), "t": time.time() - t0})
+            print(json.dumps(log[-1]), flush=True)
+        if step % 250 == 0:
+            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt)
+    save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt)
+    return {"step": step, "mse": evaluate(vae, seed + 1)}
+
+
+@torch.no_grad()
+def evaluate(vae: AutoencoderKL, seed: int, n: int = 256) -> float:
+    """Reconstruction MSE (posterior mean) on fresh scenes, images in [-1, 1]."""
+    vae.eval()
+    x = torch.from_numpy(world.batch(random.Random(seed), n)[0])
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return float(torch.nn.functional.mse_loss(rec, x))
+
+
+def load_vae(out: Path = CACHE, tiny: bool = False) -> AutoencoderKL:
+    vae = build_vae(tiny)
+    vae.load_state_dict(torch.load(out / "vae.pt", weights_only=False)["model"])
+    return vae.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=CACHE)
+    p.add_argument("--minutes", type=float, default=13)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU AMX)")
+    a = p.parse_args()
+    setup()
+    print(train(a.out, a.minutes, a.steps, a.batch_size, a.lr, a.kl_weight, a.seed, bf16=a.bf16))
+
+
+if __name__ == "__main__":
+    main()
