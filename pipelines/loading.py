@@ -93,6 +93,11 @@ class ModelLoader:
                 self._views = {k: v for k, v in self._views.items() if k[0] != old}
             return pipe
 
+    def loaded(self, model: str) -> DiffusionPipeline | None:
+        """The pipeline for `model` if it is already in memory, else None; never loads."""
+        with self._lock:
+            return self._pinned.get(model) or self._pipes.get(model)
+
     def view(self, model: str, scheduler: str | None) -> tuple[DiffusionPipeline, str]:
         """The pipeline for `model` with a fresh scheduler `scheduler` (None: the model's own), and its key."""
         pipe = self.get(model)

@@ -51,6 +51,20 @@ class CallbackObserver(Observer):
         return self._cancel.is_set()
 
 
+class TeeObserver(Observer):
+    """Hands every event to several observers in order; the run stops when any of them cancels."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def on_step(self, event: StepEvent) -> None:
+        for observer in self.observers:
+            observer.on_step(event)
+
+    def is_cancelled(self) -> bool:
+        return any(observer.is_cancelled() for observer in self.observers)
+
+
 class LatestObserver(Observer):
     """Keeps only the newest event for a consumer in another thread (the UI), dropping stale ones.
 
