@@ -1,0 +1,161 @@
+"""The playground UI, served for real around a tiny real pipeline: the HTTP API through gradio_client and
+the page through Chromium (live previews change, the scrubber works, Stop stops)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.loading import ModelLoader
+from tests.tiny import tiny_pipeline
+
+gradio_client = pytest.importorskip("gradio_client")
+
+MODEL = "tiny-sd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app on a free port; yields (url, outputs folder)."""
+    import app
+
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, tiny_pipeline("sd"))
+    outputs = tmp_path_factory.mktemp("outputs")
+    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=outputs, preview_interval=0.05)
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield f"http://127.0.0.1:{port}/", outputs
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server[0], verbose=False)
+
+
+def test_api_generate_returns_image_of_requested_size_and_seed(client):
+    path, seed, info = client.predict(prompt="a red circle", width=40, height=24, num_inference_steps=3, seed=7,
+                                      api_name="/generate")
+    image = Image.open(path)
+    assert image.size == (40, 24)
+    assert seed == 7 and info["steps_completed"] >= 3
+    assert "Seed: 7" in image.info["parameters"] and "Size: 40x24" in image.info["parameters"]
+
+
+def test_api_only_prompt_is_required_and_random_seed_is_reported(client):
+    path, seed, info = client.predict(prompt="", num_inference_steps=2, api_name="/generate")
+    assert Image.open(path).size == (32, 32)  # the tiny model's own size
+    assert isinstance(seed, int) and seed >= 0
+    assert f"Seed: {seed}" in Image.open(path).info["parameters"]
+
+
+@pytest.mark.parametrize("kwargs,allowed", [
+    (dict(width=33), "multiple of 2"),
+    (dict(scheduler="flow_euler"), "valid for this model: ddim"),
+    (dict(scheduler="nope"), "valid for this model: ddim"),
+    (dict(num_inference_steps=0), "from 1 to 1000"),
+    (dict(guidance="nope"), "choose one of: cfg"),
+    (dict(guidance="rescale", guidance_params='{"guidance_rescale": 2}'), "guidance_rescale must be in [0, 1]"),
+    (dict(guidance_params="[1]"), "must be a JSON object"),
+    (dict(model="stabilityai/other"), f"choose one of: {MODEL}"),
+])
+def test_api_bad_input_says_what_is_allowed_and_server_keeps_serving(client, kwargs, allowed):
+    with pytest.raises(gradio_client.exceptions.AppError) as err:
+        client.predict(prompt="x", api_name="/generate", **({"num_inference_steps": 2} | kwargs))
+    assert allowed in str(err.value)
+    assert "upstream" not in str(err.value)
+    path, _, _ = client.predict(prompt="x", num_inference_steps=2, api_name="/generate")
+    assert Path(path).is_file()
+
+
+def test_history_and_code_come_from_disk(server, client):
+    import app
+
+    _, outputs = server
+    client.predict(prompt="history check", num_inference_steps=2, seed=11, api_name="/generate")
+    items = app.history(outputs)
+    assert any("history check" in caption and "seed 11" in caption for _, caption in items)
+    trace = json.loads((Path(items[0][0]) / "trace.json").read_text())
+    assert trace["request"]["prompt"] == "history check" and len(trace["steps"]) >= 2
+
+
+def _browser(playwright):
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+
+
+def _src(page, selector: str) -> str | None:
+    img = page.locator(f"{selector} img")
+    return img.first.get_attribute("src") if img.count() else None
+
+
+def _set_steps(page, n: int) -> None:
+    box = page.get_by_label("Steps").first
+    box.fill(str(n))
+    box.press("Enter")
+
+
+def test_browser_live_previews_scrubber_and_stop(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, outputs = server
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#history")
+        status = page.locator("#live-status")
+
+        # A run: the live x̂0 preview changes while it goes, then the scrubber appears.
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        _set_steps(page, 120)
+        page.get_by_role("button", name="Generate").click()
+        seen: set[str] = set()
+        deadline = time.time() + 60
+        while time.time() < deadline and "Done" not in status.inner_text():
+            src = _src(page, "#live-x0")
+            if src:
+                seen.add(src)
+            time.sleep(0.03)
+        assert "Done: 121 steps" in status.inner_text()  # PNDM runs N+1 iterations
+        assert len(seen) >= 3, f"live x̂0 preview changed only {len(seen)} times"
+
+        # Scrub back to step 1: the scrubbed x̂0 changes.
+        page.wait_for_selector("#scrub", state="visible")
+        before = _src(page, "#scrub-x0")
+        page.locator("#scrub input[type=range]").focus()
+        page.keyboard.press("Home")
+        page.wait_for_function(
+            "b => { const i = document.querySelector('#scrub-x0 img'); return i && i.src !== b; }", arg=before,
+            timeout=20000)
+        assert "Step 1 / 121" in page.locator("#step-info").inner_text()
+
+        # Stop a long run midway, then another run completes.
+        _set_steps(page, 1000)
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Step')",
+                               timeout=20000)
+        page.get_by_role("button", name="Stop").click()
+        deadline = time.time() + 20
+        stopped = []
+        while time.time() < deadline and not stopped:
+            traces = [json.loads(t.read_text()) for t in outputs.glob("*/trace.json")]
+            stopped = [t for t in traces if t["cancelled"]]
+            time.sleep(0.1)
+        assert stopped and len(stopped[0]["steps"]) < 1000
+        _set_steps(page, 5)
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done: 6 steps')",
+                               timeout=30000)
+        browser.close()
