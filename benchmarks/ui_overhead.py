@@ -1,0 +1,109 @@
+"""Cost of the UI path against a bare generate() call, measured in the same process run.
+
+    python -m benchmarks.ui_overhead [--model tiny-shapes | --tiny] [--steps 20] [--repeats 5]
+
+The UI path is the real thing: the app served on a local port, driven by gradio_client through the
+streaming endpoint the Generate button uses (live previews, trace.json, image.png, scrubber renders,
+history), timed from submit to the last streamed update. The raw path is generate() with no observer.
+Prints the medians and the ratio UI / raw (target <= 1.25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipelines.generate import generate  # noqa: E402
+from pipelines.loading import ModelLoader  # noqa: E402
+from pipelines.types import DEFAULT_MODEL, GenerationRequest  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model key (default: the embedded model)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="use the tiny random SD pipeline from tests/tiny.py (when the embedded model is not there)")
+    parser.add_argument("--size", type=int, default=0, help="width = height in pixels (0: the model's size)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import app
+    from gradio_client import Client
+
+    loader = ModelLoader()
+    model = args.model
+    if args.tiny:
+        from tests.tiny import tiny_pipeline
+
+        model = "tiny-sd"
+        loader.add(model, tiny_pipeline("sd"))
+    request = GenerationRequest(prompt="a red circle on a blue background", model=model,
+                                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=1,
+                                width=args.size or None, height=args.size or None)
+
+    def raw() -> None:
+        generate(request, loader=loader)
+
+    outputs = tempfile.mkdtemp(prefix="ui-overhead-")
+    demo = app.build_demo(loader=loader, models=[model], outputs_dir=outputs)
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    updates: list[int] = []
+
+    def ui() -> None:
+        job = client.submit(prompt=request.prompt, model=model, num_inference_steps=args.steps,
+                            guidance_scale=args.guidance_scale, seed=1, randomize_seed=False, width=args.size,
+                            height=args.size, api_name="/generate_stream")
+        n = sum(1 for _ in job)
+        updates.append(n)
+
+    def median(fn) -> float:
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    try:
+        raw()  # warm-up: loads the model and builds the scheduler view
+        ui()
+        # Interleave the two so background load on the machine hits both alike.
+        raw_times, ui_times = [], []
+        for _ in range(args.repeats):
+            raw_times.append(median.__wrapped__(raw) if hasattr(median, "__wrapped__") else _time(raw))
+            ui_times.append(_time(ui))
+    finally:
+        demo.close()
+    t_raw, t_ui = statistics.median(raw_times), statistics.median(ui_times)
+    print(f"model {model}, {args.steps} steps, guidance {args.guidance_scale:g}, {args.repeats} repeats "
+          f"(device {loader.device}, dtype {loader.dtype})")
+    print(f"raw generate():          {t_raw:.3f} s (median)")
+    print(f"UI (server + streaming): {t_ui:.3f} s (median), {statistics.median(updates[1:]):.0f} streamed updates per run")
+    print(f"ratio UI / raw:          {t_ui / t_raw:.2f}x (target <= 1.25x)")
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
