@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None, metavar="KEY",
                    help=f"one of {', '.join(SCHEDULERS)} (default: the model's own scheduler)")
     g.add_argument("--steps", type=int, default=None,
-                   help=f"denoising steps, 1..{MAX_STEPS} (default: the model's recommended, else 20)")
+                   help=f"denoising steps, 1..{MAX_STEPS} (default: the model's recommended, else its pipeline's default)")
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale s, finite and >= 0; <= 1 disables the unconditional pass "
-                        "(default: the model's recommended, else 7.5)")
+                        "(default: the model's recommended, else its pipeline's default)")
     g.add_argument("--guidance", default="cfg", metavar="KEY",
                    help="guidance method (see `python -m pipelines guidance`; default: cfg)")
     g.add_argument("--guidance-param", action="append", type=_guidance_param, default=[], metavar="NAME=VALUE",
@@ -70,24 +70,25 @@ def _generate(args: argparse.Namespace) -> int:
     from pipelines.loading import ModelLoader
     from pipelines.outputs import TraceWriter
     from pipelines.previews import Previewer
+    from pipelines.registry import recommended_settings
     from pipelines.types import GenerationRequest
 
-    entry = MODELS.get(args.model)
+    loader = ModelLoader(device=args.device)
+    pipe, _ = loader.view(args.model, None)  # loads once (validating the model first); generate() reuses it
+    defaults = recommended_settings(args.model, pipe)
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         model=args.model,
         scheduler=args.scheduler,
-        num_inference_steps=args.steps if args.steps is not None else (entry.steps if entry else 20),
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else (entry.guidance_scale if entry else 7.5),
+        num_inference_steps=args.steps if args.steps is not None else defaults["num_inference_steps"],
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
         seed=args.seed,
         width=args.width,
         height=args.height,
         guidance=args.guidance,
         guidance_params=dict(args.guidance_param),
     )
-    loader = ModelLoader(device=args.device)
-    pipe, _ = loader.view(request.model, request.scheduler)  # loads once; generate() reuses it
     previews = {name: (src, kind) for name, src, kind in (
         ("latents", "latents", args.latents_preview), ("x0", "denoised", args.x0_preview)) if kind != "none"}
     writer = TraceWriter(args.out, Previewer(pipe), previews)

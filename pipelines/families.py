@@ -7,10 +7,12 @@ denoiser's forward and the VAE. The denoising loop itself lives in pipelines/gen
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 from diffusers import (
     DiffusionPipeline,
     PixArtSigmaPipeline,
@@ -89,6 +91,15 @@ class Family:
         z = self.unscale_latents(pipe, latents).to(vae.dtype)
         return vae.decode(z, return_dict=False)[0]
 
+    def to_pil(self, pipe: Any, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Image.Image:
+        """Decoded images -> the first as PIL, with whatever the stock pipeline applies after decoding."""
+        return pipe.image_processor.postprocess(images, output_type="pil")[0]
+
+    def call_defaults(self, pipe: Any) -> dict[str, Any]:
+        """The stock pipeline's own __call__ defaults for steps and guidance scale (SD 50/7.5, PixArt 20/4.5…)."""
+        params = inspect.signature(type(pipe).__call__).parameters
+        return {k: params[k].default for k in ("num_inference_steps", "guidance_scale") if k in params}
+
 
 class SDFamily(Family):
     """SD 1.x / 2.x / Turbo: one CLIP text encoder, UNet, epsilon or v-prediction."""
@@ -105,6 +116,12 @@ class SDFamily(Family):
         return pipe.unet(latent_model_input, t, encoder_hidden_states=embeds,
                          timestep_cond=self._timestep_cond(pipe, guidance_scale, latent_model_input),
                          added_cond_kwargs=extra or None, return_dict=False)[0]
+
+    def to_pil(self, pipe, images, device, dtype):
+        # As StableDiffusionPipeline: the safety checker (when the model ships one) blacks out flagged images.
+        images, nsfw = pipe.run_safety_checker(images, device, dtype)
+        denormalize = [True] * images.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=denormalize)[0]
 
     @staticmethod
     def _timestep_cond(pipe, guidance_scale: float, x: torch.Tensor) -> torch.Tensor | None:
@@ -134,6 +151,11 @@ class SDXLFamily(SDFamily):
             return Conditioning(torch.cat([neg, embeds]), True, {
                 "text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])})
         return Conditioning(embeds, False, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def to_pil(self, pipe, images, device, dtype):
+        if getattr(pipe, "watermark", None) is not None:  # as StableDiffusionXLPipeline, when the package is there
+            images = pipe.watermark.apply_watermark(images)
+        return pipe.image_processor.postprocess(images, output_type="pil")[0]
 
     def unscale_latents(self, pipe, latents):
         cfg = pipe.vae.config

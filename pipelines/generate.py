@@ -135,7 +135,7 @@ def generate(
         # 6. Decode: the final latents, or the last x̂0 when stopped early (the best image there is)
         final = denoised if cancelled and steps_completed else latents
         decoded = family.decode(pipe, final)
-        image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+        image = family.to_pil(pipe, decoded, device, cond.embeds.dtype)
         t_end = time.perf_counter()
 
     return GenerationResult(

@@ -45,3 +45,16 @@ def extra_models_from_env(value: str | None = None) -> list[str]:
     """Extra allow-listed hub ids or folders from PLAYGROUND_EXTRA_MODELS (comma separated)."""
     value = os.environ.get("PLAYGROUND_EXTRA_MODELS", "") if value is None else value
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def recommended_settings(model: str, pipe) -> dict[str, float | int]:
+    """Steps and guidance scale to use when the user gives none: ours for registry models, else the stock
+    pipeline's own __call__ defaults, so an unknown folder behaves as diffusers would."""
+    entry = MODELS.get(model)
+    if entry is not None:
+        return {"num_inference_steps": entry.steps, "guidance_scale": entry.guidance_scale}
+    from pipelines.families import family_of
+
+    defaults = family_of(pipe).call_defaults(pipe)
+    return {"num_inference_steps": int(defaults.get("num_inference_steps", 20)),
+            "guidance_scale": float(defaults.get("guidance_scale", 7.5))}
