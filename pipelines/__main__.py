@@ -32,6 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Make one image; write DIR/image.png (A1111 `parameters` + request JSON in PNG "
                                    "text chunks), DIR/trace.json (one entry per denoising step) and DIR/steps/ "
                                    "(per-step latent→RGB and x̂0 previews).")
+    _request_flags(g)
+    g.add_argument("--x0-preview", choices=("decode", "rgb", "channels", "none"), default="decode",
+                   help="how steps/*_x0.png is rendered: full VAE decode (default), latent→RGB, channel grid, or not at all")
+    g.add_argument("--latents-preview", choices=("rgb", "channels", "decode", "none"), default="rgb",
+                   help="how steps/*_latents.png is rendered (default: latent→RGB)")
+
+    sw = sub.add_parser("sweep", help="the same seed at several guidance scales or step counts, as one grid",
+                        description="Write DIR/grid.png, DIR/<value>.png and DIR/sweep.json.")
+    _request_flags(sw)
+    sw.add_argument("--guidance-scales", default=None, metavar="LIST",
+                    help="comma-separated guidance scales to compare (default when no --steps-list: 1,3,5,7.5,12)")
+    sw.add_argument("--steps-list", default=None, metavar="LIST", help="comma-separated step counts to compare instead")
+
+    j = sub.add_parser("jump", help="x̂0 at several steps of one run: why diffusion takes many small steps",
+                       description="Write DIR/jump.png (decoded x̂0 at evenly spaced steps, then the final image) "
+                                   "and DIR/jump.json (each frame's σ and its RMS distance to the final image).")
+    _request_flags(j)
+    j.add_argument("--frames", type=int, default=6, help="how many steps to show (default 6)")
+
+    sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
+    sub.add_parser("schedulers", help="list scheduler keys")
+    sub.add_parser("models", help="list the models offered by name")
+    return parser
+
+
+def _request_flags(g: argparse.ArgumentParser) -> None:
+    """The flags that make a GenerationRequest, shared by generate, sweep and jump."""
     g.add_argument("--prompt", required=True, help="text prompt; an empty string generates unconditionally")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -52,24 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of the model's factor "
                                                            "(default: the model's native size)")
     g.add_argument("--height", type=int, default=None, help="height in pixels, as --width")
-    g.add_argument("--x0-preview", choices=("decode", "rgb", "channels", "none"), default="decode",
-                   help="how steps/*_x0.png is rendered: full VAE decode (default), latent→RGB, channel grid, or not at all")
-    g.add_argument("--latents-preview", choices=("rgb", "channels", "decode", "none"), default="rgb",
-                   help="how steps/*_latents.png is rendered (default: latent→RGB)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
 
-    sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
-    sub.add_parser("schedulers", help="list scheduler keys")
-    sub.add_parser("models", help="list the models offered by name")
-    return parser
 
-
-def _generate(args: argparse.Namespace) -> int:
-    from pipelines.generate import generate
+def _request(args: argparse.Namespace):
+    """(loader, pipeline, request) from the shared flags; unset steps/scale take the model's recommended ones."""
     from pipelines.loading import ModelLoader
-    from pipelines.outputs import TraceWriter
-    from pipelines.previews import Previewer
     from pipelines.registry import recommended_settings
     from pipelines.types import GenerationRequest
 
@@ -89,6 +105,15 @@ def _generate(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         guidance_params=dict(args.guidance_param),
     )
+    return loader, pipe, request
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.generate import generate
+    from pipelines.outputs import TraceWriter
+    from pipelines.previews import Previewer
+
+    loader, pipe, request = _request(args)
     previews = {name: (src, kind) for name, src, kind in (
         ("latents", "latents", args.latents_preview), ("x0", "denoised", args.x0_preview)) if kind != "none"}
     writer = TraceWriter(args.out, Previewer(pipe), previews)
@@ -97,6 +122,59 @@ def _generate(args: argparse.Namespace) -> int:
     t = result.timings
     print(f"wrote {os.path.join(args.out, 'image.png')} ({result.width}x{result.height}, seed {result.seed}, "
           f"{result.scheduler}, {result.steps_completed} steps in {t.denoise:.2f}s, total {t.total:.2f}s)")
+    return 0
+
+
+def _number_list(text: str, cast) -> list:
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines.explain import grid, sweep
+    from pipelines.outputs import save_image, save_png, write_json
+
+    loader, _, request = _request(args)
+    if args.steps_list:
+        field, values = "num_inference_steps", _number_list(args.steps_list, int)
+    else:
+        field, values = "guidance_scale", _number_list(args.guidance_scales or "1,3,5,7.5,12", float)
+    results = sweep(request, field, values, loader=loader)
+    out = Path(args.out)
+    short = {"guidance_scale": "CFG", "num_inference_steps": "steps"}[field]
+    for v, r in zip(values, results):
+        save_image(out / f"{short}_{v:g}.png", r)
+    title = f"{request.prompt!r} seed {results[0].seed}"
+    save_png(out / "grid.png", grid([r.image for r in results], [f"{short} {v:g}" for v in values], title=title))
+    write_json(out / "sweep.json", {"field": field, "seed": results[0].seed, "request": request.to_dict(),
+                                    "images": [f"{short}_{v:g}.png" for v in values]})
+    print(f"wrote {out / 'grid.png'} ({len(results)} images, seed {results[0].seed})")
+    return 0
+
+
+def _jump(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines.explain import grid, jump
+    from pipelines.outputs import save_png, write_json
+
+    loader, _, request = _request(args)
+    frames, result = jump(request, loader=loader, frames=args.frames)
+    out = Path(args.out)
+    labels = [f"x0 @ step {f.step + 1}, d={f.distance:.2f}" for f in frames] + ["final"]  # ASCII: PIL's default font has no combining hat
+    save_png(out / "jump.png", grid([f.image for f in frames] + [result.image], labels,
+                                   title=f"{request.prompt!r}: predicted clean image at each step vs the final image"))
+    write_json(out / "jump.json", {"seed": result.seed, "request": request.to_dict(), "frames": [
+        {"step": f.step, "sigma": f.sigma, "rms_distance_to_final": round(f.distance, 4)} for f in frames]})
+    print(f"wrote {out / 'jump.png'} (seed {result.seed}); RMS distance of x̂0 to the final image by step: "
+          + ", ".join(f"{f.step + 1}: {f.distance:.3f}" for f in frames))
     return 0
 
 
@@ -117,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "jump":
+            return _jump(args)
         if args.command == "guidance":
             from guidance.registry import describe
 

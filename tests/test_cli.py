@@ -116,3 +116,23 @@ def test_listings():
     for key in ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc",
                 "lcm", "flow_euler"):
         assert key in schedulers
+
+
+def test_sweep_writes_a_grid_with_one_image_per_scale(model_dir, tmp_path, capsys):
+    code = main(["sweep", "--prompt", "a red circle", "--model", str(model_dir), "--steps", "2", "--seed", "4",
+                 "--width", "16", "--height", "16", "--guidance-scales", "1,4", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    one, four = Image.open(tmp_path / "CFG_1.png"), Image.open(tmp_path / "CFG_4.png")
+    assert "CFG scale: 1, Seed: 4" in one.text["parameters"] and "CFG scale: 4, Seed: 4" in four.text["parameters"]
+    assert one.tobytes() != four.tobytes()
+    assert Image.open(tmp_path / "grid.png").width > 2 * 16
+    assert json.loads((tmp_path / "sweep.json").read_text())["field"] == "guidance_scale"
+
+
+def test_jump_distances_shrink_toward_the_final_image(model_dir, tmp_path, capsys):
+    code = main(["jump", "--prompt", "a red circle", "--model", str(model_dir), "--scheduler", "euler", "--steps", "6",
+                 "--seed", "4", "--width", "16", "--height", "16", "--frames", "3", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    frames = json.loads((tmp_path / "jump.json").read_text())["frames"]
+    assert [f["step"] for f in frames] == [0, 2, 5]
+    assert frames[-1]["rms_distance_to_final"] <= 0.01 < frames[0]["rms_distance_to_final"]
