@@ -17,3 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+TINY_FAMILIES = ("sd", "sd_v", "sdxl", "pixart_sigma", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_loader():
+    """A ModelLoader holding one tiny pipeline per family, registered under the family key."""
+    from pipelines.loading import ModelLoader
+    from tests.tiny import tiny_pipeline
+
+    loader = ModelLoader(device="cpu")
+    for family in TINY_FAMILIES:
+        loader.add(family, tiny_pipeline(family))
+    return loader

@@ -27,12 +27,9 @@ def _cases():
 
 
 @pytest.fixture(scope="module")
-def pipes():
-    """One tiny pipeline per family for our loop, wrapped in a loader, built once."""
-    loader = ModelLoader(device="cpu")
-    for family in FAMILIES:
-        loader.add(family, tiny_pipeline(family))
-    return loader
+def pipes(tiny_loader):
+    """One tiny pipeline per family for our loop (conftest.tiny_loader)."""
+    return tiny_loader
 
 
 @pytest.fixture(scope="module")

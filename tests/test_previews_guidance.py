@@ -8,21 +8,16 @@ import torch
 
 from guidance.registry import METHODS
 from pipelines.generate import generate
-from pipelines.loading import ModelLoader
 from pipelines.observers import CollectingObserver
 from pipelines.previews import SD1, SD3, LatentFormat, Previewer, channel_grid, latent_rgb, latent_format_for
 from pipelines.types import GenerationRequest
-from tests.tiny import tiny_pipeline
 
 FAMILIES = ["sd", "sdxl", "pixart_sigma", "sd3"]
 
 
 @pytest.fixture(scope="module")
-def loader():
-    loader = ModelLoader(device="cpu")
-    for family in FAMILIES:
-        loader.add(family, tiny_pipeline(family))
-    return loader
+def loader(tiny_loader):
+    return tiny_loader
 
 
 def test_channel_grid_tiles_normalized_channels():
