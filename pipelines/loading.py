@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
-from pipelines.registry import resolve
+from pipelines.registry import MODELS, resolve
 from pipelines.schedulers import key_of, make_scheduler
 
 
@@ -57,6 +57,7 @@ class ModelLoader:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self._dtype_chosen = dtype is not None  # an explicit dtype beats a registry entry's preference
         self.allowed = list(allowed) if allowed is not None else None
         self.max_cached = max_cached
         self.offload = offload
@@ -111,10 +112,14 @@ class ModelLoader:
     def _load(self, model: str) -> DiffusionPipeline:
         source = resolve(model)
         is_dir = os.path.isdir(source)
+        dtype = self.dtype
+        entry = MODELS.get(model)
+        if entry is not None and self.device.type == "cuda" and not self._dtype_chosen:
+            dtype = getattr(torch, entry.cuda_dtype)  # e.g. SD3.5 is meant to run in bf16
         if not is_dir and (source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1):
             raise ValueError(f"model {model!r}: no such folder; give a registry key, a diffusers folder or a hub id")
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
         except (OSError, ValueError, EnvironmentError) as e:
             where = "folder" if is_dir else "hub id"
             hint = "" if is_dir else " (offline, only models already in the Hugging Face cache load)"

@@ -20,6 +20,7 @@ class ModelEntry:
     guidance_scale: float  # recommended guidance scale
     scheduler: str | None  # recommended scheduler key; None keeps the model's own
     note: str  # one line for the UI
+    cuda_dtype: str = "float16"  # dtype on CUDA ("float16" or "bfloat16"); CPU always runs float32
 
 
 MODELS: dict[str, ModelEntry] = {m.key: m for m in (
@@ -31,7 +32,7 @@ MODELS: dict[str, ModelEntry] = {m.key: m for m in (
     ModelEntry("pixart-sigma-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "pixart_sigma", 20, 4.5, None,
                "PixArt-Σ 512 with a T5-XXL text encoder"),
     ModelEntry("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 28, 4.5, None,
-               "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching"),
+               "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching", cuda_dtype="bfloat16"),
 )}
 
 
