@@ -203,3 +203,18 @@ def test_random_seed_is_reported_and_reproduces(pipes):
     first = generate(request("sd", seed=None), loader=pipes)
     again = generate(request("sd", seed=first.seed), loader=pipes)
     torch.testing.assert_close(first.latents, again.latents, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag_everything", [False, True])
+def test_safety_checker_applies_as_in_stock(flag_everything):
+    from tests.tiny import tiny_sd_with_safety_checker
+
+    loader = ModelLoader(device="cpu")
+    loader.add("checked", tiny_sd_with_safety_checker(flag_everything))
+    ours = generate(GenerationRequest("a red circle", model="checked", num_inference_steps=3, seed=1, width=32,
+                                      height=32), loader=loader)
+    stock = tiny_sd_with_safety_checker(flag_everything)(
+        "a red circle", num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(1), width=32, height=32)
+    assert stock.nsfw_content_detected == [flag_everything]
+    assert np.array_equal(np.asarray(ours.image), np.asarray(stock.images[0]))
+    assert (np.asarray(ours.image).max() == 0) == flag_everything  # flagged images are blacked out

@@ -201,3 +201,28 @@ def tiny_pipeline(family: str):
 
 # Sizes that are valid for each tiny model (VAE factor × patch size divides them) and fast.
 TINY_SIZE = {"sd": 32, "sd_v": 32, "sdxl": 32, "pixart_sigma": 32, "sd3": 32}
+
+
+def tiny_sd_with_safety_checker(flag_everything: bool = False) -> StableDiffusionPipeline:
+    """tiny_sd plus a tiny random safety checker; `flag_everything` sets its thresholds so every image is flagged."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = tiny_pipeline("sd")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1,
+                         vocab_size=100, bos_token_id=0, eos_token_id=2),
+        vision_config=dict(hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    if flag_everything:
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(-10.0)
+    components = pipe.components | {"safety_checker": checker,
+                                     "feature_extractor": CLIPImageProcessor(crop_size=32, size=32)}
+    out = StableDiffusionPipeline(**components, requires_safety_checker=True)
+    out.set_progress_bar_config(disable=True)
+    return out
