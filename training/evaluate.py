@@ -108,6 +108,20 @@ def check_generate_api(pipe: StableDiffusionPipeline, model: Path) -> str:
     return f"pipelines.generate checked: max abs pixel difference to the stock pipeline = {int(np.abs(a - b).max())}"
 
 
+@torch.no_grad()
+def vae_ceiling(judge: Judge, vae, n: int = 200, seed: int = 77) -> dict[str, float]:
+    """Judge accuracy on VAE reconstructions of renders: the best the UNet could reach through this decoder."""
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng, two_objects=False) for _ in range(n)]
+    x = torch.from_numpy(np.stack([world.to_array(world.render(s)) for s in scenes]))
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    imgs = [Image.fromarray(((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for r in rec]
+    tgts = [(s.objects[0].shape, s.objects[0].color, s.objects[0].size, s.objects[0].position) for s in scenes]
+    out = score(judge, imgs, tgts)
+    out["mse"] = float(((rec - x) ** 2).mean())
+    return out
+
+
 def grid(images: list[Image.Image], cols: int, scale: int = 2) -> Image.Image:
     w, h = images[0].size
     g = Image.new("RGB", (cols * w, ((len(images) + cols - 1) // cols) * h))
@@ -128,6 +142,8 @@ def run(model: Path, n: int, guidance: float, steps: int, out: Path, quick: bool
     for g in sorted(set(scales) | {guidance}):
         res["guidance"][g] = score(judge, generate(pipe, prompts, seeds, steps, g), tgts)
         print("guidance", g, res["guidance"][g], flush=True)
+    res["vae_reconstructions"] = vae_ceiling(judge, pipe.vae)
+    print("vae", res["vae_reconstructions"], flush=True)
     if not quick:
         for s in (1, 2, 5, 10, 25):
             res["steps"][s] = score(judge, generate(pipe, prompts, seeds, s, guidance), tgts)
@@ -156,6 +172,9 @@ def markdown(res: dict, guidance: float, steps: int) -> str:
              "attribute, one seed each; judge = training/judge.py.", "",
              f"### Guidance scale ({steps} steps)", "", head]
     lines += [row(f"CFG {float(g):g}", r) for g, r in sorted(res["guidance"].items(), key=lambda kv: float(kv[0]))]
+    if res.get("vae_reconstructions"):
+        lines += ["", f"VAE ceiling (judge on VAE reconstructions of 200 renders, MSE {res['vae_reconstructions']['mse']:.4f}):",
+                  "", head, row("encode -> decode", res["vae_reconstructions"])]
     if res.get("steps"):
         lines += ["", f"### Steps (CFG {guidance:g})", "", head]
         lines += [row(f"{s} steps", r) for s, r in sorted(res["steps"].items(), key=lambda kv: int(kv[0]))]
