@@ -34,7 +34,7 @@ from guidance.registry import METHODS
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.observers import LatestObserver, Observer, TeeObserver
-from pipelines.outputs import TraceWriter
+from pipelines.outputs import TraceWriter, save_png
 from pipelines.previews import Previewer
 from pipelines.registry import MODELS, extra_models_from_env, resolve
 from pipelines.schedulers import SCHEDULERS, compatible_keys
@@ -197,7 +197,7 @@ class Run:
     x0_kind: str = "channels"  # preview of x̂0: "decode" or "rgb" (or "channels" without an RGB map)
     result: GenerationResult | None = None
     error: BaseException | None = None
-    renders: dict[int, dict[str, np.ndarray | None]] = field(default_factory=dict)  # scrub cache by step
+    renders: dict[tuple[int, str], str | None] = field(default_factory=dict)  # preview PNG paths by (step, name)
     heat_top: float = 0.0  # largest |x̂0_cond − x̂0_uncond| over the run, so heat maps compare across steps
 
     @property
@@ -310,7 +310,8 @@ class Playground:
             pixels = (run.request.width or side) * (run.request.height or side)
             run.x0_kind = pick_x0_kind(run.x0_choice, run.previewer, pixels, self.loader.device)
             writer = TraceWriter(run.folder, run.previewer, previews={})  # numbers only; scrub renders from memory
-            result = generate(run.request, TeeObserver(run.latest, run.recorder, writer), loader=self.loader)
+            # The recorder sees each step before the UI can take it, so live previews come from (and fill) the scrub cache.
+            result = generate(run.request, TeeObserver(run.recorder, writer, run.latest), loader=self.loader)
             writer.finish(result)
             run.result = result
             tops = [guidance_map(s.denoised_cond, s.denoised_uncond).max() for s in run.recorder.steps
@@ -338,39 +339,45 @@ class Playground:
         assert run.result is not None
         return run.result
 
-    def stop(self, session: str | None) -> None:
+    def stop(self, session: str | None) -> Run | None:
+        """Cancel the session's run in flight (it stops at the next step boundary); returns it, or None."""
         with self._lock:
             run = self.active.get(session or "")
         if run is not None:
             run.latest.cancel()
+        return run
 
     # -- previews --------------------------------------------------------------------------------------
 
-    def live_images(self, run: Run, event: StepEvent) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x_t preview, channel grid, x̂0 preview) for one step, upscaled for the browser."""
-        p = run.previewer
-        assert p is not None
-        return (upscale(p.render(run.latents_kind, event.latents)), upscale(p.render("channels", event.latents)),
-                upscale(p.render(run.x0_kind, event.denoised)))
+    def render(self, run: Run, step: int, name: str) -> str | None:
+        """One preview of `step` as a PNG path under the run's steps/ folder, written once (atomically) and reused
+        by the live view and the scrubber. name: "latents" (x_t), "channels", "x0", "x0_cond", "x0_uncond" or
+        "delta" (guidance heat map); None where the step had no unconditional pass.
 
-    def scrub_images(self, run: Run, step: int) -> dict[str, np.ndarray | None]:
-        """x_t, x̂0, x̂0 cond, x̂0 uncond and the guidance heat map at `step`, cached per run."""
-        if step in run.renders:
-            return run.renders[step]
-        rec = run.recorder.steps[step]
-        p = run.previewer
-        assert p is not None
-        images: dict[str, np.ndarray | None] = {
-            "latents": upscale(p.render(run.latents_kind, rec.latents)),
-            "x0": upscale(p.render(run.x0_kind, rec.denoised)),
-            "x0_cond": None, "x0_uncond": None, "delta": None,
-        }
-        if rec.denoised_cond is not None and rec.denoised_uncond is not None:
-            images["x0_cond"] = upscale(p.render(run.x0_kind, rec.denoised_cond))
-            images["x0_uncond"] = upscale(p.render(run.x0_kind, rec.denoised_uncond))
-            images["delta"] = upscale(heat(guidance_map(rec.denoised_cond, rec.denoised_uncond), run.heat_top))
-        run.renders[step] = images
-        return images
+        Paths, not arrays: Gradio rewrites the cache file of an array in place, and a browser fetching the same
+        preview of an earlier run (same seed) then gets a truncated file (Content-Length errors).
+        """
+        key = (step, name)
+        if key not in run.renders:
+            rec = run.recorder.steps[step]
+            p = run.previewer
+            assert p is not None
+            has_cfg = rec.denoised_cond is not None and rec.denoised_uncond is not None
+            if name == "latents":
+                image = p.render(run.latents_kind, rec.latents)
+            elif name == "channels":
+                image = p.render("channels", rec.latents)
+            elif name == "x0":
+                image = p.render(run.x0_kind, rec.denoised)
+            elif not has_cfg:
+                image = None
+            elif name == "delta":
+                image = heat(guidance_map(rec.denoised_cond, rec.denoised_uncond), run.heat_top)
+            else:
+                image = p.render(run.x0_kind, rec.denoised_cond if name == "x0_cond" else rec.denoised_uncond)
+            path = None if image is None else str(save_png(run.folder / "steps" / f"{step:03d}_{name}.png", upscale(image)))
+            run.renders[key] = path
+        return run.renders[key]
 
     def step_table(self, run: Run) -> list[list[Any]]:
         return [[s.step + 1, round(s.timestep, 2), None if s.sigma is None else round(s.sigma, 4),
@@ -470,14 +477,14 @@ def build_demo(
             # ---------------- controls ----------------
             with gr.Column(scale=2, min_width=320):
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="(none)")
+                negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="(none)")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", scale=3)
                     stop_btn = gr.Button("Stop", variant="stop", scale=1)
                 model = gr.Dropdown(models, value=default_model, label="Model")
                 model_note = gr.Markdown(app.model_note(default_model), elem_classes="step-note")
                 scheduler = gr.Dropdown(app.scheduler_choices(default_model), value=OWN_SCHEDULER, label="Scheduler")
-                num_inference_steps = gr.Slider(1, 150, value=entry.steps if entry else 20, step=1, label="Steps")
+                num_inference_steps = gr.Slider(1, 500, value=entry.steps if entry else 20, step=1, label="Steps")
                 with gr.Row():
                     guidance = gr.Dropdown([(k, k) for k in METHODS], value="cfg", label="Guidance method", scale=1)
                     guidance_scale = gr.Slider(0.0, 20.0, value=entry.guidance_scale if entry else 7.5, step=0.1,
@@ -579,8 +586,7 @@ def build_demo(
                        history_folders, run_id]
 
         def finished(run: Run, result: GenerationResult) -> dict:
-            """Outputs after a run: final image, scrubber at the last step, table, code, history."""
-            n = len(run.recorder.steps)
+            """Outputs once the image exists: final image, status, last step's previews, table, code, history."""
             t = result.timings
             rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
             what = f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled else \
@@ -593,20 +599,25 @@ def build_demo(
                 code: diffusers_code(result, app.loader.dtype, app.loader.device.type),
                 run_id: run.run_id,
                 steps_table: app.step_table(run),
-            }
-            out.update(history_outputs())
-            if n:
-                out.update(scrub_outputs(run, n - 1))
-                out[scrub_group] = gr.Group(visible=True)
-                out[scrub] = gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)
-            else:
-                out[scrub_group] = gr.Group(visible=False)
+            } | history_outputs()
+            last = len(run.recorder.steps) - 1
+            if last >= 0:  # the live view ends on the last step (renders shared with the scrubber's cache)
+                out |= {live_latents: app.render(run, last, "latents"), live_channels: app.render(run, last, "channels"),
+                        live_x0: app.render(run, last, "x0")}
             return out
 
+        def scrubber(run: Run) -> dict:
+            """The scrubber, opened at the last step (the slider's own change event is not needed for that)."""
+            n = len(run.recorder.steps)
+            if not n:
+                return {scrub_group: gr.Group(visible=False)}
+            return scrub_outputs(run, n - 1) | {scrub_group: gr.Group(visible=True),
+                                                scrub: gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)}
+
         def scrub_outputs(run: Run, step: int) -> dict:
-            images = app.scrub_images(run, step)
-            return {scrub_latents: images["latents"], scrub_x0: images["x0"], scrub_cond: images["x0_cond"],
-                    scrub_uncond: images["x0_uncond"], scrub_delta: images["delta"], step_info: app.step_text(run, step)}
+            return {scrub_latents: app.render(run, step, "latents"), scrub_x0: app.render(run, step, "x0"),
+                    scrub_cond: app.render(run, step, "x0_cond"), scrub_uncond: app.render(run, step, "x0_uncond"),
+                    scrub_delta: app.render(run, step, "delta"), step_info: app.step_text(run, step)}
 
         def history_outputs() -> dict:
             items = history(app.outputs_dir)
@@ -640,7 +651,7 @@ def build_demo(
                         run.done.wait(next_at - now)
                         event = run.latest.take(timeout=0) or event
                     t0 = time.perf_counter()
-                    images = app.live_images(run, event)
+                    images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0")]
                     rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
                     sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
                     yield {status: f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}",
@@ -648,29 +659,28 @@ def build_demo(
                     spent = time.perf_counter() - t0
                     next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
                 result = app.wait(run)
-                out = finished(run, result)
-                if result.steps_completed:
-                    last = run.recorder.steps[-1]
-                    p = run.previewer
-                    out |= {live_latents: upscale(p.render(run.latents_kind, last.latents)),
-                            live_channels: upscale(p.render("channels", last.latents)),
-                            live_x0: upscale(p.render(run.x0_kind, last.denoised))}
-                yield out
+                yield finished(run, result)  # the image first; the scrubber's extra decodes follow
+                yield scrubber(run)
             finally:  # the browser left or Stop cancelled this generator: stop the worker at the next step
                 if not run.done.is_set():
                     run.latest.cancel()
 
-        gen_event = generate_btn.click(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs,
+        generate_btn.click(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs,
                                        api_name="generate_stream",
                                        show_progress="hidden", concurrency_id="generate", concurrency_limit=1)
         prompt.submit(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs, show_progress="hidden",
                       concurrency_id="generate", api_visibility="private")
 
         def stop_ui(http: gr.Request):
-            app.stop(getattr(http, "session_hash", None))
-            return "Stopping…"
+            """Cancel this session's run at the next step boundary. The Generate handler then ends on its own and
+            shows what was made so far (final x̂0, scrubber, history); nothing is killed mid-step."""
+            run = app.stop(getattr(http, "session_hash", None))
+            return "Stopping at the next step…" if run is not None and not run.done.is_set() else gr.update()
 
-        stop_btn.click(stop_ui, outputs=status, cancels=[gen_event], queue=False, api_visibility="private")
+        # No `cancels=[gen_event]`: killing the streaming generator raced with the next Generate click (the page
+        # kept the killed event pending and ignored the click, 1 run in ~8 in tests/test_app.py). The observer's
+        # cancel flag stops the loop within one step and the generator finishes normally instead.
+        stop_btn.click(stop_ui, outputs=status, queue=False, api_visibility="private")
 
         def on_scrub(step: float, rid: str):
             run = app.runs.get(rid)

@@ -119,7 +119,7 @@ def test_browser_live_previews_scrubber_and_stop(server):
 
         # A run: the live x̂0 preview changes while it goes, then the scrubber appears.
         page.get_by_label("Prompt", exact=True).fill("a red circle")
-        _set_steps(page, 120)
+        _set_steps(page, 250)
         page.get_by_role("button", name="Generate").click()
         seen: set[str] = set()
         deadline = time.time() + 60
@@ -128,7 +128,7 @@ def test_browser_live_previews_scrubber_and_stop(server):
             if src:
                 seen.add(src)
             time.sleep(0.03)
-        assert "Done: 121 steps" in status.inner_text()  # PNDM runs N+1 iterations
+        assert "Done: 251 steps" in status.inner_text()  # PNDM runs N+1 iterations
         assert len(seen) >= 3, f"live x̂0 preview changed only {len(seen)} times"
 
         # Scrub back to step 1: the scrubbed x̂0 changes.
@@ -139,10 +139,10 @@ def test_browser_live_previews_scrubber_and_stop(server):
         page.wait_for_function(
             "b => { const i = document.querySelector('#scrub-x0 img'); return i && i.src !== b; }", arg=before,
             timeout=20000)
-        assert "Step 1 / 121" in page.locator("#step-info").inner_text()
+        assert "Step 1 / 251" in page.locator("#step-info").inner_text()
 
         # Stop a long run midway, then another run completes.
-        _set_steps(page, 1000)
+        _set_steps(page, 500)
         page.get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Step')",
                                timeout=20000)
@@ -153,7 +153,9 @@ def test_browser_live_previews_scrubber_and_stop(server):
             traces = [json.loads(t.read_text()) for t in outputs.glob("*/trace.json")]
             stopped = [t for t in traces if t["cancelled"]]
             time.sleep(0.1)
-        assert stopped and len(stopped[0]["steps"]) < 1000
+        assert stopped and len(stopped[0]["steps"]) < 500
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Stopped at step')",
+                               timeout=20000)
         _set_steps(page, 5)
         page.get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done: 6 steps')",
