@@ -8,10 +8,15 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.registry import resolve
+from pipelines.types import DEFAULT_MODEL, GenerationRequest
 from tests.tiny import tiny_pipeline
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -91,6 +96,41 @@ def test_history_and_code_come_from_disk(server, client):
     assert trace["request"]["prompt"] == "history check" and len(trace["steps"]) >= 2
 
 
+def test_diffusers_code_reproduces_the_image(tmp_path, monkeypatch):
+    """The "diffusers code" box, run as a script against the stock pipeline, makes the same image."""
+    import app
+
+    folder = tmp_path / "tiny-sd"
+    tiny_pipeline("sd").save_pretrained(folder)
+    loader = ModelLoader(device="cpu")
+    request = GenerationRequest(prompt="a red circle", negative_prompt="blue", model=str(folder),
+                                scheduler="dpmpp_2m_karras", num_inference_steps=4, guidance_scale=5.0, seed=3,
+                                width=32, height=24, guidance="rescale", guidance_params={"guidance_rescale": 0.5})
+    result = generate(request, loader=loader)
+    code = app.diffusers_code(result, torch.float32, "cpu")
+    assert "use_karras_sigmas=True" in code and "guidance_rescale=0.5" in code and "manual_seed(3)" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "diffusers_code", "exec"), {})
+    ours = np.asarray(result.image, dtype=np.int16)
+    stock = np.asarray(Image.open(tmp_path / "image.png"), dtype=np.int16)
+    assert ours.shape == stock.shape == (24, 32, 3)
+    assert np.abs(ours - stock).max() <= 1
+
+
+@pytest.mark.skipif(Path(resolve(DEFAULT_MODEL)).is_dir(), reason="the embedded model is installed")
+def test_missing_embedded_model_says_so(tmp_path):
+    import gradio as gr
+
+    import app
+
+    playground = app.Playground(ModelLoader(device="cpu"), [DEFAULT_MODEL, MODEL], DEFAULT_MODEL, tmp_path, 0.1)
+    with pytest.raises(gr.Error) as err:
+        playground.make_request(prompt="x", negative_prompt="", model=DEFAULT_MODEL, scheduler=None,
+                                num_inference_steps=2, guidance_scale=1.0, seed=1, width=0, height=0, guidance="cfg",
+                                guidance_params={})
+    assert "not installed" in err.value.message and MODEL in err.value.message
+
+
 def _browser(playwright):
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
@@ -107,7 +147,7 @@ def _set_steps(page, n: int) -> None:
     box.press("Enter")
 
 
-def test_browser_live_previews_scrubber_and_stop(server):
+def test_browser_live_previews_scrubber_stop_and_history(server, client):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, outputs = server
     with sync_api.sync_playwright() as p:
@@ -160,4 +200,14 @@ def test_browser_live_previews_scrubber_and_stop(server):
         page.get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done: 6 steps')",
                                timeout=30000)
+
+        # The history (rebuilt from disk at page load) restores a past run's settings.
+        client.predict(prompt="history check", num_inference_steps=2, seed=11, api_name="/generate")
+        page.reload()
+        page.wait_for_selector("#history")
+        item = page.locator("#history button", has_text="history check").first
+        item.click()
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Restored')",
+                               timeout=20000)
+        assert page.get_by_label("Prompt", exact=True).input_value() == "history check"
         browser.close()
