@@ -800,4 +800,4 @@ def _method_note(key: str) -> str:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself when server_name/server_port are not given.
-    build_demo().queue(max_size=32).launch(show_error=True)
+    build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs").queue(max_size=32).launch(show_error=True)
