@@ -48,7 +48,8 @@ PREVIEW_SIDE = 256  # live and scrub previews are upscaled (nearest neighbour) t
 DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}  # "auto" x̂0 preview: VAE decode up to this many pixels
 RENDER_SHARE = 8  # after a preview took r seconds, wait >= RENDER_SHARE·r before the next: previews stay ~1/9 of the time
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
-HISTORY_LIMIT = 60  # runs shown in the history gallery
+HISTORY_LIMIT = 60
+STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table  # runs shown in the history gallery
 
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
@@ -546,7 +547,12 @@ def build_demo(
                         "The heat map shows where the prompt pushes hardest (brighter = larger cond − uncond "
                         "difference, on one scale for the whole run).", elem_classes="step-note")
                     with gr.Accordion("Per-step numbers", open=False):
-                        steps_table = gr.Dataframe(headers=["step", "timestep", "σ", "‖ε_c − ε_u‖", "eff. scale"],
+                        with gr.Row():
+                            sigma_plot = gr.LinePlot(x="step", y="sigma", y_title="σ", label="Noise level σ per step",
+                                                     height=200)
+                            delta_plot = gr.LinePlot(x="step", y="delta", y_title="‖ε_c − ε_u‖", height=200,
+                                                     label="Guidance difference ‖ε_c − ε_u‖ per step")
+                        steps_table = gr.Dataframe(headers=STEP_COLUMNS, elem_id="steps-table",
                                                    interactive=False, wrap=True, max_height=260)
                 with gr.Accordion("diffusers code that reproduces this image", open=False):
                     code = gr.Code(language="python", interactive=False, label="diffusers")
@@ -582,8 +588,8 @@ def build_demo(
                               seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                               x0_preview=x0_preview, **param_sliders)
         run_outputs = [status, live_latents, live_channels, live_x0, final_image, seed, scrub_group, scrub, step_info,
-                       scrub_latents, scrub_x0, scrub_cond, scrub_uncond, scrub_delta, steps_table, code, gallery,
-                       history_folders, run_id]
+                       scrub_latents, scrub_x0, scrub_cond, scrub_uncond, scrub_delta, steps_table, sigma_plot,
+                       delta_plot, code, gallery, history_folders, run_id]
 
         def finished(run: Run, result: GenerationResult) -> dict:
             """Outputs once the image exists: final image, status, last step's previews, table, code, history."""
@@ -596,9 +602,8 @@ def build_demo(
                         f"{result.scheduler}, seed {result.seed}. Saved to `{run.folder.name}/`.",
                 final_image: str(run.folder / "image.png"),
                 seed: result.seed,
-                code: diffusers_code(result, app.loader.dtype, app.loader.device.type),
+                code: diffusers_code(result, run.previewer.pipe.dtype, app.loader.device.type),
                 run_id: run.run_id,
-                steps_table: app.step_table(run),
             } | history_outputs()
             last = len(run.recorder.steps) - 1
             if last >= 0:  # the live view ends on the last step (renders shared with the scrubber's cache)
@@ -611,8 +616,18 @@ def build_demo(
             n = len(run.recorder.steps)
             if not n:
                 return {scrub_group: gr.Group(visible=False)}
-            return scrub_outputs(run, n - 1) | {scrub_group: gr.Group(visible=True),
+            # Sent with the group's visibility: updates to children of a hidden group are lost in the browser.
+            return scrub_outputs(run, n - 1) | step_plots(run) | {scrub_group: gr.Group(visible=True),
                                                 scrub: gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)}
+
+        def step_plots(run: Run) -> dict:
+            import pandas as pd  # a Gradio dependency; imported here to keep app import light
+
+            sigma_rows = [(s.step + 1, s.sigma) for s in run.recorder.steps if s.sigma is not None]
+            delta_rows = [(s.step + 1, s.guidance_delta_norm) for s in run.recorder.steps if s.guidance_delta_norm is not None]
+            return {sigma_plot: pd.DataFrame(sigma_rows, columns=["step", "sigma"]),
+                    delta_plot: pd.DataFrame(delta_rows, columns=["step", "delta"]),
+                    steps_table: pd.DataFrame(app.step_table(run), columns=STEP_COLUMNS)}
 
         def scrub_outputs(run: Run, step: int) -> dict:
             return {scrub_latents: app.render(run, step, "latents"), scrub_x0: app.render(run, step, "x0"),
