@@ -131,6 +131,14 @@ def test_missing_embedded_model_says_so(tmp_path):
     assert "not installed" in err.value.message and MODEL in err.value.message
 
 
+def test_unexpected_errors_name_their_type_and_bad_input_stays_as_is():
+    import app
+
+    assert app.as_gr_error(RuntimeError("CUDA out of memory")).message == \
+        "Generation failed with RuntimeError: CUDA out of memory"
+    assert app.as_gr_error(ValueError("steps must be 1..1000")).message == "steps must be 1..1000"
+
+
 def _browser(playwright):
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
