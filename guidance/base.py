@@ -28,6 +28,9 @@ class GuidanceOutput:
 class GuidanceMethod:
     """Base class: one instance per generation run, so stateful methods (APG momentum) start fresh."""
 
+    # True asks the loop for a third pass whose self-attention is perturbed (PAG); it then calls perturbed().
+    perturbed_pass: bool = False
+
     def wants_uncond(self, ctx: GuidanceContext) -> bool:
         """Whether this step needs the unconditional pass; False lets the loop skip it (cond-only step)."""
         return True
@@ -36,4 +39,14 @@ class GuidanceMethod:
         self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext
     ) -> GuidanceOutput:
         """Combine the conditional and unconditional predictions (B, C, H, W) into one."""
+        raise NotImplementedError
+
+    def perturbed(
+        self,
+        pred_cond: torch.Tensor,
+        pred_uncond: torch.Tensor | None,
+        pred_perturbed: torch.Tensor,
+        ctx: GuidanceContext,
+    ) -> GuidanceOutput:
+        """Combine predictions when `perturbed_pass` is set; pred_uncond is None when CFG is off (scale <= 1)."""
         raise NotImplementedError

@@ -12,6 +12,7 @@ from guidance.base import GuidanceMethod
 from guidance.cfg import CFG
 from guidance.cfg_zero_star import CFGZeroStar
 from guidance.interval import Interval, check_interval
+from guidance.pag import PAG
 from guidance.rescale import Rescale
 
 
@@ -96,6 +97,16 @@ METHODS: dict[str, MethodSpec] = {
         ),
         "Fan et al. 2025, arXiv 2503.18886",
         "uncond prediction scaled by s* = <v_c, v_u>/|v_u|², then CFG; first steps zeroed (meant for flow models)",
+    ),
+    "pag": MethodSpec(
+        "pag",
+        PAG,
+        (
+            Param("pag_scale", 3.0, 0.0, 100.0, "s_pag: push away from the identity-self-attention prediction (0 = CFG)"),
+            Param("pag_adaptive_scale", 0.0, 0.0, 1.0, "a: s_pag(t) = max(s_pag − a·(1000 − t), 0) (0 = constant)"),
+        ),
+        "Ahn et al. 2024, arXiv 2403.17377",
+        "CFG plus a third pass with identity self-attention in chosen layers (diffusers' PAG layers); ε += s_pag(ε_c − ε_ptb)",
     ),
 }
 

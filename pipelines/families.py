@@ -8,8 +8,10 @@ denoiser's forward and the VAE. The denoising loop itself lives in pipelines/gen
 from __future__ import annotations
 
 import inspect
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -19,6 +21,13 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+)
+from diffusers.models.attention_processor import (
+    Attention,
+    PAGCFGIdentitySelfAttnProcessor2_0,
+    PAGCFGJointAttnProcessor2_0,
+    PAGIdentitySelfAttnProcessor2_0,
+    PAGJointAttnProcessor2_0,
 )
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -32,12 +41,17 @@ class Conditioning:
     cfg: bool  # True when the batch holds [uncond, cond]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # pooled embeds, time ids, attention masks
 
-    def select(self, with_uncond: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Embeddings for a pass with or without the unconditional half."""
-        if with_uncond or not self.cfg:
+    def select(self, with_uncond: bool, perturbed: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Embeddings for a pass [uncond?, cond, cond-for-the-perturbed-pass?], as diffusers' PAG pipelines batch."""
+        if not perturbed and (with_uncond or not self.cfg):
             return self.embeds, self.extra
-        half = self.embeds.shape[0] // 2
-        return self.embeds[half:], {k: v[half:] for k, v in self.extra.items()}
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            half = x.shape[0] // 2 if self.cfg else 0
+            parts = ([x[:half]] if with_uncond and self.cfg else []) + [x[half:]] + ([x[half:]] if perturbed else [])
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        return pick(self.embeds), {k: pick(v) for k, v in self.extra.items()}
 
 
 class Family:
@@ -78,8 +92,42 @@ class Family:
         return pipe.prepare_extra_step_kwargs(generator, 0.0)
 
     def predict(self, pipe: Any, latent_model_input: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                with_uncond: bool, guidance_scale: float) -> torch.Tensor:
+                with_uncond: bool, guidance_scale: float, perturbed: bool = False) -> torch.Tensor:
+        """Denoiser output for the batch [uncond?, cond, cond-perturbed?] (see Conditioning.select)."""
         raise NotImplementedError
+
+    # PAG: which self-attention layers get the identity map (diffusers' PAG pipelines' defaults), and how.
+    pag_layers: tuple[str, ...] = ("mid",)
+
+    def pag_processors(self) -> tuple[Any, Any]:
+        """(processor with CFG: batch [uncond, cond, ptb], processor without CFG: batch [cond, ptb])."""
+        return PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0()
+
+    @contextmanager
+    def perturbed_attention(self, pipe: Any, cfg: bool) -> Iterator[None]:
+        """Install PAG processors on the PAG layers' self-attention for one run, then restore the originals.
+
+        Layer matching adapted from diffusers 0.42.1, PAGMixin._set_pag_attn_processor.
+        """
+        processor = self.pag_processors()[0 if cfg else 1]
+        model = self.denoiser(pipe)
+        originals: list[tuple[Attention, Any]] = []
+        for layer in self.pag_layers:
+            matched = [
+                module for name, module in model.named_modules()
+                if isinstance(module, Attention) and not module.is_cross_attention and re.search(layer, name)
+                and not _fake_integral_match(layer, name)
+            ]
+            if not matched:
+                raise ValueError(f"PAG: this model has no self-attention layer matching {layer!r}")
+            originals += [(m, m.processor) for m in matched]
+        try:
+            for module, _ in originals:
+                module.set_processor(processor)
+            yield
+        finally:
+            for module, original in originals:
+                module.set_processor(original)
 
     def unscale_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> what vae.decode expects."""
@@ -111,8 +159,8 @@ class SDFamily(Family):
         embeds, neg = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
         return Conditioning(torch.cat([neg, embeds]) if cfg else embeds, cfg)
 
-    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale):
-        embeds, extra = cond.select(with_uncond)
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False):
+        embeds, extra = cond.select(with_uncond, perturbed)
         return pipe.unet(latent_model_input, t, encoder_hidden_states=embeds,
                          timestep_cond=self._timestep_cond(pipe, guidance_scale, latent_model_input),
                          added_cond_kwargs=extra or None, return_dict=False)[0]
@@ -172,6 +220,7 @@ class PixArtSigmaFamily(Family):
 
     key = "pixart_sigma"
     pipeline_class = PixArtSigmaPipeline
+    pag_layers = ("blocks.1",)
 
     def denoiser(self, pipe):
         return pipe.transformer
@@ -189,8 +238,8 @@ class PixArtSigmaFamily(Family):
             return Conditioning(torch.cat([neg, embeds]), True, {"encoder_attention_mask": torch.cat([neg_mask, mask])})
         return Conditioning(embeds, False, {"encoder_attention_mask": mask})
 
-    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale):
-        embeds, extra = cond.select(with_uncond)
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False):
+        embeds, extra = cond.select(with_uncond, perturbed)
         timestep = t[None].to(latent_model_input.device) if t.ndim == 0 else t
         out = pipe.transformer(
             latent_model_input, encoder_hidden_states=embeds, encoder_attention_mask=extra["encoder_attention_mask"],
@@ -209,6 +258,10 @@ class SD3Family(Family):
     key = "sd3"
     pipeline_class = StableDiffusion3Pipeline
     flow = True
+    pag_layers = ("blocks.1",)
+
+    def pag_processors(self):
+        return PAGCFGJointAttnProcessor2_0(), PAGJointAttnProcessor2_0()
 
     def denoiser(self, pipe):
         return pipe.transformer
@@ -241,8 +294,8 @@ class SD3Family(Family):
     def step_kwargs(self, pipe, generator):
         return {}  # StableDiffusion3Pipeline passes nothing extra to scheduler.step
 
-    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale):
-        embeds, extra = cond.select(with_uncond)
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False):
+        embeds, extra = cond.select(with_uncond, perturbed)
         return pipe.transformer(
             hidden_states=latent_model_input, timestep=t.expand(latent_model_input.shape[0]),
             encoder_hidden_states=embeds, pooled_projections=extra["pooled_projections"], return_dict=False,
@@ -250,6 +303,12 @@ class SD3Family(Family):
 
     def unscale_latents(self, pipe, latents):
         return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+
+def _fake_integral_match(layer: str, name: str) -> bool:
+    """'blocks.1' must not match 'blocks.1' inside 'blocks.10' (diffusers' is_fake_integral_match)."""
+    a, b = layer.split(".")[-1], name.split(".")[-1]
+    return a.isnumeric() and b.isnumeric() and a == b
 
 
 # Order matters: SDXL before nothing it subclasses; detection is by isinstance on the pipeline class.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
 import torch
 
-from guidance.base import GuidanceContext
+from guidance.base import GuidanceContext, GuidanceMethod
 from guidance.registry import create as create_guidance
 from pipelines.families import family_of
 from pipelines.loading import ModelLoader
@@ -29,6 +30,26 @@ def resolve_size(request: GenerationRequest, pipe, family) -> tuple[int, int]:
                 f"use a multiple of {multiple} such as {lower} or {lower + multiple}"
             )
     return height, width
+
+
+def apply_guidance(
+    method: GuidanceMethod, output: torch.Tensor, with_uncond: bool, perturbed: bool, ctx: GuidanceContext
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """Split the batched model output [uncond?, cond, perturbed?] and combine it with the guidance method.
+
+    Returns (guided prediction, conditional prediction, unconditional prediction or None, effective scale).
+    """
+    if perturbed:
+        parts = output.chunk(2 + with_uncond)
+        pred_uncond = parts[0] if with_uncond else None
+        pred_cond = parts[-2]
+        guided = method.perturbed(pred_cond, pred_uncond, parts[-1], ctx)
+    elif with_uncond:
+        pred_uncond, pred_cond = output.chunk(2)
+        guided = method(pred_cond, pred_uncond, ctx)
+    else:
+        return output, output, None, 1.0
+    return guided.pred, pred_cond, pred_uncond, guided.effective_scale
 
 
 @torch.no_grad()
@@ -75,61 +96,57 @@ def generate(
         step_kwargs = family.step_kwargs(pipe, generator)
         num_steps = len(timesteps)
 
-        # 5. Denoise
+        # 5. Denoise (PAG methods get their perturbed self-attention installed for the run)
+        perturb = method.perturbed_pass
         denoised = latents
         steps_completed = 0
         cancelled = False
-        for i, t in enumerate(timesteps):
-            if observer.is_cancelled():
-                cancelled = True
-                break
-            # 5a. Guidance context and whether this step needs the unconditional pass
-            sigma = sigma_at(scheduler, i, t, family.flow)
-            ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)
-            with_uncond = do_cfg and method.wants_uncond(ctx)
+        with family.perturbed_attention(pipe, do_cfg) if perturb else contextlib.nullcontext():
+            for i, t in enumerate(timesteps):
+                if observer.is_cancelled():
+                    cancelled = True
+                    break
+                # 5a. Guidance context and whether this step needs the unconditional pass
+                sigma = sigma_at(scheduler, i, t, family.flow)
+                ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)
+                with_uncond = do_cfg and method.wants_uncond(ctx)
 
-            # 5b. Model prediction, batched [uncond, cond] as diffusers batches it
-            model_input = torch.cat([latents] * 2) if with_uncond else latents
-            if hasattr(scheduler, "scale_model_input"):
-                model_input = scheduler.scale_model_input(model_input, t)
-            output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale)
+                # 5b. Model prediction, batched [uncond, cond, perturbed] as diffusers batches it
+                copies = 1 + with_uncond + perturb
+                model_input = torch.cat([latents] * copies) if copies > 1 else latents
+                if hasattr(scheduler, "scale_model_input"):
+                    model_input = scheduler.scale_model_input(model_input, t)
+                output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale, perturb)
 
-            # 5c. Guidance
-            pred_cond = pred_uncond = None
-            delta_norm = None
-            if with_uncond:
-                pred_uncond, pred_cond = output.chunk(2)
-                guided = method(pred_cond, pred_uncond, ctx)
-                pred, effective_scale = guided.pred, guided.effective_scale
-                delta_norm = float((pred_cond[0] - pred_uncond[0]).float().norm())
-            else:
-                pred, effective_scale = output, 1.0
+                # 5c. Guidance
+                pred, pred_cond, pred_uncond, effective_scale = apply_guidance(method, output, with_uncond, perturb, ctx)
+                delta_norm = None if pred_uncond is None else float((pred_cond[0] - pred_uncond[0]).float().norm())
 
-            # 5d. Scheduler step x_t -> x_{t-1}; x̂0 from the scheduler where it gives one, else derived
-            sample = latents
-            step = scheduler.step(pred, t, sample, **step_kwargs, return_dict=True)
-            latents = step.prev_sample
-            denoised = getattr(step, "pred_original_sample", None)
-            if denoised is None:
-                denoised = getattr(step, "denoised", None)  # LCM's boundary-conditioned x̂0
-            if denoised is None:
-                denoised = predict_x0(scheduler, sigma, sample, pred, prediction_type)
-            steps_completed = i + 1
+                # 5d. Scheduler step x_t -> x_{t-1}; x̂0 from the scheduler where it gives one, else derived
+                sample = latents
+                step = scheduler.step(pred, t, sample, **step_kwargs, return_dict=True)
+                latents = step.prev_sample
+                denoised = getattr(step, "pred_original_sample", None)
+                if denoised is None:
+                    denoised = getattr(step, "denoised", None)  # LCM's boundary-conditioned x̂0
+                if denoised is None:
+                    denoised = predict_x0(scheduler, sigma, sample, pred, prediction_type)
+                steps_completed = i + 1
 
-            # 5e. Observe (copies, so an observer can never alter the run)
-            observer.on_step(StepEvent(
-                step=i,
-                num_steps=num_steps,
-                timestep=float(t),
-                sigma=sigma,
-                latents=latents.detach().clone(),
-                denoised=denoised.detach().clone(),
-                denoised_cond=None if pred_cond is None else predict_x0(scheduler, sigma, sample, pred_cond, prediction_type),
-                denoised_uncond=None if pred_uncond is None else predict_x0(scheduler, sigma, sample, pred_uncond, prediction_type),
-                guidance_delta_norm=delta_norm,
-                effective_scale=effective_scale,
-                elapsed=time.perf_counter() - t_encoded,
-            ))
+                # 5e. Observe (copies, so an observer can never alter the run)
+                observer.on_step(StepEvent(
+                    step=i,
+                    num_steps=num_steps,
+                    timestep=float(t),
+                    sigma=sigma,
+                    latents=latents.detach().clone(),
+                    denoised=denoised.detach().clone(),
+                    denoised_cond=None if pred_uncond is None else predict_x0(scheduler, sigma, sample, pred_cond, prediction_type),
+                    denoised_uncond=None if pred_uncond is None else predict_x0(scheduler, sigma, sample, pred_uncond, prediction_type),
+                    guidance_delta_norm=delta_norm,
+                    effective_scale=effective_scale,
+                    elapsed=time.perf_counter() - t_encoded,
+                ))
         t_denoised = time.perf_counter()
 
         # 6. Decode: the final latents, or the last x̂0 when stopped early (the best image there is)

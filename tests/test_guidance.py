@@ -239,8 +239,8 @@ def test_cfg_zero_star_steps_must_be_whole() -> None:
 
 
 def test_unknown_method_lists_methods() -> None:
-    with pytest.raises(ValueError, match="choose one of: cfg, rescale, interval, apg, cfg_zero_star"):
-        registry.validate("pag", {})
+    with pytest.raises(ValueError, match="choose one of: cfg, rescale, interval, apg, cfg_zero_star, pag"):
+        registry.validate("cfg_plus_plus", {})
 
 
 def test_unknown_param_lists_params() -> None:
@@ -258,15 +258,20 @@ def test_every_method_runs_with_defaults(key: str) -> None:
     for p in spec.params:
         assert p.low <= p.default <= p.high and p.doc
     c, u = preds(70)
-    out = registry.create(key, 7.5, {})(c, u, ctx(step=3, sigma=1.0))
+    out = combine(registry.create(key, 7.5, {}), c, u, ctx(step=3, sigma=1.0))
     assert out.pred.shape == SHAPE and torch.isfinite(out.pred).all()
+
+
+def combine(method, c, u, context):
+    """Call a method as the loop does: PAG-style methods also get a perturbed prediction (here 0.9·c)."""
+    return method.perturbed(c, u, 0.9 * c, context) if method.perturbed_pass else method(c, u, context)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key", list(registry.METHODS))
 def test_half_precision_keeps_dtype(key: str, dtype: torch.dtype) -> None:
     c, u = (t.to(dtype) for t in preds(71))
-    out = registry.create(key, 7.5, {})(c, u, ctx(step=3, sigma=1.0))
+    out = combine(registry.create(key, 7.5, {}), c, u, ctx(step=3, sigma=1.0))
     assert out.pred.dtype == dtype and torch.isfinite(out.pred).all()
 
 
@@ -285,3 +290,25 @@ def test_describe_lists_methods_params_and_papers() -> None:
         for p in spec.params:
             assert p.name in text
     assert "eta = 0  (number in [0, 1])" in text
+
+
+def test_pag_limits() -> None:
+    from guidance.pag import PAG, pag_scale_at
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, ptb = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    ctx = GuidanceContext(step=0, num_steps=10, timestep=900.0, sigma=5.0)
+    # pag_scale 0 is plain CFG; without CFG it is the conditional prediction.
+    torch.testing.assert_close(PAG(5.0, pag_scale=0.0).perturbed(cond, uncond, ptb, ctx).pred,
+                               cfg(cond, uncond, 5.0), rtol=0, atol=0)
+    torch.testing.assert_close(PAG(1.0, pag_scale=0.0).perturbed(cond, None, ptb, ctx).pred, cond, rtol=0, atol=0)
+    out = PAG(1.0, pag_scale=2.0).perturbed(cond, None, ptb, ctx)
+    torch.testing.assert_close(out.pred, cond + 2.0 * (cond - ptb))
+    assert out.effective_scale == 1.0
+    # Adaptive: decays linearly from t = 1000 and never goes negative (diffusers' _get_pag_scale).
+    assert pag_scale_at(3.0, 0.01, 1000.0) == 3.0
+    assert pag_scale_at(3.0, 0.01, 900.0) == pytest.approx(2.0)
+    assert pag_scale_at(3.0, 0.01, 100.0) == 0.0
+    assert PAG.perturbed_pass and not registry.create("cfg", 5.0, {}).perturbed_pass
+    with pytest.raises(ValueError, match=r"pag_scale must be in \[0, 100\]"):
+        registry.validate("pag", {"pag_scale": -1})

@@ -218,3 +218,36 @@ def test_safety_checker_applies_as_in_stock(flag_everything):
     assert stock.nsfw_content_detected == [flag_everything]
     assert np.array_equal(np.asarray(ours.image), np.asarray(stock.images[0]))
     assert (np.asarray(ours.image).max() == 0) == flag_everything  # flagged images are blacked out
+
+
+PAG_PIPELINES = {
+    "sd": "StableDiffusionPAGPipeline",
+    "sdxl": "StableDiffusionXLPAGPipeline",
+    "pixart_sigma": "PixArtSigmaPAGPipeline",
+    "sd3": "StableDiffusion3PAGPipeline",
+}
+
+
+@pytest.mark.parametrize("scale", [5.0, 1.0])
+@pytest.mark.parametrize("family", list(PAG_PIPELINES))
+def test_pag_matches_stock_pag_pipelines(pipes, family, scale):
+    """guidance='pag' against diffusers' own PAG pipeline on the same components (its default PAG layers)."""
+    import diffusers
+
+    import inspect
+
+    cls = getattr(diffusers, PAG_PIPELINES[family])
+    accepted = inspect.signature(cls.__init__).parameters
+    stock_pipe = cls(**{k: v for k, v in tiny_pipeline(family).components.items() if k in accepted})
+    stock_pipe.set_progress_bar_config(disable=True)
+    extra = {"use_resolution_binning": False} if family == "pixart_sigma" else {}
+    expected = stock_pipe("a red circle", num_inference_steps=3, guidance_scale=scale, pag_scale=2.5, height=SIZE,
+                          width=SIZE, generator=torch.Generator("cpu").manual_seed(5), output_type="np", **extra).images[0]
+    observer = CollectingObserver()
+    ours = generate(request(family, num_inference_steps=3, guidance_scale=scale, seed=5, guidance="pag",
+                            guidance_params={"pag_scale": 2.5}), observer, loader=pipes)
+    assert np.abs(np.asarray(ours.image).astype(np.float32) / 255.0 - expected).max() <= 1.0 / 255.0 + 1e-6
+    # The perturbed processors are gone again: a plain run afterwards still matches stock CFG.
+    plain = generate(request(family, num_inference_steps=3, guidance_scale=scale, seed=5), loader=pipes)
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(ours.image))
+    assert all((e.denoised_cond is not None) == (scale > 1) for e in observer.events)

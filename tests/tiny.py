@@ -164,7 +164,7 @@ def tiny_sd3() -> StableDiffusion3Pipeline:
     """SD3 shape: two CLIPs with projection + T5, MMDiT, flow matching."""
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
     )
     torch.manual_seed(0)
