@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent
 OWN_SCHEDULER = "model default"  # dropdown value meaning "keep the model's own scheduler" (request.scheduler=None)
 PREVIEW_SIDE = 256  # live and scrub previews are upscaled (nearest neighbour) to at least this many pixels
 DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}  # "auto" x̂0 preview: VAE decode up to this many pixels
-RENDER_SHARE = 8  # after a preview took r seconds, wait >= RENDER_SHARE·r before the next: previews stay ~1/9 of the time
+RENDER_SHARE = 12  # after a preview took r seconds, wait >= RENDER_SHARE·r before the next: previews stay ~1/13 of the time
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 HISTORY_LIMIT = 60
 STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table  # runs shown in the history gallery

@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--x0-preview", choices=("auto", "decode", "rgb"), default="auto",
+                        help="the UI's x̂0 preview (auto: VAE decode for small images)")
     args = parser.parse_args()
 
     import app
@@ -70,15 +72,18 @@ def main() -> None:
     client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
     updates: list[int] = []  # streamed updates per UI run
     to_image: list[float] = []  # seconds from submit to the update that carries the final image
+    to_first: list[float] = []  # seconds from submit to the first streamed update (queue + SSE round trip)
 
     def ui() -> None:
         t = time.perf_counter()
         job = client.submit(prompt=request.prompt, model=model, num_inference_steps=args.steps,
                             guidance_scale=args.guidance_scale, seed=1, randomize_seed=False, width=args.size,
-                            height=args.size, api_name="/generate_stream")
+                            height=args.size, x0_preview=args.x0_preview, api_name="/generate_stream")
         n, seen_image = 0, None
         for update in job:
             n += 1
+            if n == 1:
+                to_first.append(time.perf_counter() - t)
             if os.environ.get("UI_OVERHEAD_TRACE"):
                 print(f"  {time.perf_counter() - t:.3f}s update {n}: {str(update[0])[:60]!r} image={update[FINAL_IMAGE]!r:.40}")
             if seen_image is None and _is_file(update[FINAL_IMAGE]):
@@ -104,6 +109,8 @@ def main() -> None:
     print(f"UI, final image shown:   {t_image:.3f} s (median)")
     print(f"UI, whole stream:        {t_ui:.3f} s (median; + scrubber renders), "
           f"{statistics.median(updates[1:]):.0f} streamed updates per run")
+    print(f"UI, first update:        {statistics.median(to_first[1:]):.3f} s (median; Gradio queue + SSE round trip)")
+    print(f"fixed UI cost per run:   {t_image - t_raw:.3f} s to the final image")
     print(f"ratio UI / raw:          {t_image / t_raw:.2f}x to the final image, {t_ui / t_raw:.2f}x to the end of "
           f"the stream (target <= 1.25x)")
 
