@@ -36,7 +36,7 @@ from pipelines.loading import ModelLoader
 from pipelines.observers import LatestObserver, Observer, TeeObserver
 from pipelines.outputs import TraceWriter, save_png
 from pipelines.previews import Previewer
-from pipelines.registry import MODELS, extra_models_from_env, resolve
+from pipelines.registry import MODELS, extra_models_from_env, recommended_settings, resolve
 from pipelines.schedulers import SCHEDULERS, compatible_keys
 from pipelines.types import DEFAULT_MODEL, GenerationRequest, GenerationResult, StepEvent
 
@@ -264,16 +264,29 @@ class Playground:
 
     # -- request ---------------------------------------------------------------------------------------
 
+    def recommended(self, model: str) -> dict[str, float | int]:
+        """Steps and guidance scale for `model`: the registry's, else its stock pipeline's (loads the model)."""
+        entry = MODELS.get(model)
+        if entry is not None:
+            return {"num_inference_steps": entry.steps, "guidance_scale": entry.guidance_scale}
+        return recommended_settings(model, self.loader.get(model))
+
     def make_request(self, *, prompt: str, negative_prompt: str, model: str, scheduler: str | None,
-                     num_inference_steps: float, guidance_scale: float, seed: int | None, width: float | None,
-                     height: float | None, guidance: str, guidance_params: dict[str, float]) -> GenerationRequest:
-        """Widget values -> a validated request; any ValueError becomes a gr.Error naming what is allowed."""
+                     num_inference_steps: float | None, guidance_scale: float | None, seed: int | None,
+                     width: float | None, height: float | None, guidance: str,
+                     guidance_params: dict[str, float]) -> GenerationRequest:
+        """Widget values -> a validated request; any ValueError becomes a gr.Error naming what is allowed.
+        num_inference_steps / guidance_scale None take the model's recommended values."""
         try:
             if model not in self.models:
                 raise ValueError(f"model {model!r} is not offered here; choose one of: {', '.join(self.models)}")
             missing = self.missing_embedded(model)
             if missing:
                 raise ValueError(missing)
+            if num_inference_steps is None or guidance_scale is None:
+                recommended = self.recommended(model)
+                num_inference_steps = recommended["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+                guidance_scale = recommended["guidance_scale"] if guidance_scale is None else guidance_scale
             return GenerationRequest(
                 prompt=prompt or "",
                 negative_prompt=negative_prompt or "",
@@ -569,8 +582,8 @@ def build_demo(
                 negative_prompt=gr.Textbox("", label="negative_prompt"),
                 model=gr.Textbox(default_model, label="model"),
                 scheduler=gr.Textbox("", label="scheduler"),
-                num_inference_steps=gr.Number(entry.steps if entry else 20, precision=0, label="num_inference_steps"),
-                guidance_scale=gr.Number(entry.guidance_scale if entry else 7.5, label="guidance_scale"),
+                num_inference_steps=gr.Number(-1, precision=0, label="num_inference_steps"),
+                guidance_scale=gr.Number(-1, label="guidance_scale"),
                 seed=gr.Number(-1, precision=0, label="seed"),
                 width=gr.Number(0, precision=0, label="width"),
                 height=gr.Number(0, precision=0, label="height"),
@@ -711,10 +724,11 @@ def build_demo(
             e = MODELS.get(model_value)
             out = {scheduler: gr.Dropdown(choices=app.scheduler_choices(model_value), value=OWN_SCHEDULER),
                    model_note: app.model_note(model_value), width: 0, height: 0}
-            if e is not None:
-                out |= {num_inference_steps: e.steps, guidance_scale: e.guidance_scale}
-                if e.scheduler:
-                    out[scheduler] = gr.Dropdown(choices=app.scheduler_choices(model_value), value=e.scheduler)
+            if e is not None or app.loader.loaded(model_value) is not None:
+                rec = app.recommended(model_value)
+                out |= {num_inference_steps: rec["num_inference_steps"], guidance_scale: rec["guidance_scale"]}
+            if e is not None and e.scheduler:
+                out[scheduler] = gr.Dropdown(choices=app.scheduler_choices(model_value), value=e.scheduler)
             return out
 
         model.input(on_model, inputs_kwargs=dict(model_value=model),
@@ -770,10 +784,11 @@ def build_demo(
 
         @gpu
         def run_api(prompt: str, negative_prompt: str = "", model: str = default_model, scheduler: str = "",
-                    num_inference_steps: float = 20, guidance_scale: float = 7.5, seed: float = -1, width: float = 0,
+                    num_inference_steps: float = -1, guidance_scale: float = -1, seed: float = -1, width: float = 0,
                     height: float = 0, guidance: str = "cfg", guidance_params: str = "{}"):
             """Make one image; returns (PNG path with A1111 parameters, seed used, run info). seed -1 is random;
-            width/height 0 take the model's size; scheduler "" keeps the model's own; guidance_params is JSON."""
+            num_inference_steps / guidance_scale -1 take the model's recommended values; width/height 0 its
+            native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
             try:
                 params = json.loads(guidance_params or "{}")
                 if not isinstance(params, dict):
@@ -783,7 +798,8 @@ def build_demo(
                                f"got {guidance_params!r}", print_exception=False) from None
             request = app.make_request(
                 prompt=prompt, negative_prompt=negative_prompt, model=model or default_model, scheduler=scheduler,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                num_inference_steps=None if num_inference_steps in (None, -1) else num_inference_steps,
+                guidance_scale=None if guidance_scale in (None, -1) else guidance_scale,
                 seed=None if seed is None or seed < 0 else _whole_or_error("seed", seed),
                 width=width, height=height, guidance=guidance, guidance_params=params,
             )
