@@ -46,10 +46,12 @@ ROOT = Path(__file__).resolve().parent
 OWN_SCHEDULER = "model default"  # dropdown value meaning "keep the model's own scheduler" (request.scheduler=None)
 PREVIEW_SIDE = 256  # live and scrub previews are upscaled (nearest neighbour) to at least this many pixels
 DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}  # "auto" x̂0 preview: VAE decode up to this many pixels
-RENDER_SHARE = 12  # after a preview took r seconds, wait >= RENDER_SHARE·r before the next: previews stay ~1/13 of the time
+# After a live preview took r seconds, the next waits >= RENDER_SHARE·r: previews, which compete with the
+# denoising loop for the CPU, stay under ~1/13 of the run.
+RENDER_SHARE = 12
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
-HISTORY_LIMIT = 60
-STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table  # runs shown in the history gallery
+HISTORY_LIMIT = 60  # runs shown in the history gallery
+STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
 
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
@@ -115,13 +117,15 @@ def diffusers_code(result: GenerationResult, dtype: torch.dtype, device: str) ->
     ]
     note = None
     if req.guidance == "rescale":
-        args.append(f"guidance_rescale={req.guidance_params.get('guidance_rescale', METHODS['rescale'].params[0].default):g}")
+        phi = req.guidance_params.get("guidance_rescale", METHODS["rescale"].params[0].default)
+        args.append(f"guidance_rescale={phi:g}")
     elif req.guidance != "cfg":
-        note = f"# Stock __call__ has no '{req.guidance}' guidance: this reproduces the same run with plain CFG."
+        note = f"# Stock __call__ has no '{req.guidance}' guidance: same settings with plain CFG (a different image)."
     if result.family == "pixart_sigma":
         args.append("use_resolution_binning=False")
     if result.cancelled:
-        note = (note + "\n" if note else "") + f"# The playground run was stopped at step {result.steps_completed}; this runs to the end."
+        stopped = f"# The playground run was stopped at step {result.steps_completed}; this one runs to the end."
+        note = f"{note}\n{stopped}" if note else stopped
     call = "image = pipe(\n" + "".join(f"    {a},\n" for a in args) + ").images[0]"
     return "\n".join(lines + ([note] if note else []) + [call, 'image.save("image.png")']) + "\n"
 
@@ -285,8 +289,10 @@ class Playground:
                 raise ValueError(missing)
             if num_inference_steps is None or guidance_scale is None:
                 recommended = self.recommended(model)
-                num_inference_steps = recommended["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-                guidance_scale = recommended["guidance_scale"] if guidance_scale is None else guidance_scale
+                if num_inference_steps is None:
+                    num_inference_steps = recommended["num_inference_steps"]
+                if guidance_scale is None:
+                    guidance_scale = recommended["guidance_scale"]
             return GenerationRequest(
                 prompt=prompt or "",
                 negative_prompt=negative_prompt or "",
@@ -637,7 +643,8 @@ def build_demo(
             import pandas as pd  # a Gradio dependency; imported here to keep app import light
 
             sigma_rows = [(s.step + 1, s.sigma) for s in run.recorder.steps if s.sigma is not None]
-            delta_rows = [(s.step + 1, s.guidance_delta_norm) for s in run.recorder.steps if s.guidance_delta_norm is not None]
+            delta_rows = [(s.step + 1, s.guidance_delta_norm) for s in run.recorder.steps
+                          if s.guidance_delta_norm is not None]
             return {sigma_plot: pd.DataFrame(sigma_rows, columns=["step", "sigma"]),
                     delta_plot: pd.DataFrame(delta_rows, columns=["step", "delta"]),
                     steps_table: pd.DataFrame(app.step_table(run), columns=STEP_COLUMNS)}
@@ -831,4 +838,5 @@ def _method_note(key: str) -> str:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself when server_name/server_port are not given.
-    build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs").queue(max_size=32).launch(show_error=True)
+    demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs")
+    demo.queue(max_size=32).launch(show_error=True)

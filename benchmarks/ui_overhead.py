@@ -85,7 +85,7 @@ def main() -> None:
             if n == 1:
                 to_first.append(time.perf_counter() - t)
             if os.environ.get("UI_OVERHEAD_TRACE"):
-                print(f"  {time.perf_counter() - t:.3f}s update {n}: {str(update[0])[:60]!r} image={update[FINAL_IMAGE]!r:.40}")
+                print(f"  {time.perf_counter() - t:.3f}s update {n}: {str(update[0])[:60]!r}")
             if seen_image is None and _is_file(update[FINAL_IMAGE]):
                 seen_image = time.perf_counter() - t
         updates.append(n)
