@@ -95,9 +95,16 @@ def display_source(model: str) -> str:
 
 def diffusers_code(result: GenerationResult, dtype: torch.dtype, device: str) -> str:
     """A short stock-diffusers script that reproduces `result` (plain CFG and CFG rescale exactly)."""
-    req = result.request
+    return diffusers_script(result.request, seed=result.seed, width=result.width, height=result.height,
+                            scheduler=result.scheduler, family=result.family,
+                            stopped_at=result.steps_completed if result.cancelled else None, dtype=dtype, device=device)
+
+
+def diffusers_script(req: GenerationRequest, *, seed: int, width: int, height: int, scheduler: str, family: str,
+                     stopped_at: int | None, dtype: torch.dtype, device: str) -> str:
+    """diffusers_code() from a run's resolved settings, as a result or its trace.json records them."""
     lines = ["import torch", "from diffusers import DiffusionPipeline"]
-    spec = SCHEDULERS.get(result.scheduler) if req.scheduler is not None else None
+    spec = SCHEDULERS.get(scheduler) if req.scheduler is not None else None
     if spec is not None:
         lines[-1] += f", {spec.cls.__name__}"
     dtype_arg = "" if dtype == torch.float32 else f", dtype=torch.{str(dtype).removeprefix('torch.')}"
@@ -111,9 +118,9 @@ def diffusers_code(result: GenerationResult, dtype: torch.dtype, device: str) ->
     args += [
         f"num_inference_steps={req.num_inference_steps}",
         f"guidance_scale={req.guidance_scale:g}",
-        f"width={result.width}",
-        f"height={result.height}",
-        f'generator=torch.Generator("cpu").manual_seed({result.seed})',
+        f"width={width}",
+        f"height={height}",
+        f'generator=torch.Generator("cpu").manual_seed({seed})',
     ]
     note = None
     if req.guidance == "rescale":
@@ -121,10 +128,10 @@ def diffusers_code(result: GenerationResult, dtype: torch.dtype, device: str) ->
         args.append(f"guidance_rescale={phi:g}")
     elif req.guidance != "cfg":
         note = f"# Stock __call__ has no '{req.guidance}' guidance: same settings with plain CFG (a different image)."
-    if result.family == "pixart_sigma":
+    if family == "pixart_sigma":
         args.append("use_resolution_binning=False")
-    if result.cancelled:
-        stopped = f"# The playground run was stopped at step {result.steps_completed}; this one runs to the end."
+    if stopped_at is not None:
+        stopped = f"# The playground run was stopped at step {stopped_at}; this one runs to the end."
         note = f"{note}\n{stopped}" if note else stopped
     call = "image = pipe(\n" + "".join(f"    {a},\n" for a in args) + ").images[0]"
     return "\n".join(lines + ([note] if note else []) + [call, 'image.save("image.png")']) + "\n"
@@ -574,7 +581,7 @@ def build_demo(
                         steps_table = gr.Dataframe(headers=STEP_COLUMNS, elem_id="steps-table",
                                                    interactive=False, wrap=True, max_height=260)
                 with gr.Accordion("diffusers code that reproduces this image", open=False):
-                    code = gr.Code(language="python", interactive=False, label="diffusers")
+                    code = gr.Code(language="python", interactive=False, label="diffusers", elem_id="diffusers-code")
 
         gr.Markdown("### History")
         gallery = gr.Gallery(label="Past runs (click one to restore its settings)", columns=10, height=200,
@@ -767,8 +774,19 @@ def build_demo(
                 width: req.get("width") or 0, height: req.get("height") or 0,
                 final_image: str(folder / "image.png"), run_id: folder.name,
                 status: f"Restored the settings of `{folder.name}/` (seed {trace.get('seed')}); press Generate to rerun.",
-                scrub_group: gr.Group(visible=folder.name in app.runs),
             }
+            try:
+                steps = trace.get("steps") or []
+                stopped_at = len(steps) if trace.get("cancelled") else None
+                out[code] = diffusers_script(
+                    GenerationRequest(**(req | {"guidance_params": req.get("guidance_params") or {}})),
+                    seed=trace["seed"], width=trace["width"], height=trace["height"], scheduler=trace["scheduler"],
+                    family=trace["family"], stopped_at=stopped_at, dtype=app.loader.dtype,
+                    device=app.loader.device.type)
+            except (KeyError, TypeError, ValueError):  # a trace from an older version: settings only
+                out[code] = ""
+            run = app.runs.get(folder.name)
+            out |= scrubber(run) if run is not None else {scrub_group: gr.Group(visible=False)}  # still in memory?
             if req.get("model") in app.models:
                 out[model] = req["model"]
                 out[model_note] = app.model_note(req["model"])
@@ -784,7 +802,9 @@ def build_demo(
         gallery.select(on_history_select, inputs=[history_folders],
                        outputs=[prompt, negative_prompt, model, model_note, scheduler, num_inference_steps,
                                 guidance_scale, guidance, seed, randomize_seed, width, height, final_image, run_id,
-                                status, scrub_group, method_note, *param_sliders.values(), *param_groups.values()],
+                                status, method_note, *param_sliders.values(), *param_groups.values(), scrub_group,
+                                scrub, step_info, scrub_latents, scrub_x0, scrub_cond, scrub_uncond, scrub_delta,
+                                steps_table, sigma_plot, delta_plot, code],
                        api_visibility="private")
 
         demo.load(history_outputs, outputs=[gallery, history_folders], api_visibility="private")

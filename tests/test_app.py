@@ -219,4 +219,8 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Restored')",
                                timeout=20000)
         assert page.get_by_label("Prompt", exact=True).input_value() == "history check"
+        page.get_by_text("diffusers code that reproduces this image").click()
+        page.wait_for_function("() => document.querySelector('#diffusers-code').innerText.includes('manual_seed(11)')",
+                               timeout=10000)
+        assert "prompt='history check'" in page.locator("#diffusers-code").inner_text()
         browser.close()
