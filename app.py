@@ -523,7 +523,7 @@ def build_demo(
                     for key, spec in METHODS.items():
                         with gr.Group(visible=key == "cfg") as group:
                             for p in spec.params:
-                                step = 1 if p.integer else (p.high - p.low) / 100
+                                step = 1 if p.integer else 0.01  # fine enough for every default (e.g. σ 0.28)
                                 param_sliders[f"{key}__{p.name}"] = gr.Slider(
                                     p.low, p.high, value=p.default, step=step, label=p.name, info=p.doc)
                         param_groups[key] = group
