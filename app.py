@@ -217,8 +217,14 @@ class Run:
         return self.folder.name
 
 
-def pick_x0_kind(choice: str, previewer: Previewer, pixels: int, device: torch.device) -> str:
-    """The x̂0 preview for a run: VAE decode for small images (or when asked), else latent→RGB."""
+def pick_x0_kind(choice: str, previewer: Previewer, pixels: int, device: torch.device, offload: bool = False) -> str:
+    """The x̂0 preview for a run: VAE decode for small images (or when asked), else latent→RGB.
+
+    With model CPU offload, never decode: accelerate's hooks would move the VAE onto the GPU (and the UNet
+    off it) from the UI thread while the loop is inside the UNet.
+    """
+    if offload:
+        choice = "rgb"
     if choice == "auto":
         choice = "decode" if pixels <= DECODE_LIMIT.get(device.type, DECODE_LIMIT["cpu"]) else "rgb"
     if choice not in previewer.kinds:
@@ -335,7 +341,8 @@ class Playground:
             run.latents_kind = "rgb" if "rgb" in run.previewer.kinds else "channels"
             side = run.previewer.family.default_size(pipe)
             pixels = (run.request.width or side) * (run.request.height or side)
-            run.x0_kind = pick_x0_kind(run.x0_choice, run.previewer, pixels, self.loader.device)
+            run.x0_kind = pick_x0_kind(run.x0_choice, run.previewer, pixels, self.loader.device,
+                                       offload=self.loader.offload and self.loader.device.type == "cuda")
             writer = TraceWriter(run.folder, run.previewer, previews={})  # numbers only; scrub renders from memory
             # The recorder sees each step before the UI can take it, so live previews come from (and fill) the scrub cache.
             result = generate(run.request, TeeObserver(run.recorder, writer, run.latest), loader=self.loader)
