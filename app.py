@@ -715,10 +715,10 @@ def build_demo(
                     run.latest.cancel()
 
         generate_btn.click(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs,
-                                       api_name="generate_stream",
-                                       show_progress="hidden", concurrency_id="generate", concurrency_limit=1)
-        prompt.submit(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs, show_progress="hidden",
-                      concurrency_id="generate", api_visibility="private")
+                                       api_name="generate_stream", show_progress="minimal", show_progress_on=status,
+                                       concurrency_id="generate", concurrency_limit=1)
+        prompt.submit(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs, show_progress="minimal",
+                      show_progress_on=status, concurrency_id="generate", api_visibility="private")
 
         def stop_ui(http: gr.Request):
             """Cancel this session's run at the next step boundary. The Generate handler then ends on its own and
