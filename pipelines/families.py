@@ -33,7 +33,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 
-@dataclass
+@dataclass(frozen=True)
 class Conditioning:
     """Text conditioning for one run, batched as diffusers batches it: [uncond, cond] when CFG is on."""
 
