@@ -85,6 +85,8 @@ def export(pipe: StableDiffusionPipeline, dest: Path, meta: dict | None = None, 
             if (dest / name).exists() and not (tmp / name).exists():
                 shutil.copy2(dest / name, tmp / name)
     os.chmod(tmp, 0o755)
+    for f in tmp.rglob("*"):
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)  # mkdtemp and safetensors write owner-only files
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
         dest.rename(old)
