@@ -51,6 +51,7 @@ DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}  # "auto" x̂0 preview: V
 RENDER_SHARE = 12
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 HISTORY_LIMIT = 60  # runs shown in the history gallery
+STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
 STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
 
 CSS = """
@@ -714,22 +715,28 @@ def build_demo(
                 if not run.done.is_set():
                     run.latest.cancel()
 
-        generate_btn.click(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs,
+        # always_last: a click while the previous run is still finishing (e.g. its scrubber renders) runs next,
+        # instead of being dropped as the default trigger mode does.
+        gen_event = generate_btn.click(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs,
                                        api_name="generate_stream", show_progress="minimal", show_progress_on=status,
-                                       concurrency_id="generate", concurrency_limit=1)
-        prompt.submit(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs, show_progress="minimal",
-                      show_progress_on=status, concurrency_id="generate", api_visibility="private")
+                                       concurrency_id="generate", concurrency_limit=1, trigger_mode="always_last")
+        submit_event = prompt.submit(run_ui, inputs_kwargs=control_inputs, outputs=run_outputs,
+                                     show_progress="minimal", show_progress_on=status, concurrency_id="generate",
+                                     trigger_mode="always_last", api_visibility="private")
 
         def stop_ui(http: gr.Request):
-            """Cancel this session's run at the next step boundary. The Generate handler then ends on its own and
-            shows what was made so far (final x̂0, scrubber, history); nothing is killed mid-step."""
+            """Cancel this session's run at the next step boundary, then show what it made so far."""
             run = app.stop(getattr(http, "session_hash", None))
-            return "Stopping at the next step…" if run is not None and not run.done.is_set() else gr.update()
+            if run is None:
+                return {}
+            if not run.done.wait(STOP_WAIT):
+                return {status: "Stopping… (the model is still loading; the run stops before its first step)"}
+            if run.error is not None or run.result is None:
+                return {status: f"Stopped. {as_gr_error(run.error).message if run.error else ''}".strip()}
+            return finished(run, run.result) | scrubber(run)
 
-        # No `cancels=[gen_event]`: killing the streaming generator raced with the next Generate click (the page
-        # kept the killed event pending and ignored the click, 1 run in ~8 in tests/test_app.py). The observer's
-        # cancel flag stops the loop within one step and the generator finishes normally instead.
-        stop_btn.click(stop_ui, outputs=status, queue=False, api_visibility="private")
+        # Gradio stops streaming the run (cancels=); the observer's flag stops the loop itself within one step.
+        stop_btn.click(stop_ui, outputs=run_outputs, cancels=[gen_event, submit_event], queue=False, api_visibility="private")
 
         def on_scrub(step: float, rid: str):
             run = app.runs.get(rid)

@@ -169,6 +169,7 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         # A run: the live x̂0 preview changes while it goes, then the scrubber appears.
         page.get_by_label("Prompt", exact=True).fill("a red circle")
         _set_steps(page, 250)
+        page.get_by_label("Latent→RGB (fast)").check()  # cheap previews: their rate does not hang on CPU load
         page.get_by_role("button", name="Generate").click()
         seen: set[str] = set()
         deadline = time.time() + 60
@@ -192,6 +193,7 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
 
         # Stop a long run midway, then another run completes.
         _set_steps(page, 500)
+        page.get_by_label("Auto").check()  # VAE-decoded x̂0 from here on
         page.get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Step')",
                                timeout=20000)
@@ -220,7 +222,8 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
                                timeout=20000)
         assert page.get_by_label("Prompt", exact=True).input_value() == "history check"
         page.get_by_text("diffusers code that reproduces this image").click()
-        page.wait_for_function("() => document.querySelector('#diffusers-code').innerText.includes('manual_seed(11)')",
-                               timeout=10000)
+        page.wait_for_function(
+            "() => { const e = document.querySelector('#diffusers-code'); return e && e.innerText.includes('seed(11)'); }",
+            timeout=10000)
         assert "prompt='history check'" in page.locator("#diffusers-code").inner_text()
         browser.close()
