@@ -639,10 +639,6 @@ def build_demo(
                 code: diffusers_code(result, run.previewer.pipe.dtype, app.loader.device.type),
                 run_id: run.run_id,
             } | history_outputs()
-            last = len(run.recorder.steps) - 1
-            if last >= 0:  # the live view ends on the last step (renders shared with the scrubber's cache)
-                out |= {live_latents: app.render(run, last, "latents"), live_channels: app.render(run, last, "channels"),
-                        live_x0: app.render(run, last, "x0")}
             return out
 
         def scrubber(run: Run) -> dict:
@@ -650,8 +646,11 @@ def build_demo(
             n = len(run.recorder.steps)
             if not n:
                 return {scrub_group: gr.Group(visible=False)}
+            # The live view ends on the last step too (the renders are shared through the run's cache).
+            live = {live_latents: app.render(run, n - 1, "latents"), live_channels: app.render(run, n - 1, "channels"),
+                    live_x0: app.render(run, n - 1, "x0")}
             # Sent with the group's visibility: updates to children of a hidden group are lost in the browser.
-            return scrub_outputs(run, n - 1) | step_plots(run) | {scrub_group: gr.Group(visible=True),
+            return live | scrub_outputs(run, n - 1) | step_plots(run) | {scrub_group: gr.Group(visible=True),
                                                 scrub: gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)}
 
         def step_plots(run: Run) -> dict:
@@ -694,8 +693,8 @@ def build_demo(
                 next_at = 0.0
                 while not run.done.is_set():
                     event = run.latest.take(timeout=0.25)
-                    if event is None:
-                        continue
+                    if event is None or event.step + 1 == event.num_steps:
+                        continue  # the last step's previews come with the result, a moment later
                     now = time.perf_counter()
                     if now < next_at:  # too soon: wait, then show whatever is newest by then
                         run.done.wait(next_at - now)
@@ -709,7 +708,7 @@ def build_demo(
                     spent = time.perf_counter() - t0
                     next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
                 result = app.wait(run)
-                yield finished(run, result)  # the image first; the scrubber's extra decodes follow
+                yield finished(run, result)  # the image first; the last step's previews and the scrubber follow
                 yield scrubber(run)
             finally:  # the browser left or Stop cancelled this generator: stop the worker at the next step
                 if not run.done.is_set():
@@ -818,7 +817,7 @@ def build_demo(
                                 guidance_scale, guidance, seed, randomize_seed, width, height, final_image, run_id,
                                 status, method_note, *param_sliders.values(), *param_groups.values(), scrub_group,
                                 scrub, step_info, scrub_latents, scrub_x0, scrub_cond, scrub_uncond, scrub_delta,
-                                steps_table, sigma_plot, delta_plot, code],
+                                steps_table, sigma_plot, delta_plot, code, live_latents, live_channels, live_x0],
                        api_visibility="private")
 
         demo.load(history_outputs, outputs=[gallery, history_folders], api_visibility="private")
