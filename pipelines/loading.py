@@ -95,9 +95,13 @@ class ModelLoader:
             return pipe
 
     def loaded(self, model: str) -> DiffusionPipeline | None:
-        """The pipeline for `model` if it is already in memory, else None; never loads."""
-        with self._lock:
-            return self._pinned.get(model) or self._pipes.get(model)
+        """The pipeline for `model` if it is already in memory, else None; never loads, never waits.
+
+        No lock: get() holds it for the whole of a load, and a UI asking "is it loaded?" must not wait
+        minutes for the answer. Single dict reads are atomic in CPython.
+        """
+        pipe = self._pinned.get(model)
+        return pipe if pipe is not None else self._pipes.get(model)
 
     def view(self, model: str, scheduler: str | None) -> tuple[DiffusionPipeline, str]:
         """The pipeline for `model` with a fresh scheduler `scheduler` (None: the model's own), and its key."""
