@@ -8,6 +8,7 @@ denoiser's forward and the VAE. The denoising loop itself lives in pipelines/gen
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,8 +70,12 @@ class Family:
         return "flow" if self.flow else pipe.scheduler.config.get("prediction_type", "epsilon")
 
     def size_multiple(self, pipe: Any) -> int:
-        """Pixel sizes must be multiples of this (VAE factor × patch size)."""
-        return pipe.vae_scale_factor
+        """Pixel sizes must be multiples of this: what the stock pipeline's check_inputs demands (8 for SD, SDXL
+        and PixArt whatever the VAE), and never less than the VAE factor × patch size."""
+        return math.lcm(8, pipe.vae_scale_factor * self.patch_size(pipe))
+
+    def patch_size(self, pipe: Any) -> int:
+        return 1
 
     def default_size(self, pipe: Any) -> int:
         return self.denoiser(pipe).config.sample_size * pipe.vae_scale_factor
@@ -225,8 +230,8 @@ class PixArtSigmaFamily(Family):
     def denoiser(self, pipe):
         return pipe.transformer
 
-    def size_multiple(self, pipe):
-        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    def patch_size(self, pipe):
+        return pipe.transformer.config.patch_size
 
     def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
         # clean_caption=True and 300 tokens are PixArtSigmaPipeline.__call__'s defaults.
@@ -267,7 +272,7 @@ class SD3Family(Family):
         return pipe.transformer
 
     def size_multiple(self, pipe):
-        return pipe.vae_scale_factor * pipe.patch_size
+        return pipe.vae_scale_factor * pipe.patch_size  # SD3's check_inputs: VAE factor × patch size, no fixed 8
 
     def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(

@@ -34,7 +34,7 @@ def test_generate_writes_image_trace_and_steps(model_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("generate", "--prompt", "a red circle", "--negative-prompt", "blue", "--model", str(model_dir),
                    "--scheduler", "euler_a", "--steps", "3", "--guidance-scale", "6", "--seed", "11",
-                   "--width", "40", "--height", "24", "--out", str(out))
+                   "--width", "40", "--height", "24", "--out", str(out))  # multiples of 8
     assert proc.returncode == 0, proc.stderr
     image = Image.open(out / "image.png")
     assert image.size == (40, 24)
@@ -72,7 +72,7 @@ def test_guidance_method_and_params_reach_the_trace(model_dir, tmp_path):
     (["--steps", "0"], "num_inference_steps must be an integer from 1 to 1000"),
     (["--guidance-scale", "nan"], "guidance_scale must be a finite number >= 0"),
     (["--guidance-scale", "-1"], "guidance_scale must be a finite number >= 0"),
-    (["--width", "33"], "not a multiple of 2"),
+    (["--width", "36"], "not a multiple of 8"),
     (["--scheduler", "warp"], "unknown scheduler 'warp'; valid for this model: ddim"),
     (["--scheduler", "flow_euler"], "valid for this model: ddim"),
     (["--guidance", "magic"], "unknown guidance method 'magic'; choose one of: cfg"),

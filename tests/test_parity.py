@@ -185,10 +185,14 @@ def test_incompatible_scheduler_names_valid_keys(pipes, family):
 
 
 def test_size_not_multiple_of_factor_is_refused(pipes):
+    # As stock check_inputs: 8 for SD/SDXL/PixArt even with a factor-2 VAE; VAE factor × patch for SD3.
+    with pytest.raises(ValueError, match="width 36 is not a multiple of 8"):
+        generate(request("sd", width=36), loader=pipes)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        generate(request("pixart_sigma", height=28), loader=pipes)
     with pytest.raises(ValueError, match="not a multiple of 2"):
-        generate(request("sd", width=33), loader=pipes)
-    with pytest.raises(ValueError, match="not a multiple of 4"):
-        generate(request("pixart_sigma", height=34), loader=pipes)
+        generate(request("sd3", height=33), loader=pipes)
+    assert generate(request("sd3", height=34, num_inference_steps=1), loader=pipes).height == 34
 
 
 def test_unknown_model_is_refused_with_a_clear_message(pipes):
