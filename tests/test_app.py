@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.families import family_of
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.registry import resolve
@@ -31,12 +32,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def pipe():
+    return tiny_pipeline("sd")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, pipe):
     """The real app on a free port; yields (url, outputs folder)."""
     import app
 
     loader = ModelLoader(device="cpu")
-    loader.add(MODEL, tiny_pipeline("sd"))
+    loader.add(MODEL, pipe)
     outputs = tmp_path_factory.mktemp("outputs")
     demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=outputs, preview_interval=0.05)
     port = free_port()
@@ -50,13 +56,15 @@ def client(server):
     return gradio_client.Client(server[0], verbose=False)
 
 
-def test_api_generate_returns_image_of_requested_size_and_seed(client):
-    path, seed, info = client.predict(prompt="a red circle", width=40, height=24, num_inference_steps=3, seed=7,
-                                      api_name="/generate")
+def test_api_generate_returns_image_of_requested_size_and_seed(client, pipe):
+    factor = family_of(pipe).size_multiple(pipe)
+    width, height = 5 * factor, 3 * factor  # not square, not the model's own size
+    path, seed, info = client.predict(prompt="a red circle", width=width, height=height, num_inference_steps=3,
+                                      seed=7, api_name="/generate")
     image = Image.open(path)
-    assert image.size == (40, 24)
+    assert image.size == (width, height)
     assert seed == 7 and info["steps_completed"] >= 3
-    assert "Seed: 7" in image.info["parameters"] and "Size: 40x24" in image.info["parameters"]
+    assert "Seed: 7" in image.info["parameters"] and f"Size: {width}x{height}" in image.info["parameters"]
 
 
 def test_api_only_prompt_is_required_and_random_seed_is_reported(client):
@@ -67,8 +75,14 @@ def test_api_only_prompt_is_required_and_random_seed_is_reported(client):
     assert f"Seed: {seed}" in Image.open(path).info["parameters"]
 
 
+def test_api_size_not_a_multiple_names_the_factor(client, pipe):
+    factor = family_of(pipe).size_multiple(pipe)
+    with pytest.raises(gradio_client.exceptions.AppError) as err:
+        client.predict(prompt="x", width=4 * factor + 1, num_inference_steps=2, api_name="/generate")
+    assert f"multiple of {factor}" in str(err.value)
+
+
 @pytest.mark.parametrize("kwargs,allowed", [
-    (dict(width=33), "multiple of 2"),
     (dict(scheduler="flow_euler"), "valid for this model: ddim"),
     (dict(scheduler="nope"), "valid for this model: ddim"),
     (dict(num_inference_steps=0), "from 1 to 1000"),
