@@ -694,18 +694,19 @@ def build_demo(
                 while not run.done.is_set():
                     event = run.latest.take(timeout=0.25)
                     if event is None or event.step + 1 == event.num_steps:
-                        continue  # the last step's previews come with the result, a moment later
+                        continue  # the last step's previews come with the result, a moment later (rarely, the
+                        # newest after a throttle wait is the last step: then it is rendered here, and cached)
                     now = time.perf_counter()
                     if now < next_at:  # too soon: wait, then show whatever is newest by then
                         run.done.wait(next_at - now)
                         event = run.latest.take(timeout=0) or event
                     t0 = time.perf_counter()
                     images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0")]
+                    spent = time.perf_counter() - t0  # rendering only: the yield below waits on Gradio and the browser
                     rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
                     sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
                     yield {status: f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}",
                            live_latents: images[0], live_channels: images[1], live_x0: images[2]}
-                    spent = time.perf_counter() - t0
                     next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
                 result = app.wait(run)
                 yield finished(run, result)  # the image first; the last step's previews and the scrubber follow
