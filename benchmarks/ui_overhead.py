@@ -15,6 +15,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -62,7 +63,11 @@ def main() -> None:
                                 width=args.size or None, height=args.size or None)
 
     def raw() -> None:
-        generate(request, loader=loader)
+        # In a fresh thread, as the UI runs it: called on the main thread after the server's threads had used
+        # torch, generate() was at times 10x slower here (CPU thread pools of several threads contending).
+        worker = threading.Thread(target=generate, args=(request,), kwargs={"loader": loader})
+        worker.start()
+        worker.join()
 
     outputs = tempfile.mkdtemp(prefix="ui-overhead-")
     demo = app.build_demo(loader=loader, models=[model], outputs_dir=outputs)
