@@ -698,7 +698,8 @@ def build_demo(
                         # newest after a throttle wait is the last step: then it is rendered here, and cached)
                     now = time.perf_counter()
                     if now < next_at:  # too soon: wait, then show whatever is newest by then
-                        run.done.wait(next_at - now)
+                        if run.done.wait(next_at - now):
+                            break  # finished meanwhile: the result (with the last step's previews) comes next
                         event = run.latest.take(timeout=0) or event
                     t0 = time.perf_counter()
                     images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0")]
