@@ -190,7 +190,7 @@ def markdown(res: dict, guidance: float, steps: int) -> str:
                          f"{100 * d['color_right']:.0f}% | {100 * d['shape_right']:.0f}% | {d['mean_pairwise_rms']:.0f} |")
     if "seconds_per_image_20_steps_cfg" in res:
         lines += ["", f"Speed: {res['seconds_per_image_20_steps_cfg']:.2f} s per image, 20 steps with CFG (UNet batch 2), "
-                  "median of 5, on the shared 2-core CPU while training ran.", "", res.get("generate_api", "")]
+                  "median of 5, on the shared 2-core CPU (other engineers' tests running).", "", res.get("generate_api", "")]
     if res.get("sample_prompts"):
         lines += ["", "`samples.png` (row-major, 8 per row): " + "; ".join(res["sample_prompts"])]
     return "\n".join(lines) + "\n"
