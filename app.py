@@ -208,6 +208,7 @@ class Run:
     previewer: Previewer | None = None  # set by the worker once the model is loaded
     latents_kind: str = "channels"  # preview of x_t: "rgb" where the model has a latent→RGB map
     x0_kind: str = "channels"  # preview of x̂0: "decode" or "rgb" (or "channels" without an RGB map)
+    live_x0_kind: str = "channels"  # x̂0 preview while the run is going (the cheap map on CPU under "auto")
     result: GenerationResult | None = None
     error: BaseException | None = None
     renders: dict[tuple[int, str], str | None] = field(default_factory=dict)  # preview PNG paths by (step, name)
@@ -344,6 +345,10 @@ class Playground:
             pixels = (run.request.width or side) * (run.request.height or side)
             run.x0_kind = pick_x0_kind(run.x0_choice, run.previewer, pixels, self.loader.device,
                                        offload=self.loader.offload and self.loader.device.type == "cuda")
+            # On a CPU a VAE decode costs more than a denoising step of a small model and competes with the
+            # loop for the cores: under "auto" the live view uses the latent→RGB map, the scrubber decodes.
+            cheap_live = run.x0_choice == "auto" and self.loader.device.type == "cpu" and "rgb" in run.previewer.kinds
+            run.live_x0_kind = "rgb" if cheap_live else run.x0_kind
             writer = TraceWriter(run.folder, run.previewer, previews={})  # numbers only; scrub renders from memory
             # The recorder sees each step before the UI can take it, so live previews come from (and fill) the scrub cache.
             result = generate(run.request, TeeObserver(run.recorder, writer, run.latest), loader=self.loader)
@@ -386,7 +391,7 @@ class Playground:
 
     def render(self, run: Run, step: int, name: str) -> str | None:
         """One preview of `step` as a PNG path under the run's steps/ folder, written once (atomically) and reused
-        by the live view and the scrubber. name: "latents" (x_t), "channels", "x0", "x0_cond", "x0_uncond" or
+        by the live view and the scrubber. name: "latents" (x_t), "channels", "x0", "x0_live", "x0_cond", "x0_uncond" or
         "delta" (guidance heat map); None where the step had no unconditional pass.
 
         Paths, not arrays: Gradio rewrites the cache file of an array in place, and a browser fetching the same
@@ -404,6 +409,8 @@ class Playground:
                 image = p.render("channels", rec.latents)
             elif name == "x0":
                 image = p.render(run.x0_kind, rec.denoised)
+            elif name == "x0_live":
+                image = p.render(run.live_x0_kind, rec.denoised)
             elif not has_cfg:
                 image = None
             elif name == "delta":
@@ -485,7 +492,7 @@ def build_demo(
     models: list[str] | None = None,
     outputs_dir: str | os.PathLike = ROOT / "outputs",
     default_model: str | None = None,
-    preview_interval: float = 0.1,
+    preview_interval: float = 0.25,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
@@ -543,8 +550,8 @@ def build_demo(
                     height = gr.Slider(0, 2048, value=0, step=8, label="Height", info="0 = the model's size")
                 x0_preview = gr.Radio([("Auto", "auto"), ("VAE decode", "decode"), ("Latent→RGB (fast)", "rgb")],
                                       value="auto", label="x̂0 preview",
-                                      info="Auto decodes with the VAE for small images and uses the cheap linear "
-                                           "latent→RGB map for large ones.")
+                                      info="Auto: on a CPU the live view uses the cheap linear latent→RGB map and the "
+                                           "scrubber decodes with the VAE; on a GPU small images decode live too.")
 
             # ---------------- live view, result, scrubber ----------------
             with gr.Column(scale=5):
@@ -702,7 +709,7 @@ def build_demo(
                             break  # finished meanwhile: the result (with the last step's previews) comes next
                         event = run.latest.take(timeout=0) or event
                     t0 = time.perf_counter()
-                    images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0")]
+                    images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0_live")]
                     spent = time.perf_counter() - t0  # rendering only: the yield below waits on Gradio and the browser
                     rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
                     sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
