@@ -132,11 +132,17 @@ def test_diffusers_code_reproduces_the_image(tmp_path, monkeypatch):
     assert np.abs(ours - stock).max() <= 1
 
 
-@pytest.mark.skipif(Path(resolve(DEFAULT_MODEL)).is_dir(), reason="the embedded model is installed")
-def test_missing_embedded_model_says_so(tmp_path):
+def test_missing_embedded_model_says_so(tmp_path, monkeypatch):
+    import dataclasses
+
     import gradio as gr
 
     import app
+    from pipelines.registry import MODELS
+
+    # Point the registry's embedded entry at a folder that does not exist (a fresh clone without assets/).
+    missing = dataclasses.replace(MODELS[DEFAULT_MODEL], source=str(tmp_path / "no-such-model"))
+    monkeypatch.setitem(MODELS, DEFAULT_MODEL, missing)
 
     playground = app.Playground(ModelLoader(device="cpu"), [DEFAULT_MODEL, MODEL], DEFAULT_MODEL, tmp_path, 0.1)
     with pytest.raises(gr.Error) as err:
