@@ -477,6 +477,12 @@ class _Blocks(gr.Blocks):
         return super().launch(*args, **kwargs)
 
 
+def preview_image(label: str, height: int, **kw: Any) -> gr.Image:
+    """A read-only, pixel-crisp preview image (live view and scrubber)."""
+    return gr.Image(label=label, elem_classes="pixelated", format="png", height=height, interactive=False,
+                    buttons=[], **kw)
+
+
 def default_loader(models: list[str]) -> ModelLoader:
     """CUDA (fp16, or PLAYGROUND_DTYPE=bf16/fp32) when there is one, else CPU fp32; PLAYGROUND_CPU_OFFLOAD=1 offloads."""
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -557,12 +563,9 @@ def build_demo(
             with gr.Column(scale=5):
                 status = gr.Markdown("Ready.", elem_id="live-status")
                 with gr.Row():
-                    live_latents = gr.Image(label="Latents x_t", elem_id="live-latents", elem_classes="pixelated",
-                                            format="png", height=230, interactive=False, buttons=[])
-                    live_channels = gr.Image(label="Latent channels", elem_id="live-channels", elem_classes="pixelated",
-                                             format="png", height=230, interactive=False, buttons=[])
-                    live_x0 = gr.Image(label="Predicted x̂0", elem_id="live-x0", elem_classes="pixelated",
-                                       format="png", height=230, interactive=False, buttons=[])
+                    live_latents = preview_image("Latents x_t", 230, elem_id="live-latents")
+                    live_channels = preview_image("Latent channels", 230, elem_id="live-channels")
+                    live_x0 = preview_image("Predicted x̂0", 230, elem_id="live-x0")
                     final_image = gr.Image(label="Final image", elem_id="final-image", elem_classes="pixelated",
                                            type="filepath", format="png", height=230, interactive=False,
                                            buttons=["download", "fullscreen"])
@@ -570,16 +573,11 @@ def build_demo(
                     scrub = gr.Slider(1, 2, value=1, step=1, label="Scrub through the steps", elem_id="scrub")
                     step_info = gr.Markdown(elem_id="step-info")
                     with gr.Row():
-                        scrub_latents = gr.Image(label="x_t", elem_id="scrub-latents", elem_classes="pixelated",
-                                                 format="png", height=170, interactive=False, buttons=[])
-                        scrub_x0 = gr.Image(label="x̂0 (guided)", elem_id="scrub-x0", elem_classes="pixelated",
-                                            format="png", height=170, interactive=False, buttons=[])
-                        scrub_cond = gr.Image(label="x̂0 conditional", elem_classes="pixelated", format="png",
-                                              height=170, interactive=False, buttons=[])
-                        scrub_uncond = gr.Image(label="x̂0 unconditional", elem_classes="pixelated", format="png",
-                                                height=170, interactive=False, buttons=[])
-                        scrub_delta = gr.Image(label="|x̂0 cond − uncond|", elem_classes="pixelated", format="png",
-                                               height=170, interactive=False, buttons=[])
+                        scrub_latents = preview_image("x_t", 170, elem_id="scrub-latents")
+                        scrub_x0 = preview_image("x̂0 (guided)", 170, elem_id="scrub-x0")
+                        scrub_cond = preview_image("x̂0 conditional", 170)
+                        scrub_uncond = preview_image("x̂0 unconditional", 170)
+                        scrub_delta = preview_image("|x̂0 cond − uncond|", 170)
                     gr.Markdown(
                         "**Why many small steps?** Early on, x̂0 is the model's best guess from almost pure noise: "
                         "a blurry *average* of every image that fits the prompt. Jumping straight to it gives that "
