@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
-
 from pipelines.types import StepEvent
 
 
@@ -31,24 +29,6 @@ class CollectingObserver(Observer):
 
     def is_cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.events) >= self.cancel_after
-
-
-class CallbackObserver(Observer):
-    """Adapts a plain function `fn(event)` into an observer; cancel() stops the run from any thread."""
-
-    def __init__(self, fn: Callable[[StepEvent], None] | None = None) -> None:
-        self.fn = fn
-        self._cancel = threading.Event()
-
-    def on_step(self, event: StepEvent) -> None:
-        if self.fn is not None:
-            self.fn(event)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def is_cancelled(self) -> bool:
-        return self._cancel.is_set()
 
 
 class TeeObserver(Observer):

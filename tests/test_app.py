@@ -16,7 +16,6 @@ from PIL import Image
 from pipelines.families import family_of
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
-from pipelines.registry import resolve
 from pipelines.types import DEFAULT_MODEL, GenerationRequest
 from tests.tiny import tiny_pipeline
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     PixArtSigmaPipeline,

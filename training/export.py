@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
