@@ -107,7 +107,8 @@ class Data:
 
 def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_decay: float = 0.999,
           warmup: int = 300, tiny: bool = False, bf16: bool = False, max_steps: int | None = None,
-          ckpt_every_s: float = 300.0, data: Data | None = None, min_snr_gamma: float = 0.0) -> dict:
+          ckpt_every_s: float = 300.0, data: Data | None = None, min_snr_gamma: float = 0.0,
+          high_t_frac: float = 0.0, high_t_from: int = 400) -> dict:
     """Train until the wall-clock budget (minutes, counted across resumes) or max_steps; checkpoint to out/unet.pt."""
     ckpt = out / "unet.pt"
     torch.manual_seed(seed)
@@ -150,6 +151,9 @@ def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_
         latents, ids = data.batch(idx, rng)
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        n_high = int(round(high_t_frac * batch_size))
+        if n_high:  # extra samples where layout (position, shape, colour) is decided; weights stay plain MSE
+            t[:n_high] = torch.randint(high_t_from, sched.config.num_train_timesteps, (n_high,), generator=gen)
         noisy = sched.add_noise(latents, noise, t)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = text_encoder(ids)[0]
@@ -197,12 +201,16 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR loss weighting; 0 = plain MSE")
+    p.add_argument("--high-t-frac", type=float, default=0.0,
+                   help="fraction of each batch with t drawn from [--high-t-from, 1000) instead of uniformly")
+    p.add_argument("--high-t-from", type=int, default=400)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast; slower here (see module docstring)")
     p.add_argument("--no-bf16", action="store_true", help="the default; kept for old command lines")
     a = p.parse_args()
-    setup()
+    setup(a.threads)
     print(train(a.out, a.minutes, a.batch_size, a.lr, a.seed, bf16=a.bf16 and not a.no_bf16,
-                min_snr_gamma=a.min_snr_gamma))
+                min_snr_gamma=a.min_snr_gamma, high_t_frac=a.high_t_frac, high_t_from=a.high_t_from))
 
 
 if __name__ == "__main__":

@@ -166,17 +166,21 @@ def render(scene: Scene) -> Image.Image:
 # ---- captions -------------------------------------------------------------------------------
 
 _POS_PHRASES = {
-    "top left": ["in the top left", "at the top left", "in the top left corner"],
+    "top left": ["in the top left", "at the top left", "in the top left corner", "in the top-left",
+                   "in the top-left corner"],
     "top": ["at the top", "in the top"],
-    "top right": ["in the top right", "at the top right", "in the top right corner"],
+    "top right": ["in the top right", "at the top right", "in the top right corner", "in the top-right",
+                   "in the top-right corner"],
     "left": ["on the left", "at the left"],
-    "center": ["in the center", "in the middle"],
+    "center": ["in the center", "in the middle", "at the center"],
     "right": ["on the right", "at the right"],
-    "bottom left": ["in the bottom left", "at the bottom left", "in the bottom left corner"],
+    "bottom left": ["in the bottom left", "at the bottom left", "in the bottom left corner", "in the bottom-left",
+                   "in the bottom-left corner"],
     "bottom": ["at the bottom", "in the bottom"],
-    "bottom right": ["in the bottom right", "at the bottom right", "in the bottom right corner"],
+    "bottom right": ["in the bottom right", "at the bottom right", "in the bottom right corner", "in the bottom-right",
+                   "in the bottom-right corner"],
 }
-P_SIZE, P_COLOR, P_POSITION, P_BACKGROUND = 0.7, 0.85, 0.75, 0.4
+P_SIZE, P_COLOR, P_POSITION, P_BACKGROUND, P_FULL_STOP = 0.7, 0.85, 0.75, 0.4, 0.15
 
 
 def _article(phrase: str) -> str:
@@ -194,29 +198,34 @@ def describe(o: Obj, rng: random.Random, p_size: float = P_SIZE, p_color: float 
     return " ".join(words)
 
 
+def _end(text: str, rng: random.Random) -> str:
+    """Sometimes a trailing full stop, as people type prompts either way."""
+    return text + "." if rng.random() < P_FULL_STOP else text
+
+
 def caption(scene: Scene, rng: random.Random, p_empty: float = P_EMPTY_CAPTION) -> str:
     """A caption true of the scene, from varied templates; '' with probability p_empty."""
     if rng.random() < p_empty:
         return ""
     bg = ""
     if rng.random() < P_BACKGROUND:
-        bg = rng.choice([f" on a {scene.background} background", f", {scene.background} background"])
+        bg = rng.choice([f" on {_article(scene.background)} background", f", {scene.background} background"])
     if len(scene.objects) == 1:
         o = scene.objects[0]
         text = _article(describe(o, rng))
         if rng.random() < P_POSITION:
             text += " " + rng.choice(_POS_PHRASES[o.position])
-        text = rng.choice(["{}", "{}", "an image of {}", "a picture of {}"]).format(text)
-        return text + bg
+        text = rng.choice(["{}", "{}", "{}", "an image of {}", "a picture of {}", "a drawing of {}"]).format(text)
+        return _end(text + bg, rng)
     a, b = scene.objects
     text = f"{_article(describe(a, rng, p_color=0.95))} {scene.relation} {_article(describe(b, rng, p_color=0.95))}"
-    return text + bg
+    return _end(text + bg, rng)
 
 
 def full_caption(shape: str, color: str, size: str, position: str, background: str | None = None) -> str:
     """The evaluation prompt for one object with every attribute given."""
     text = f"{_article(f'{size} {color} {shape}')} {_POS_PHRASES[position][0]}"
-    return text + (f" on a {background} background" if background else "")
+    return text + (f" on {_article(background)} background" if background else "")
 
 
 def to_array(img: Image.Image) -> np.ndarray:
