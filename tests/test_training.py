@@ -92,6 +92,39 @@ def test_judge_finds_nothing_on_a_blank_image() -> None:
     assert not v.found and v.shape is None
 
 
+def test_evaluation_scores_renders_of_its_targets_and_rejects_wrong_ones() -> None:
+    """evaluate.score on the world's own renders of each target: ~100 %; scored against shifted targets: low."""
+    from training import evaluate
+    from training.judge import Judge
+
+    rng = random.Random(5)
+    tgts = evaluate.targets(40, seed=3)
+    cell = {name: rc for rc, name in world.CELLS.items()}
+    imgs = []
+    for shape, color, size, pos in tgts:
+        bg = rng.choice([c for c in world.COLORS if c != color])
+        obj = world.make_obj(shape, color, size, *cell[pos], rng)
+        imgs.append(world.render(world.Scene(bg, world.COLORS[bg], (obj,))))
+    judge = Judge()
+    right = evaluate.score(judge, imgs, tgts)
+    assert min(right[k] for k in ("color", "shape", "position", "size", "color+shape")) >= 0.9, right
+    shifted = tgts[1:] + tgts[:1]  # each image judged against another target
+    wrong = evaluate.score(judge, imgs, shifted)
+    assert wrong["all"] < 0.2 and wrong["color+shape"] < 0.3, wrong
+    md = evaluate.markdown({"model": "m", "scheduler": "S", "n": 40, "guidance": {7.5: right}, "steps": {},
+                            "paraphrased": wrong}, 7.5, 20)
+    assert "| CFG 7.5 |" in md and "color & shape" in md and "| paraphrased |" in md
+
+
+def test_paraphrases_keep_every_attribute() -> None:
+    from training import evaluate
+
+    rng = random.Random(0)
+    for shape, color, size, pos in evaluate.targets(100, seed=1):
+        p = evaluate.paraphrase(shape, color, size, pos, rng).removesuffix(".")
+        assert f"{size} {color} {shape}" in p and any(p.endswith(ph) for ph in world._POS_PHRASES[pos]), p
+
+
 # ---- tokenizer ------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not TOKENIZER_DIR.exists(), reason="model not exported yet")

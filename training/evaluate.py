@@ -52,14 +52,22 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
 def score(judge: Judge, images: list[Image.Image], tgts: list[tuple[str, str, str, str]]) -> dict[str, float]:
     """Fraction of images whose judged attribute equals the target, per attribute, and all four together."""
     verdicts = judge.batch(images)
-    acc = {k: 0.0 for k in ATTRS + ("all", "found")}
+    acc = {k: 0.0 for k in ATTRS + ("color+shape", "all", "found")}
     for v, (shape, color, size, pos) in zip(verdicts, tgts):
         hits = {"color": v.color == color, "shape": v.shape == shape, "position": v.position == pos, "size": v.size == size}
         for k, h in hits.items():
             acc[k] += h
+        acc["color+shape"] += hits["color"] and hits["shape"]
         acc["all"] += all(hits.values())
         acc["found"] += v.found
     return {k: c / len(tgts) for k, c in acc.items()}
+
+
+def paraphrase(shape: str, color: str, size: str, position: str, rng: random.Random) -> str:
+    """The same four attributes worded another way: framing, any of the world's position phrases, maybe a full stop."""
+    text = f"{world._article(f'{size} {color} {shape}')} {rng.choice(world._POS_PHRASES[position])}"
+    text = rng.choice(["an image of {}", "a picture of {}", "a drawing of {}", "{}"]).format(text)
+    return text + rng.choice(["", "."])
 
 
 def diversity(judge: Judge, pipe: StableDiffusionPipeline, steps: int, guidance: float, n_seeds: int = 12) -> dict:
@@ -142,6 +150,9 @@ def run(model: Path, n: int, guidance: float, steps: int, out: Path, quick: bool
     for g in sorted(set(scales) | {guidance}):
         res["guidance"][g] = score(judge, generate(pipe, prompts, seeds, steps, g), tgts)
         print("guidance", g, res["guidance"][g], flush=True)
+    rng = random.Random(1)
+    res["paraphrased"] = score(judge, generate(pipe, [paraphrase(*t, rng) for t in tgts], seeds, steps, guidance), tgts)
+    print("paraphrased", res["paraphrased"], flush=True)
     res["vae_reconstructions"] = vae_ceiling(judge, pipe.vae)
     print("vae", res["vae_reconstructions"], flush=True)
     if not quick:
@@ -165,13 +176,16 @@ def run(model: Path, n: int, guidance: float, steps: int, out: Path, quick: bool
 def markdown(res: dict, guidance: float, steps: int) -> str:
     """EVAL.md body from a results dict."""
     def row(label, r):
-        return f"| {label} | " + " | ".join(f"{100 * r[k]:.0f}%" for k in ATTRS + ("all",)) + " |"
+        return f"| {label} | " + " | ".join(f"{100 * r.get(k, float('nan')):.0f}%" for k in ATTRS + ("color+shape", "all")) + " |"
 
-    head = "| setting | color | shape | position | size | all four |\n|---|---|---|---|---|---|"
+    head = "| setting | color | shape | position | size | color & shape | all four |\n|---|---|---|---|---|---|---|"
     lines = [f"Model: `{res['model']}`, scheduler {res['scheduler']}, {res['n']} single-object prompts with every "
              "attribute, one seed each; judge = training/judge.py.", "",
              f"### Guidance scale ({steps} steps)", "", head]
     lines += [row(f"CFG {float(g):g}", r) for g, r in sorted(res["guidance"].items(), key=lambda kv: float(kv[0]))]
+    if res.get("paraphrased"):
+        lines += ["", f"Worded differently (same targets, CFG {guidance:g}, {steps} steps: 'a picture of ...', any of the "
+                  "world's position phrases, sometimes a full stop):", "", head, row("paraphrased", res["paraphrased"])]
     if res.get("vae_reconstructions"):
         lines += ["", f"VAE ceiling (judge on VAE reconstructions of 200 renders, MSE {res['vae_reconstructions']['mse']:.4f}):",
                   "", head, row("encode -> decode", res["vae_reconstructions"])]
@@ -190,7 +204,7 @@ def markdown(res: dict, guidance: float, steps: int) -> str:
                          f"{100 * d['color_right']:.0f}% | {100 * d['shape_right']:.0f}% | {d['mean_pairwise_rms']:.0f} |")
     if "seconds_per_image_20_steps_cfg" in res:
         lines += ["", f"Speed: {res['seconds_per_image_20_steps_cfg']:.2f} s per image, 20 steps with CFG (UNet batch 2), "
-                  "median of 5, on the shared 2-core CPU (other engineers' tests running).", "", res.get("generate_api", "")]
+                  "median of 5, on this 2-core CPU while nothing else ran.", "", res.get("generate_api", "")]
     if res.get("sample_prompts"):
         lines += ["", "`samples.png` (row-major, 8 per row): " + "; ".join(res["sample_prompts"])]
     return "\n".join(lines) + "\n"
