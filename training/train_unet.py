@@ -87,6 +87,17 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float 
     return torch.clamp(snr, max=gamma) / snr
 
 
+def noisy_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, cap: float) -> torch.Tensor:
+    """1 + min(1/SNR, cap): plain epsilon MSE plus the x0-space error (eps error / SNR) of the noisy steps, capped.
+
+    Where an object goes is decided at high noise, where an epsilon error barely moves the loss (x0 error = eps
+    error / SNR); this adds weight there while keeping the low-noise steps at weight 1 (Min-SNR instead scaled them
+    down ~100x and left a noisy texture).
+    """
+    a = alphas_cumprod[t]
+    return 1 + torch.clamp((1 - a) / a, max=cap)
+
+
 class Data:
     """Pre-encoded latents (scaled) and their scenes; captions are drawn fresh for each batch."""
 
@@ -108,7 +119,7 @@ class Data:
 def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_decay: float = 0.999,
           warmup: int = 300, tiny: bool = False, bf16: bool = False, max_steps: int | None = None,
           ckpt_every_s: float = 300.0, data: Data | None = None, min_snr_gamma: float = 0.0,
-          high_t_frac: float = 0.0, high_t_from: int = 400) -> dict:
+          high_t_frac: float = 0.0, high_t_from: int = 400, noisy_weight: float = 0.0) -> dict:
     """Train until the wall-clock budget (minutes, counted across resumes) or max_steps; checkpoint to out/unet.pt."""
     ckpt = out / "unet.pt"
     torch.manual_seed(seed)
@@ -159,7 +170,12 @@ def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_
             hidden = text_encoder(ids)[0]
             pred = unet(noisy, t, hidden).sample
         per = (pred.float() - noise).pow(2).mean((1, 2, 3))
-        loss = (per * min_snr_weights(acp, t, min_snr_gamma)).mean() if min_snr_gamma > 0 else per.mean()
+        if min_snr_gamma > 0:
+            loss = (per * min_snr_weights(acp, t, min_snr_gamma)).mean()
+        elif noisy_weight > 0:
+            loss = (per * noisy_weights(acp, t, noisy_weight)).mean()
+        else:
+            loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -205,12 +221,14 @@ def main() -> None:
                    help="fraction of each batch with t drawn from [--high-t-from, 1000) instead of uniformly")
     p.add_argument("--high-t-from", type=int, default=400)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--noisy-weight", type=float, default=0.0, help="loss weight 1 + min(1/SNR, this); 0 = plain MSE")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast; slower here (see module docstring)")
     p.add_argument("--no-bf16", action="store_true", help="the default; kept for old command lines")
     a = p.parse_args()
     setup(a.threads)
     print(train(a.out, a.minutes, a.batch_size, a.lr, a.seed, bf16=a.bf16 and not a.no_bf16,
-                min_snr_gamma=a.min_snr_gamma, high_t_frac=a.high_t_frac, high_t_from=a.high_t_from))
+                min_snr_gamma=a.min_snr_gamma, high_t_frac=a.high_t_frac, high_t_from=a.high_t_from,
+                noisy_weight=a.noisy_weight))
 
 
 if __name__ == "__main__":
