@@ -51,6 +51,14 @@ DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}  # "auto" x̂0 preview: V
 RENDER_SHARE = 12
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 HISTORY_LIMIT = 60  # runs shown in the history gallery
+# The embedded model knows only its world's words (training/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid.
+EXAMPLE_PROMPTS = [
+    ["a large red circle in the center"],
+    ["a small blue star in the top left on a yellow background"],
+    ["a yellow heart at the bottom"],
+    ["a large green triangle on the right, black background"],
+    ["a small purple square above an orange circle"],
+]
 STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
 STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
 
@@ -529,6 +537,8 @@ def build_demo(
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", scale=3)
                     stop_btn = gr.Button("Stop", variant="stop", scale=1)
+                gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt], label="Prompts in the embedded model's world",
+                            cache_examples=False, examples_per_page=len(EXAMPLE_PROMPTS))
                 model = gr.Dropdown(models, value=default_model, label="Model")
                 model_note = gr.Markdown(app.model_note(default_model), elem_classes="step-note")
                 scheduler = gr.Dropdown(app.scheduler_choices(default_model), value=OWN_SCHEDULER, label="Scheduler")
