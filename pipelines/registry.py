@@ -24,7 +24,7 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {m.key: m for m in (
-    ModelEntry("tiny-shapes", str(ASSETS / "models" / "tiny-shapes"), "sd", 20, 7.5, None,
+    ModelEntry("tiny-shapes", str(ASSETS / "models" / "tiny-shapes"), "sd", 20, 5.0, None,
                "embedded 64×64 shapes model trained from scratch; runs offline on a CPU. Its words: circle, square, "
                "triangle, star, heart; red, green, blue, yellow, purple, orange, white, black; small, large; top left "
                "… bottom right; '… on a blue background'; 'above', 'to the left of'"),

@@ -214,7 +214,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, default=ASSET)
     p.add_argument("-n", type=int, default=100)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=5.0, help="the recommended scale (pipelines/registry.py)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="recommended setting only, no report files")
     p.add_argument("--json", type=Path, default=CACHE / "eval.json")
