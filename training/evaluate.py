@@ -66,7 +66,7 @@ def score(judge: Judge, images: list[Image.Image], tgts: list[tuple[str, str, st
 def paraphrase(shape: str, color: str, size: str, position: str, rng: random.Random) -> str:
     """The same four attributes worded another way: framing, any of the world's position phrases, maybe a full stop."""
     text = f"{world._article(f'{size} {color} {shape}')} {rng.choice(world._POS_PHRASES[position])}"
-    text = rng.choice(["an image of {}", "a picture of {}", "a drawing of {}", "{}"]).format(text)
+    text = rng.choice([*world.FRAMES, "{}"]).format(text)
     return text + rng.choice(["", "."])
 
 

@@ -166,20 +166,20 @@ def render(scene: Scene) -> Image.Image:
 # ---- captions -------------------------------------------------------------------------------
 
 _POS_PHRASES = {
-    "top left": ["in the top left", "at the top left", "in the top left corner", "in the top-left",
-                   "in the top-left corner"],
+    "top left": ["in the top left", "at the top left", "in the top left corner"],
     "top": ["at the top", "in the top"],
-    "top right": ["in the top right", "at the top right", "in the top right corner", "in the top-right",
-                   "in the top-right corner"],
+    "top right": ["in the top right", "at the top right", "in the top right corner"],
     "left": ["on the left", "at the left"],
     "center": ["in the center", "in the middle", "at the center"],
     "right": ["on the right", "at the right"],
-    "bottom left": ["in the bottom left", "at the bottom left", "in the bottom left corner", "in the bottom-left",
-                   "in the bottom-left corner"],
+    "bottom left": ["in the bottom left", "at the bottom left", "in the bottom left corner"],
     "bottom": ["at the bottom", "in the bottom"],
-    "bottom right": ["in the bottom right", "at the bottom right", "in the bottom right corner", "in the bottom-right",
-                   "in the bottom-right corner"],
+    "bottom right": ["in the bottom right", "at the bottom right", "in the bottom right corner"],
 }
+for _corner in ("top left", "top right", "bottom left", "bottom right"):  # hyphenated, as people also type them
+    _POS_PHRASES[_corner] += [f"in the {_corner.replace(' ', '-')}", f"in the {_corner.replace(' ', '-')} corner"]
+# Framings of a one-object caption besides the bare phrase (evaluate.paraphrase draws from them too).
+FRAMES = ("an image of {}", "a picture of {}", "a drawing of {}")
 P_SIZE, P_COLOR, P_POSITION, P_BACKGROUND, P_FULL_STOP = 0.7, 0.85, 0.75, 0.4, 0.15
 
 
@@ -215,7 +215,7 @@ def caption(scene: Scene, rng: random.Random, p_empty: float = P_EMPTY_CAPTION) 
         text = _article(describe(o, rng))
         if rng.random() < P_POSITION:
             text += " " + rng.choice(_POS_PHRASES[o.position])
-        text = rng.choice(["{}", "{}", "{}", "an image of {}", "a picture of {}", "a drawing of {}"]).format(text)
+        text = rng.choice(["{}", "{}", "{}", *FRAMES]).format(text)
         return _end(text + bg, rng)
     a, b = scene.objects
     text = f"{_article(describe(a, rng, p_color=0.95))} {scene.relation} {_article(describe(b, rng, p_color=0.95))}"
