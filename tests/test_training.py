@@ -166,12 +166,7 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
     assert r["step"] == 4  # resumed from the checkpoint
 
     # export via the same code path as the real model, with the tiny VAE
-    orig = export.load_vae
-    export.load_vae = lambda cache: train_vae.load_vae(cache, tiny=True)
-    try:
-        pipe, _ = export.build_pipeline(tmp_path)
-    finally:
-        export.load_vae = orig
+    pipe, _ = export.build_pipeline(tmp_path, tiny=True)
     dest = export.export(pipe, tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer")
     loaded = DiffusionPipeline.from_pretrained(dest)
     assert loaded.unet.dtype == torch.float32 and loaded.text_encoder.dtype == torch.float32
@@ -179,6 +174,46 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
                  generator=torch.Generator("cpu").manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     assert load_tokenizer(dest / "tokenizer")("a red circle").input_ids[0] == 49406
+
+
+@pytest.mark.skipif(not (ASSET / "training_meta.json").exists(), reason="model not exported yet")
+def test_restore_rebuilds_the_cache_from_the_shipped_model_and_training_continues(tmp_path: Path) -> None:
+    """A fresh machine has no cache: restore -> encode -> one more step -> export must round-trip the shipped weights."""
+    import json
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from training import encode, export, restore, train_unet, train_vae
+
+    r = restore.restore(ASSET, tmp_path)
+    meta = json.loads((ASSET / "training_meta.json").read_text())
+    assert r["step"] == meta["unet_step"] > 0
+    with pytest.raises(SystemExit, match="exists"):
+        restore.restore(ASSET, tmp_path)  # never overwrites a checkpoint that may be newer
+
+    # Exporting the restored checkpoint untouched gives the shipped weights back, bit for bit (fp16 -> fp32 -> fp16).
+    pipe, state = export.build_pipeline(tmp_path)
+    dest = export.export(pipe, tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer")
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a, b = load_file(dest / part / f"{name}.safetensors"), load_file(ASSET / part / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert pipe.vae.config.scaling_factor == pytest.approx(meta["scaling_factor"])
+
+    # Training continues from the restored step with fresh optimizer state and a re-warmed learning rate.
+    vae = train_vae.load_vae(tmp_path)
+    latents, scenes = encode.encode(vae, 4, seed=0, chunk=4)
+    torch.save({"latents": latents, "scaling_factor": r["scaling_factor"], "seed": 0}, tmp_path / "latents.pt")
+    (tmp_path / "scenes.pkl").write_bytes(pickle.dumps(scenes))
+    out = train_unet.train(tmp_path, minutes=1e6, batch_size=2, lr=1e-3, seed=0, max_steps=r["step"] + 1,
+                           ckpt_every_s=1e9)
+    assert out["step"] == r["step"] + 1
+    s = torch.load(tmp_path / "unet.pt", weights_only=False)
+    assert s["warm_from"] == r["step"] and "opt" in s
+    te, unet, _ = train_unet.load_checkpoint(tmp_path, ema=False)
+    with torch.no_grad():
+        moved = sum(float((p - q).abs().sum()) for p, q in zip(unet.parameters(), pipe.unet.parameters()))
+    assert 0 < moved  # the step changed the weights, at the re-warmed LR (1e-3 / 300)
 
 
 # ---- the committed model --------------------------------------------------------------------

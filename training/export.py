@@ -42,9 +42,9 @@ def fit_preview(vae, n: int = 256, seed: int = 7) -> dict:
     return {"latent_rgb_factors": sol[:-1].tolist(), "latent_rgb_bias": sol[-1].tolist(), "fit_mse": mse}
 
 
-def build_pipeline(cache: Path = CACHE, ema: bool = True) -> tuple[StableDiffusionPipeline, dict]:
-    """The fp32 pipeline from the checkpoints in cache, with the recommended scheduler."""
-    vae = load_vae(cache)
+def build_pipeline(cache: Path = CACHE, ema: bool = True, tiny: bool = False) -> tuple[StableDiffusionPipeline, dict]:
+    """The fp32 pipeline from the checkpoints in cache, with the recommended scheduler (tiny: smoke-test VAE)."""
+    vae = load_vae(cache, tiny=tiny)
     te, unet, state = load_checkpoint(cache, ema=ema)
     vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
     scheduler = DPMSolverMultistepScheduler.from_config(DDPMScheduler(**SCHEDULER_CONFIG).config)

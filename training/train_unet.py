@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -139,68 +140,80 @@ def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    step, elapsed, log = 0, 0.0, []
+    step, elapsed, log, warm_from = 0, 0.0, [], 0
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     if ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
         for m, k in ((text_encoder, "te"), (unet, "unet"), (ema_te, "ema_te"), (ema_unet, "ema_unet")):
             m.load_state_dict(s[k])
-        opt.load_state_dict(s["opt"])
         step, elapsed, log = s["step"], s["elapsed"], s["log"]
-        gen.set_state(s["gen"])
-        rng.setstate(s["rng"])
+        warm_from = s.get("warm_from", 0)
+        if "opt" in s:
+            opt.load_state_dict(s["opt"])
+        else:  # restored from the exported model (training.restore): fresh Adam moments, so warm the LR up again
+            warm_from = step
+        if "gen" in s:
+            gen.set_state(s["gen"])
+            rng.setstate(s["rng"])
+        else:  # new random streams, different from the original run's
+            gen.manual_seed(seed + step)
+            rng.seed(seed + step)
         print(f"resumed at step {step}, {elapsed / 60:.1f} min", flush=True)
 
     def save() -> None:
         save_atomic({"te": text_encoder.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
                      "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                      "log": log, "gen": gen.get_state(), "rng": rng.getstate(), "scaling_factor": data.scaling_factor,
+                     "warm_from": warm_from,
                      "tiny": tiny, "budget_min": minutes}, ckpt)
 
     budget = minutes * 60
     acp = sched.alphas_cumprod
     text_encoder.train(), unet.train()
     t_last, t_ckpt, run_loss = time.time(), time.time(), 0.0
-    while elapsed < budget and (max_steps is None or step < max_steps):
-        # LR: linear warmup over steps, cosine over the wall-clock budget to 10%.
-        p = min(1.0, elapsed / budget)
-        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        idx = torch.randint(0, len(data.latents), (batch_size,), generator=gen)
-        latents, ids = data.batch(idx, rng)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
-        n_high = int(round(high_t_frac * batch_size))
-        if n_high:  # extra samples where layout (position, shape, colour) is decided; weights stay plain MSE
-            t[:n_high] = torch.randint(high_t_from, sched.config.num_train_timesteps, (n_high,), generator=gen)
-        noisy = sched.add_noise(latents, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hidden = text_encoder(ids)[0]
-            pred = unet(noisy, t, hidden).sample
-        per = (pred.float() - noise).pow(2).mean((1, 2, 3))
-        loss = (per * loss_weights(acp, t, min_snr_gamma, noisy_weight)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        d = min(ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_te, text_encoder, d)
-        ema_update(ema_unet, unet, d)
-        now = time.time()
-        elapsed += now - t_last
-        t_last = now
-        run_loss += per.mean().item()
-        if step % 50 == 0:
-            log.append({"step": step, "loss": run_loss / 50, "lr": cur_lr, "min": elapsed / 60})
-            run_loss = 0.0
-            print(json.dumps(log[-1]), flush=True)
-        if now - t_ckpt > ckpt_every_s:
-            save()
-            t_ckpt = time.time()
-            t_last = t_ckpt  # checkpoint time does not count against the budget
+    try:  # Ctrl-C or SIGTERM (see main) ends the run with a checkpoint instead of losing up to ckpt_every_s of work
+        while elapsed < budget and (max_steps is None or step < max_steps):
+            # LR: linear warmup over steps, cosine over the wall-clock budget to 10%.
+            p = min(1.0, elapsed / budget)
+            cur_lr = lr * min(1.0, (step - warm_from + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            idx = torch.randint(0, len(data.latents), (batch_size,), generator=gen)
+            latents, ids = data.batch(idx, rng)
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
+            n_high = int(round(high_t_frac * batch_size))
+            if n_high:  # extra samples where layout (position, shape, colour) is decided; weights stay plain MSE
+                t[:n_high] = torch.randint(high_t_from, sched.config.num_train_timesteps, (n_high,), generator=gen)
+            noisy = sched.add_noise(latents, noise, t)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = text_encoder(ids)[0]
+                pred = unet(noisy, t, hidden).sample
+            per = (pred.float() - noise).pow(2).mean((1, 2, 3))
+            loss = (per * loss_weights(acp, t, min_snr_gamma, noisy_weight)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            d = min(ema_decay, (1 + step) / (10 + step))
+            ema_update(ema_te, text_encoder, d)
+            ema_update(ema_unet, unet, d)
+            now = time.time()
+            elapsed += now - t_last
+            t_last = now
+            run_loss += per.mean().item()
+            if step % 50 == 0:
+                log.append({"step": step, "loss": run_loss / 50, "lr": cur_lr, "min": elapsed / 60})
+                run_loss = 0.0
+                print(json.dumps(log[-1]), flush=True)
+            if now - t_ckpt > ckpt_every_s:
+                save()
+                t_ckpt = time.time()
+                t_last = t_ckpt  # checkpoint time does not count against the budget
+    except KeyboardInterrupt:
+        print(f"interrupted at step {step}; saving", flush=True)
     save()
     return {"step": step, "elapsed_min": elapsed / 60, "loss": log[-1]["loss"] if log else None}
 
@@ -231,6 +244,7 @@ def main() -> None:
     p.add_argument("--no-bf16", action="store_true", help="the default; kept for old command lines")
     a = p.parse_args()
     setup(a.threads)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` saves a checkpoint like Ctrl-C does
     print(train(a.out, a.minutes, a.batch_size, a.lr, a.seed, bf16=a.bf16 and not a.no_bf16,
                 min_snr_gamma=a.min_snr_gamma, high_t_frac=a.high_t_frac, high_t_from=a.high_t_from,
                 noisy_weight=a.noisy_weight))
