@@ -4,7 +4,8 @@ Recipe: captions re-drawn from each scene every time it is seen (10% empty, for 
 share of each batch from high noise, --high-t-frac), epsilon MSE with loss weight 1 + min(1/SNR, 8) (--noisy-weight;
 it took shape from 32% to 63% where plain MSE had stalled), or plain (optionally Min-SNR-gamma weights, Hang et al. 2023, arXiv:2303.09556: the first 800 steps of the shipped
 run used gamma=5 and sampled images kept a noisy texture, since it scales the low-noise steps' loss down ~100x), AdamW with warmup + cosine decay over a wall-clock
-budget, EMA weights, fp32 (bf16 autocast's backward was ~20x slower on this CPU). Resumable: checkpoints hold model, EMA, optimizer, RNG streams, elapsed time.
+budget, EMA weights, fp32 (bf16 autocast's backward was ~20x slower on this CPU). Resumable: checkpoints hold model, EMA, optimizer, RNG streams, elapsed time;
+Ctrl-C or `kill` saves one. On a machine without the cache, `python -m training.restore` rebuilds it from the shipped model.
 """
 
 from __future__ import annotations
