@@ -24,7 +24,7 @@ from training.common import ASSET, CACHE, save_atomic, setup
 
 
 def restore(src: Path = ASSET, out: Path = CACHE, force: bool = False) -> dict:
-    """Write out/tokenizer, out/vae_decoder.pt (and vae.pt) and out/unet.pt from the exported model folder src."""
+    """Write out/tokenizer, out/vae.pt (the shipped encoder + fine-tuned decoder) and out/unet.pt from the exported model folder src."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "unet.pt").exists() and not force:
         raise SystemExit(f"{out / 'unet.pt'} exists; it is newer than the shipped model or equal to it (use --force to replace it)")
@@ -33,8 +33,7 @@ def restore(src: Path = ASSET, out: Path = CACHE, force: bool = False) -> dict:
     shutil.rmtree(tok, ignore_errors=True)
     shutil.copytree(src / "tokenizer", tok)
     vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32)
-    for name in ("vae.pt", "vae_decoder.pt"):
-        save_atomic({"model": vae.state_dict(), "restored_from": str(src)}, out / name)
+    save_atomic({"model": vae.state_dict(), "restored_from": str(src)}, out / "vae.pt")  # load_vae falls back to it
     te = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32).state_dict()
     unet = UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).state_dict()
     step = int(meta.get("unet_step", 0))
