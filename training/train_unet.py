@@ -172,7 +172,7 @@ def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_
     budget = minutes * 60
     acp = sched.alphas_cumprod
     text_encoder.train(), unet.train()
-    t_last, t_ckpt, run_loss = time.time(), time.time(), 0.0
+    t_last, t_ckpt, run_loss, run_n = time.time(), time.time(), 0.0, 0
     try:  # Ctrl-C or SIGTERM (see main) ends the run with a checkpoint instead of losing up to ckpt_every_s of work
         while elapsed < budget and (max_steps is None or step < max_steps):
             # LR: linear warmup over steps, cosine over the wall-clock budget to 10%.
@@ -204,10 +204,10 @@ def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_
             now = time.time()
             elapsed += now - t_last
             t_last = now
-            run_loss += per.mean().item()
+            run_loss, run_n = run_loss + per.mean().item(), run_n + 1
             if step % 50 == 0:
-                log.append({"step": step, "loss": run_loss / 50, "lr": cur_lr, "min": elapsed / 60})
-                run_loss = 0.0
+                log.append({"step": step, "loss": run_loss / run_n, "lr": cur_lr, "min": elapsed / 60})
+                run_loss, run_n = 0.0, 0  # the mean over the steps since the last log (fewer than 50 after a resume)
                 print(json.dumps(log[-1]), flush=True)
             if now - t_ckpt > ckpt_every_s:
                 save()
