@@ -111,9 +111,16 @@ def test_evaluation_scores_renders_of_its_targets_and_rejects_wrong_ones() -> No
     shifted = tgts[1:] + tgts[:1]  # each image judged against another target
     wrong = evaluate.score(judge, imgs, shifted)
     assert wrong["all"] < 0.2 and wrong["color+shape"] < 0.3, wrong
+    split = evaluate.by_size(judge, imgs, tgts)
+    assert split["n"] == 40 and split["all"] == right
+    n_small = sum(t[2] == "small" for t in tgts)
+    assert 0 < n_small < 40 and split["small"]["color+shape"] * n_small + split["large"]["color+shape"] * (40 - n_small) == pytest.approx(40 * right["color+shape"])
+    lo, hi = split["color+shape_95"]
+    assert lo < right["color+shape"] <= hi <= 1 and hi - lo > 0.05  # a 95% interval at n = 40 is wide
     md = evaluate.markdown({"model": "m", "scheduler": "S", "n": 40, "guidance": {7.5: right}, "steps": {},
-                            "paraphrased": wrong}, 7.5, 20)
+                            "paraphrased": wrong, "combinations": split}, 7.5, 20)
     assert "| CFG 7.5 |" in md and "color & shape" in md and "| paraphrased |" in md
+    assert "| small objects |" in md and "95% interval" in md
 
 
 def test_paraphrases_keep_every_attribute() -> None:
@@ -162,8 +169,9 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
     (tmp_path / "scenes.pkl").write_bytes(pickle.dumps(scenes))
     r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=3, warmup=1)
     assert r["step"] == 3
-    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=4, warmup=1)
-    assert r["step"] == 4  # resumed from the checkpoint
+    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=4, warmup=1,
+                         noisy_weight=8)
+    assert r["step"] == 4  # resumed from the checkpoint, with the shipped recipe's loss weights
 
     # export via the same code path as the real model, with the tiny VAE
     pipe, _ = export.build_pipeline(tmp_path, tiny=True)
