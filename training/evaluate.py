@@ -1,9 +1,9 @@
 """Evaluate prompt adherence of the exported model with the automatic judge.
 
 Single-object prompts with every attribute ("a large red circle in the top left"): every one of the world's 720
-combinations at the recommended setting (the headline, split by size, with a 95% interval), then a sample of n
-sweeping guidance scale at the default steps and steps at the recommended guidance, plus unconditional generation (chance level), diversity across
-seeds, a sample grid and the speed of 20 CFG steps. Writes EVAL.md + samples.png next to the model.
+combinations at the recommended setting (the headline, split by size, with a 95% interval), then the first n of them
+sweeping guidance scale at the default steps and steps at the recommended guidance, plus unconditional generation
+(chance level), diversity across seeds, a sample grid and the speed of 20 CFG steps. Writes EVAL.md + samples.png next to the model.
 
 Images come from stock StableDiffusionPipeline with one torch.Generator('cpu').manual_seed(seed) per image, which is
 what pipelines.generate.generate produces for the same request (checked below when that API is importable).
@@ -29,6 +29,7 @@ from training.common import ASSET, CACHE, setup
 from training.judge import Judge
 
 ATTRS = ("color", "shape", "position", "size")
+N_COMBINATIONS = len(world.SHAPES) * len(world.COLORS) * len(world.SIZES) * len(world.POSITIONS)  # 720
 CHANCE = {"color": 1 / 8, "shape": 1 / 5, "position": 1 / 9, "size": 1 / 2}
 
 
@@ -158,7 +159,7 @@ def run(model: Path, n: int, guidance: float, steps: int, out: Path, quick: bool
     judge = Judge()
     res: dict = {"model": str(model), "n": n, "scheduler": type(pipe.scheduler).__name__, "guidance": {}, "steps": {}}
     if combinations:  # the headline: every single-object prompt once (a sample of 100 read 90% where all 720 read 86%)
-        every = targets(len(world.SHAPES) * len(world.COLORS) * len(world.SIZES) * len(world.POSITIONS), seed=0)
+        every = targets(N_COMBINATIONS, seed=0)  # targets(n, seed=0) for n < 720 is a prefix of this
         imgs = generate(pipe, [world.full_caption(*t) for t in every], list(range(len(every))), steps, guidance)
         res["combinations"] = by_size(judge, imgs, every)
         print("every combination", res["combinations"], flush=True)
@@ -202,12 +203,15 @@ def markdown(res: dict, guidance: float, steps: int) -> str:
     if res.get("combinations"):
         c = res["combinations"]
         lo, hi = c["color+shape_95"]
-        lines += [f"### Every single-object prompt ({c['n']}: 5 shapes x 8 colours x 2 sizes x 9 positions, every "
-                  f"attribute stated, one seed each; CFG {guidance:g}, {steps} steps)", "", head,
+        lines += [f"### Every single-object prompt ({c['n']}: {len(world.SHAPES)} shapes x {len(world.COLORS)} colours x "
+                  f"{len(world.SIZES)} sizes x {len(world.POSITIONS)} positions, every attribute stated, one seed each; "
+                  f"CFG {guidance:g}, {steps} steps)", "", head,
                   row("all", c["all"]), row("small objects", c["small"]), row("large objects", c["large"]), "",
-                  f"Color & shape over all: {100 * c['all']['color+shape']:.1f}% (95% interval {100 * lo:.1f}-{100 * hi:.1f}%).", ""]
-    lines += [f"The sweeps below use the first {res['n']} of those prompts, one seed each.", "",
-              f"### Guidance scale ({steps} steps)", "", head]
+                  f"Color & shape over all: {100 * c['all']['color+shape']:.1f}% (95% interval {100 * lo:.1f}-{100 * hi:.1f}%).", "",
+                  f"The sweeps below use the first {res['n']} of those prompts, one seed each.", ""]
+    else:
+        lines += [f"{res['n']} single-object prompts with every attribute, one seed each.", ""]
+    lines += [f"### Guidance scale ({steps} steps)", "", head]
     lines += [row(f"CFG {float(g):g}", r) for g, r in sorted(res["guidance"].items(), key=lambda kv: float(kv[0]))]
     if res.get("paraphrased"):
         lines += ["", f"Worded differently (same targets, CFG {guidance:g}, {steps} steps: 'a picture of ...', any of the "
@@ -243,7 +247,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="the recommended scale (pipelines/registry.py)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="recommended setting only, no report files")
-    p.add_argument("--no-combinations", action="store_true", help="skip the run over all 720 single-object prompts")
+    p.add_argument("--no-combinations", action="store_true", help=f"skip the run over all {N_COMBINATIONS} single-object prompts")
     p.add_argument("--json", type=Path, default=CACHE / "eval.json")
     a = p.parse_args()
     setup()
