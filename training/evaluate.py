@@ -3,7 +3,8 @@
 Single-object prompts with every attribute ("a large red circle in the top left"): every one of the world's 720
 combinations at the recommended setting (the headline, split by size, with a 95% interval), then the first n of them
 sweeping guidance scale at the default steps and steps at the recommended guidance, plus unconditional generation
-(chance level), diversity across seeds, a sample grid and the speed of 20 CFG steps. Writes EVAL.md + samples.png next to the model.
+(chance level), diversity across seeds, a sample grid and the speed of 20 CFG steps. Writes EVAL.md + samples.png
+next to the model.
 
 Images come from stock StableDiffusionPipeline with one torch.Generator('cpu').manual_seed(seed) per image, which is
 what pipelines.generate.generate produces for the same request (checked below when that API is importable).
@@ -72,10 +73,15 @@ def by_size(judge: Judge, images: list[Image.Image], tgts: list[tuple[str, str, 
     for size in world.SIZES:
         keep = [i for i, t in enumerate(tgts) if t[2] == size]
         out[size] = score(judge, [images[i] for i in keep], [tgts[i] for i in keep])
-    n, p, z = len(tgts), out["all"]["color+shape"], 1.96
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    out["n"], out["color+shape_95"] = n, [centre - half, centre + half]
+    out["n"], out["color+shape_95"] = len(tgts), wilson(out["all"]["color+shape"], len(tgts))
     return out
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval [lo, hi] for a proportion p measured on n trials."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return [centre - half, centre + half]
 
 
 def paraphrase(shape: str, color: str, size: str, position: str, rng: random.Random) -> str:

@@ -166,8 +166,7 @@ def train(out: Path, minutes: float, batch_size: int, lr: float, seed: int, ema_
         save_atomic({"te": text_encoder.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
                      "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                      "log": log, "gen": gen.get_state(), "rng": rng.getstate(), "scaling_factor": data.scaling_factor,
-                     "warm_from": warm_from,
-                     "tiny": tiny, "budget_min": minutes}, ckpt)
+                     "warm_from": warm_from, "tiny": tiny, "budget_min": minutes}, ckpt)
 
     budget = minutes * 60
     acp = sched.alphas_cumprod
