@@ -184,6 +184,44 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
     assert load_tokenizer(dest / "tokenizer")("a red circle").input_ids[0] == 49406
 
 
+def test_small_object_crops_centre_on_small_objects_and_weight_them() -> None:
+    from training import train_vae
+
+    rng = random.Random(3)
+    scenes = [world.sample_scene(rng, two_objects=True) for _ in range(3000)]
+    scenes = [s for s in scenes if {o.size for o in s.objects} == {"small", "large"}]
+    assert len(scenes) > 1000
+    for sw, lo, hi in ((1.0, 0.45, 0.55), (3.0, 0.82, 0.93)):  # a fair draw of the two; 3/4 + 1/4 * 1/2 = 7/8
+        r = random.Random(4)
+        frac = np.mean([train_vae.pick_object(s, r, sw).size == "small" for s in scenes])
+        assert lo < frac < hi, (sw, frac)
+    for sw in (1.0, 3.0):
+        _, w = train_vae.object_crops(random.Random(5), 64, 32, sw)
+        assert w.shape == (64, 1, 32, 32) and float(w.min()) == 1  # background weight 1 in every batch
+        assert float(w.max()) == 1 + train_vae.OBJECT_WEIGHT * sw  # small objects' pixels weigh sw times more
+
+
+def test_refining_the_vae_with_an_anchor_keeps_its_latents_near_the_old_ones(tmp_path: Path) -> None:
+    """--init/--anchor: a UNet trained on the old latents must stay nearly valid for the new encoder's."""
+    from training import train_vae
+
+    torch.manual_seed(0)
+    init = tmp_path / "old.pt"
+    torch.save({"model": train_vae.build_vae(tiny=True).state_dict()}, init)
+    x = torch.from_numpy(world.batch(random.Random(9), 8)[0])
+    drift = {}
+    for anchor in (0.0, 100.0):
+        out = tmp_path / f"a{anchor:g}"
+        r = train_vae.train(out, minutes=1, steps=4, batch_size=4, lr=1e-2, kl_weight=1e-6, seed=0, tiny=True,
+                            init=init, anchor=anchor, small_weight=3.0, warmup=1)
+        assert r["step"] == 4
+        old, new = train_vae.build_vae(tiny=True), train_vae.load_vae(out, tiny=True)
+        old.load_state_dict(torch.load(init, weights_only=False)["model"])
+        with torch.no_grad():
+            drift[anchor] = float((new.encode(x).latent_dist.mean - old.encode(x).latent_dist.mean).pow(2).mean())
+    assert 0 < drift[100.0] < 0.5 * drift[0.0], drift
+
+
 @pytest.mark.skipif(not (ASSET / "training_meta.json").exists(), reason="model not exported yet")
 def test_restore_rebuilds_the_cache_from_the_shipped_model_and_training_continues(tmp_path: Path) -> None:
     """A fresh machine has no cache: restore -> encode -> one more step -> export must round-trip the shipped weights."""
