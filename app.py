@@ -51,12 +51,13 @@ DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}  # "auto" x̂0 preview: V
 RENDER_SHARE = 12
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 HISTORY_LIMIT = 60  # runs shown in the history gallery
-# The embedded model knows only its world's words (training/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid.
+# The embedded model knows only its world's words (training/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid
+# (it was trained on named backgrounds too but ignores them: the seed picks the background).
 EXAMPLE_PROMPTS = [
     ["a large red circle in the center"],
-    ["a small blue star in the top left on a yellow background"],
+    ["a small blue star in the top left"],
     ["a yellow heart at the bottom"],
-    ["a large green triangle on the right, black background"],
+    ["a large green triangle on the right"],
     ["a small purple square above an orange circle"],
 ]
 STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
@@ -532,7 +533,7 @@ def build_demo(
         with gr.Row(equal_height=False):
             # ---------------- controls ----------------
             with gr.Column(scale=2, min_width=320):
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left")
                 negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="(none)")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", scale=3)

@@ -27,7 +27,7 @@ MODELS: dict[str, ModelEntry] = {m.key: m for m in (
     ModelEntry("tiny-shapes", str(ASSETS / "models" / "tiny-shapes"), "sd", 20, 5.0, None,
                "embedded 64×64 shapes model trained from scratch; runs offline on a CPU. Its words: circle, square, "
                "triangle, star, heart; red, green, blue, yellow, purple, orange, white, black; small, large; top left "
-               "… bottom right; '… on a blue background'; 'above', 'to the left of'"),
+               "… bottom right; 'above', 'to the left of'. The background follows the seed, not the prompt"),
     ModelEntry("sd-turbo", "stabilityai/sd-turbo", "sd", 1, 0.0, "euler_a", "SD 2.1 distilled; 1–4 steps, no CFG"),
     ModelEntry("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 30, 7.5, None, "SD 1.5, 512×512"),
     ModelEntry("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 30, 7.0, None, "SDXL base 1.0, 1024×1024"),
