@@ -212,9 +212,14 @@ def test_refining_the_vae_with_an_anchor_keeps_its_latents_near_the_old_ones(tmp
     drift = {}
     for anchor in (0.0, 100.0):
         out = tmp_path / f"a{anchor:g}"
+        out.mkdir()
+        torch.save({"model": torch.load(init, weights_only=False)["model"]}, out / "vae.pt")  # the old one stays in place
         r = train_vae.train(out, minutes=1, steps=4, batch_size=4, lr=1e-2, kl_weight=1e-6, seed=0, tiny=True,
                             init=init, anchor=anchor, small_weight=3.0, warmup=1)
         assert r["step"] == 4
+        again = train_vae.train(out, minutes=1, steps=5, batch_size=4, lr=1e-2, kl_weight=1e-6, seed=0, tiny=True,
+                                init=init, anchor=anchor, small_weight=3.0, warmup=1)
+        assert again["step"] == 5  # its own refinement checkpoint is resumed
         old, new = train_vae.build_vae(tiny=True), train_vae.load_vae(out, tiny=True)
         old.load_state_dict(torch.load(init, weights_only=False)["model"])
         with torch.no_grad():

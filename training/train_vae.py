@@ -81,7 +81,8 @@ def train(out: Path, minutes: float, steps: int, batch_size: int, lr: float, kl_
 
     decoder_only: fine-tune the decoder of out/vae.pt with the encoder frozen (latents already encoded for the UNet
     stay valid); checkpoints to out/vae_decoder.pt, which load_vae prefers.
-    init: start from this checkpoint's weights instead of random ones (a resume from out/vae.pt still wins).
+    init: start from this checkpoint's weights instead of random ones; out/vae.pt is resumed only when it is a
+    refinement of the same init (so the old out/vae.pt may stay where it is).
     anchor: with init, add anchor * MSE between the new encoder's latent means and init's, so a UNet trained on
     init's latents stays close to valid and needs only a short fine-tune on the re-encoded ones.
     """
@@ -99,8 +100,11 @@ def train(out: Path, minutes: float, steps: int, batch_size: int, lr: float, kl_
         vae.quant_conv.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     step, log = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None and init is not None and state.get("init") != str(init):
+        print(f"{ckpt} is not a refinement of {init}; starting from {init} and replacing it")
+        state = None  # the documented workflow keeps the old out/vae.pt next to its copy passed as init
+    if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
@@ -133,8 +137,8 @@ def train(out: Path, minutes: float, steps: int, batch_size: int, lr: float, kl_
             log.append({"step": step, "mse": mse.item(), "kl": kl.item(), "t": time.time() - t0})
             print(json.dumps(log[-1]), flush=True)
         if step % 250 == 0:
-            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt)
-    save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt)
+            save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log, "init": init and str(init)}, ckpt)
+    save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log, "init": init and str(init)}, ckpt)
     return {"step": step, "mse": evaluate(vae, seed + 1)}
 
 
@@ -169,7 +173,7 @@ def main() -> None:
     p.add_argument("--decoder-only", action="store_true", help="fine-tune the decoder, encoder frozen")
     p.add_argument("--init", type=Path, help="start from this VAE checkpoint (e.g. a copy of the old out/vae.pt)")
     p.add_argument("--anchor", type=float, default=0.0, help="with --init: keep latents near init's (weight of their MSE)")
-    p.add_argument("--small-weight", type=float, default=1.0, help="> 1: centre most crops on small objects, weight them by this")
+    p.add_argument("--small-weight", type=float, default=1.0, help="> 1: weight small objects' pixels by this and prefer them as crop centres")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
