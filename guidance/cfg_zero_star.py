@@ -7,8 +7,11 @@ import torch
 
 from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
 
-# diffusers' ClassifierFreeZeroStarGuidance default; its docstring cites the paper's advice: the first ~4% of steps.
-ZERO_INIT_STEPS = 1
+# Zeroed first steps. Flow models: diffusers' ClassifierFreeZeroStarGuidance default, 1 (its docstring cites the
+# paper's advice: the first ~4% of steps). ε / v / sample models: 0, because there a zero prediction is not "stay
+# put" (see CFGZeroStar): one zeroed step on the embedded ε model turns a red circle into coloured noise.
+ZERO_INIT_STEPS = 0
+ZERO_INIT_STEPS_FLOW = 1
 
 
 # Adapted from diffusers 0.42.1, guiders/classifier_free_zero_star_guidance.cfg_zero_star_scale
@@ -26,8 +29,10 @@ class CFGZeroStar(GuidanceMethod):
 
     s* = argmin_s ‖v_c − s·v_u‖², per image. The paper writes the guided velocity
     as (1 − w)·s*·v_u + w·v_c, which is this formula with w = s. Zero-init (paper section 4.2) is for flow
-    matching, where a zero velocity leaves x_t in place; with ε or v models diffusers applies it the same way, and
-    so do we, but a zero ε or v means something else there (for ε: "x_t is already clean").
+    matching, where a zero velocity leaves x_t in place. A zero ε or v means something else: x̂0 = x_t/α_t (ε) or
+    α_t·x_t (v), i.e. "the noise is the image", which a solver then carries to the end as coloured noise. So the
+    registry's default is ZERO_INIT_STEPS_FLOW for flow models and 0 otherwise; an explicit zero_init_steps is
+    applied to any model, as diffusers' guider applies it.
     zero_init_steps counts zeroed steps, as in diffusers' guider; diffusers' Helios pipeline instead zeroes steps
     i <= zero_steps (k + 1 steps for zero_steps=k), and its use_zero_init=False is zero_init_steps=0 here.
 

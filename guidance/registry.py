@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from guidance import apg, cfg_zero_star, interval
@@ -26,6 +26,16 @@ class Param:
     high: float  # largest allowed value (inclusive); math.inf for unbounded
     doc: str  # one line for --help, the UI and `python -m pipelines guidance`
     integer: bool = False  # only whole numbers allowed (a step count, or 0/1 for a switch); passed on as int
+    # Default per model prediction type where it differs from `default`, e.g. {"flow": 1}; see default_at().
+    default_for: Mapping[str, float] = field(default_factory=dict)
+
+    def default_at(self, prediction_type: str | None) -> float:
+        """The default for a model of this prediction type; `default` when the type is unknown (None)."""
+        return self.default_for.get(prediction_type, self.default) if prediction_type is not None else self.default
+
+
+# What a denoiser predicts: the scheduler config's prediction_type, or "flow" for flow matching (pipelines/families.py).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 @dataclass(frozen=True)
@@ -91,12 +101,14 @@ METHODS: dict[str, MethodSpec] = {
                 cfg_zero_star.ZERO_INIT_STEPS,
                 0,
                 1000,
-                "number of first steps whose prediction is zeroed (0 = none)",
+                "number of first steps whose prediction is zeroed (0 = none); flow models only: on ε/v models a zero "
+                "prediction means 'x_t is clean' and leaves noise",
                 integer=True,
+                default_for={"flow": cfg_zero_star.ZERO_INIT_STEPS_FLOW},
             ),
         ),
         "Fan et al. 2025, arXiv 2503.18886",
-        "uncond prediction scaled by s* = <v_c, v_u>/|v_u|², then CFG; first steps zeroed (meant for flow models)",
+        "uncond prediction scaled by s* = <v_c, v_u>/|v_u|², then CFG; on flow models the first step is zeroed",
     ),
     "pag": MethodSpec(
         "pag",
@@ -111,8 +123,14 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def validate(key: str, params: Mapping[str, float]) -> dict[str, float]:
-    """Check a method key and its parameters; return the full parameter set with defaults filled in."""
+def validate(key: str, params: Mapping[str, float], prediction_type: str | None = None) -> dict[str, float]:
+    """Check a method key and its parameters; return the full parameter set with defaults filled in.
+
+    prediction_type (one of PREDICTION_TYPES) picks defaults that depend on it (Param.default_for); None, when the
+    model is not known yet (a request being built), takes each Param.default, which is safe for every model.
+    """
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
     if key not in METHODS:
         raise ValueError(f"unknown guidance method {key!r}; choose one of: {', '.join(METHODS)}")
     spec = METHODS[key]
@@ -123,7 +141,7 @@ def validate(key: str, params: Mapping[str, float]) -> dict[str, float]:
             raise ValueError(f"guidance method {key!r} has no parameter {name!r}; its parameters: {names}")
     full = {}
     for p in spec.params:
-        v = float(params.get(p.name, p.default))
+        v = float(params.get(p.name, p.default_at(prediction_type)))
         if not (math.isfinite(v) and p.low <= v <= p.high):
             raise ValueError(f"{key}: {p.name} must be in [{_num(p.low)}, {_num(p.high)}], got {v:g}")
         if p.integer:
@@ -136,9 +154,11 @@ def validate(key: str, params: Mapping[str, float]) -> dict[str, float]:
     return full
 
 
-def create(key: str, guidance_scale: float, params: Mapping[str, float]) -> GuidanceMethod:
-    """A fresh method instance for one run."""
-    full = validate(key, params)
+def create(
+    key: str, guidance_scale: float, params: Mapping[str, float], prediction_type: str | None = None
+) -> GuidanceMethod:
+    """A fresh method instance for one run; prediction_type as in validate() (the loop knows it, from the model)."""
+    full = validate(key, params, prediction_type)
     return METHODS[key].factory(guidance_scale=guidance_scale, **full)
 
 
@@ -150,7 +170,8 @@ def describe() -> str:
         lines.append(f"  paper: {spec.paper}")
         for p in spec.params:
             kind = "integer" if p.integer else "number"
-            lines.append(f"  {p.name} = {_num(p.default)}  ({kind} in [{_num(p.low)}, {_num(p.high)}]): {p.doc}")
+            per_type = "".join(f", {t}: {_num(v)}" for t, v in p.default_for.items())
+            lines.append(f"  {p.name} = {_num(p.default)}{per_type}  ({kind} in [{_num(p.low)}, {_num(p.high)}]): {p.doc}")
         if not spec.params:
             lines.append("  (no parameters)")
     return "\n".join(lines)
