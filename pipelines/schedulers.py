@@ -1,9 +1,19 @@
-"""Explicit scheduler registry: key -> diffusers scheduler class + config overrides, built with from_config."""
+"""Explicit scheduler registry: key -> diffusers scheduler class + config overrides, built with from_config.
+
+Each entry also records what a user choosing it should know: whether step() draws fresh noise (stochastic) and,
+through model_evaluations(), how many denoiser calls a run of N steps makes.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from diffusers import (
     DDIMScheduler,
@@ -29,6 +39,7 @@ class SchedulerSpec:
     cls: type[SchedulerMixin]  # diffusers scheduler class
     label: str  # AUTOMATIC1111 sampler name, for the PNG `parameters` chunk
     kind: str  # "discrete" (VP noise schedule: ε / v models) or "flow" (flow matching)
+    stochastic: bool  # step() adds fresh noise from the generator (ancestral / SDE samplers); checked by is_stochastic
     overrides: Mapping[str, Any] = field(default_factory=dict)  # applied on top of the model's scheduler config
 
     def build(self, config: Mapping[str, Any]) -> SchedulerMixin:
@@ -36,19 +47,27 @@ class SchedulerSpec:
         return self.cls.from_config(config, **self.overrides)
 
 
+# DPM++ 2M is the deterministic second-order multistep solver whatever the model's config says (a config with
+# algorithm_type "sde-dpmsolver++" would otherwise make "dpmpp_2m" a stochastic DPM++ 2M SDE).
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+
 SCHEDULERS: dict[str, SchedulerSpec] = {s.key: s for s in (
-    SchedulerSpec("ddim", DDIMScheduler, "DDIM", "discrete"),
-    SchedulerSpec("ddpm", DDPMScheduler, "DDPM", "discrete"),
-    SchedulerSpec("pndm", PNDMScheduler, "PLMS", "discrete"),
-    SchedulerSpec("lms", LMSDiscreteScheduler, "LMS", "discrete"),
-    SchedulerSpec("euler", EulerDiscreteScheduler, "Euler", "discrete"),
-    SchedulerSpec("euler_a", EulerAncestralDiscreteScheduler, "Euler a", "discrete"),
-    SchedulerSpec("heun", HeunDiscreteScheduler, "Heun", "discrete"),
-    SchedulerSpec("dpmpp_2m", DPMSolverMultistepScheduler, "DPM++ 2M", "discrete", {"use_karras_sigmas": False}),
-    SchedulerSpec("dpmpp_2m_karras", DPMSolverMultistepScheduler, "DPM++ 2M Karras", "discrete", {"use_karras_sigmas": True}),
-    SchedulerSpec("unipc", UniPCMultistepScheduler, "UniPC", "discrete"),
-    SchedulerSpec("lcm", LCMScheduler, "LCM", "discrete"),
-    SchedulerSpec("flow_euler", FlowMatchEulerDiscreteScheduler, "Euler", "flow"),
+    SchedulerSpec("ddim", DDIMScheduler, "DDIM", "discrete", False),  # η = 0: the loop passes eta=0.0, as diffusers
+    SchedulerSpec("ddpm", DDPMScheduler, "DDPM", "discrete", True),
+    # PLMS as SD's own config runs it; without skip_prk_steps (configs that never name it, such as the embedded
+    # model's) PNDM first takes Runge-Kutta steps: N+9 evaluations, and set_timesteps fails below N = 4.
+    SchedulerSpec("pndm", PNDMScheduler, "PLMS", "discrete", False, {"skip_prk_steps": True}),
+    SchedulerSpec("lms", LMSDiscreteScheduler, "LMS", "discrete", False),
+    SchedulerSpec("euler", EulerDiscreteScheduler, "Euler", "discrete", False),  # s_churn = 0, diffusers' default
+    SchedulerSpec("euler_a", EulerAncestralDiscreteScheduler, "Euler a", "discrete", True),
+    SchedulerSpec("heun", HeunDiscreteScheduler, "Heun", "discrete", False),
+    SchedulerSpec("dpmpp_2m", DPMSolverMultistepScheduler, "DPM++ 2M", "discrete", False,
+                  _DPMPP_2M | {"use_karras_sigmas": False}),
+    SchedulerSpec("dpmpp_2m_karras", DPMSolverMultistepScheduler, "DPM++ 2M Karras", "discrete", False,
+                  _DPMPP_2M | {"use_karras_sigmas": True}),
+    SchedulerSpec("unipc", UniPCMultistepScheduler, "UniPC", "discrete", False),
+    SchedulerSpec("lcm", LCMScheduler, "LCM", "discrete", True),  # re-noises x̂0 to the next timestep
+    SchedulerSpec("flow_euler", FlowMatchEulerDiscreteScheduler, "Euler", "flow", False, {"stochastic_sampling": False}),
 )}
 
 
@@ -84,3 +103,111 @@ def make_scheduler(model_scheduler: SchedulerMixin, key: str | None) -> Schedule
             f"valid for this model: {', '.join(valid)}"
         )
     return SCHEDULERS[key].build(model_scheduler.config)
+
+
+def _spec(key: str) -> SchedulerSpec:
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {key!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[key]
+
+
+@lru_cache(maxsize=None)
+def _default_config_json(kind: str) -> str:
+    """The config a key is measured with when no model is given: the embedded model's, or diffusers' flow default."""
+    if kind == "flow":
+        return json.dumps(dict(FlowMatchEulerDiscreteScheduler().config))
+    from pipelines.registry import MODELS
+
+    path = Path(MODELS["tiny-shapes"].source) / "scheduler" / "scheduler_config.json"
+    return path.read_text()
+
+
+def default_config(kind: str) -> dict[str, Any]:
+    """A scheduler config of schedule `kind` ("discrete": the embedded model's; "flow": FlowMatchEuler's defaults)."""
+    if kind not in ("discrete", "flow"):
+        raise ValueError(f"unknown schedule kind {kind!r}; choose one of: discrete, flow")
+    return json.loads(_default_config_json(kind))
+
+
+def _fresh(scheduler: str | SchedulerMixin, config: Mapping[str, Any] | None) -> SchedulerMixin:
+    """A new scheduler: a copy of an instance (never the caller's, whose state a run owns), or a key built from
+    `config` (default: default_config of its kind)."""
+    if isinstance(scheduler, str):
+        spec = _spec(scheduler)
+        return spec.build(config if config is not None else default_config(spec.kind))
+    return type(scheduler).from_config(scheduler.config)
+
+
+def _set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int) -> None:
+    # Dynamic shifting (Flux-style flow configs) needs a shift μ; it moves the timesteps, not their number.
+    kwargs = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting", False) else {}
+    scheduler.set_timesteps(num_inference_steps, device="cpu", **kwargs)
+
+
+def model_evaluations(
+    scheduler: str | SchedulerMixin, num_inference_steps: int, config: Mapping[str, Any] | None = None
+) -> int:
+    """Denoiser calls the loop makes for `num_inference_steps`: len(timesteps) after set_timesteps, one batched
+    forward pass per iteration (CFG and PAG widen the batch, not the count). Heun: 2N − 1; PLMS: N + 1.
+
+    `scheduler` is a registry key (built from `config`, default: default_config of its kind) or an instance
+    (measured on a copy; `config` must then be None).
+    """
+    if not isinstance(scheduler, str) and config is not None:
+        raise ValueError("model_evaluations: give config only with a registry key; an instance has its own")
+    fresh = _fresh(scheduler, config)
+    _set_timesteps(fresh, num_inference_steps)
+    return len(fresh.timesteps)
+
+
+def is_stochastic(scheduler: str | SchedulerMixin, config: Mapping[str, Any] | None = None) -> bool:
+    """Whether step() draws fresh noise: two copies stepped once from the same state with different generators
+    (and different global seeds, for schedulers that ignore the generator) give different samples."""
+    outs = []
+    for seed in (0, 1):
+        fresh = _fresh(scheduler, config)
+        _set_timesteps(fresh, 4)
+        t = fresh.timesteps[0]
+        sample = torch.linspace(-1.0, 1.0, 4 * 8 * 8).view(1, 4, 8, 8) * float(getattr(fresh, "init_noise_sigma", 1.0))
+        model_output = torch.linspace(1.0, -1.0, 4 * 8 * 8).view(1, 4, 8, 8)
+        kwargs: dict[str, Any] = {}
+        if "generator" in inspect.signature(fresh.step).parameters:
+            kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if hasattr(fresh, "scale_model_input"):
+                fresh.scale_model_input(sample, t)  # σ-space schedulers warn when step() comes without it
+            outs.append(fresh.step(model_output, t, sample, **kwargs, return_dict=True).prev_sample)
+    return not torch.equal(outs[0], outs[1])
+
+
+def _per_step(scheduler: str | SchedulerMixin, config: Mapping[str, Any] | None) -> tuple[int, int]:
+    """(a, b) with model_evaluations = a·N + b, read off N = 20 and N = 40 (every registered sampler is linear)."""
+    e20, e40 = model_evaluations(scheduler, 20, config), model_evaluations(scheduler, 40, config)
+    a = (e40 - e20) // 20
+    return a, e20 - 20 * a
+
+
+def describe_choice(key: str | None, model_scheduler: SchedulerMixin | None = None) -> str:
+    """A short label for a scheduler choice, e.g. "euler_a — stochastic, 1 evaluation per step" or
+    "heun — deterministic, ~2 evaluations per step (2N-1 in all)".
+
+    key None means the model's own scheduler, which `model_scheduler` must then give; with a key,
+    `model_scheduler` (when given) supplies the config the key is built from, as make_scheduler builds it.
+    """
+    if key is None:
+        if model_scheduler is None:
+            raise ValueError("describe_choice: key None (the model's own scheduler) needs model_scheduler")
+        name, target, config = f"model's own ({key_of(model_scheduler)})", model_scheduler, None
+    else:
+        _spec(key)
+        name, target = key, key
+        config = dict(model_scheduler.config) if model_scheduler is not None else None
+    noise = "stochastic" if is_stochastic(target, config) else "deterministic"
+    a, b = _per_step(target, config)
+    unit = "evaluation" if a == 1 else "evaluations"
+    if b == 0:
+        evaluations = f"{a} {unit} per step"
+    else:
+        evaluations = f"~{a} {unit} per step ({'' if a == 1 else a}N{b:+d} in all)"
+    return f"{name} — {noise}, {evaluations}"
