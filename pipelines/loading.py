@@ -10,9 +10,64 @@ from typing import Any, Iterable
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 
 from pipelines.registry import MODELS, resolve
 from pipelines.schedulers import key_of, make_scheduler
+
+# diffusers' tail on load errors; it points at a stack trace the user of the UI or CLI never sees.
+_STACKTRACE_HINT = "Please check out the root cause in the stacktrace above."
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once, at import):
+    HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return hf_constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (now, or when huggingface_hub was imported), as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a model source names a hub repo ("org/name", or a legacy "name") rather than a local path."""
+    if os.path.isdir(source) or source.startswith((".", "/", "~")):
+        return False
+    return source.count("/") == 1 or "/" not in source and os.sep not in source
+
+
+def is_available_offline(model: str) -> bool:
+    """Whether `model` (registry key, folder or hub id) can load without the network: a local folder with a
+    model_index.json, or a hub id whose model_index.json is in the local Hugging Face cache. Never goes online.
+
+    A cached model_index.json with weights missing (an interrupted download) still reads True; loading then fails
+    with a one-line error that says so.
+    """
+    source = resolve(model)
+    if os.path.isdir(source):
+        return os.path.isfile(os.path.join(source, "model_index.json"))
+    if not is_hub_id(source):
+        return False
+    try:
+        found = try_to_load_from_cache(source, "model_index.json", cache_dir=hub_cache_dir())
+    except ValueError:  # HFValidationError: not a valid repo id
+        return False
+    return isinstance(found, str)  # else None (never fetched) or _CACHED_NO_EXIST (known missing upstream)
+
+
+def _named(model: str, source: str) -> str:
+    return f"model {model!r}" + (f" ({source})" if source != model else "")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line, without diffusers' pointer to a stack trace."""
+    return " ".join(str(error).replace(_STACKTRACE_HINT, "").split()).rstrip(" .") or type(error).__name__
 
 
 def with_scheduler(pipe: DiffusionPipeline, scheduler: Any) -> DiffusionPipeline:
@@ -120,14 +175,23 @@ class ModelLoader:
         entry = MODELS.get(model)
         if entry is not None and self.device.type == "cuda" and not self._dtype_chosen:
             dtype = getattr(torch, entry.cuda_dtype)  # e.g. SD3.5 is meant to run in bf16
-        if not is_dir and (source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1):
+        if not is_dir and not is_hub_id(source):
             raise ValueError(f"model {model!r}: no such folder; give a registry key, a diffusers folder or a hub id")
+        offline = not is_dir and hub_offline()
+        if offline and not is_available_offline(source):
+            raise ValueError(
+                f"{_named(model, source)} is not in the local Hugging Face cache ({hub_cache_dir()}) and this machine "
+                f"is offline; download it once with `hf download {source}` or unset HF_HUB_OFFLINE"
+            )
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+            kwargs = {} if is_dir else {"cache_dir": hub_cache_dir()}
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
         except (OSError, ValueError, EnvironmentError) as e:
             where = "folder" if is_dir else "hub id"
-            hint = "" if is_dir else " (offline, only models already in the Hugging Face cache load)"
-            raise ValueError(f"model {model!r} could not be loaded as a diffusers {where}{hint}: {e}") from e
+            hint = ""
+            if offline:  # model_index.json is cached, so part of the download is missing
+                hint = f"; it is only partly in the local Hugging Face cache: finish it with `hf download {source}`"
+            raise ValueError(f"{_named(model, source)} could not be loaded as a diffusers {where}: {_one_line(e)}{hint}") from e
         # SDXL's VAE overflows in fp16 (diffusers' force_upcast); keep it in fp32 instead of flipping it per call.
         if isinstance(pipe, StableDiffusionXLPipeline) and pipe.dtype == torch.float16 and pipe.vae.config.force_upcast:
             pipe.vae.to(torch.float32)
