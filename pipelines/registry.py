@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -21,13 +23,18 @@ class ModelEntry:
     scheduler: str | None  # recommended scheduler key; None keeps the model's own
     note: str  # one line for the UI
     cuda_dtype: str = "float16"  # dtype on CUDA ("float16" or "bfloat16"); CPU always runs float32
+    # JSON file in the source folder, {"words": [...]}: every word of the captions the model was trained on, for a
+    # closed-vocabulary model; None: the text encoder was trained on open text. Read by model_vocabulary().
+    vocabulary: str | None = None
 
 
 MODELS: dict[str, ModelEntry] = {m.key: m for m in (
     ModelEntry("tiny-shapes", str(ASSETS / "models" / "tiny-shapes"), "sd", 20, 5.0, None,
                "embedded 64×64 shapes model trained from scratch; runs offline on a CPU. Its words: circle, square, "
                "triangle, star, heart; red, green, blue, yellow, purple, orange, white, black; small, large; top left "
-               "… bottom right; 'above', 'to the left of'. The background follows the seed, not the prompt"),
+               "… bottom right; 'above', 'to the left of'. The background follows the seed, not the prompt",
+               # Generated from training/world.py by training/vocabulary.py; tests/test_prompts.py keeps them equal.
+               vocabulary="vocabulary.json"),
     ModelEntry("sd-turbo", "stabilityai/sd-turbo", "sd", 1, 0.0, "euler_a", "SD 2.1 distilled; 1–4 steps, no CFG"),
     ModelEntry("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 30, 7.5, None, "SD 1.5, 512×512"),
     ModelEntry("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 30, 7.0, None, "SDXL base 1.0, 1024×1024"),
@@ -42,6 +49,24 @@ def resolve(model: str) -> str:
     """A registry key -> its source; anything else (a folder or hub id) is returned unchanged."""
     entry = MODELS.get(model)
     return entry.source if entry else model
+
+
+@lru_cache(maxsize=None)
+def model_vocabulary(model: str) -> frozenset[str] | None:
+    """The words a registry model was trained on (ModelEntry.vocabulary), or None for open-vocabulary models and
+    anything outside the registry."""
+    entry = MODELS.get(model)
+    if entry is None or entry.vocabulary is None:
+        return None
+    path = Path(entry.source) / entry.vocabulary
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {model!r}: cannot read its vocabulary {path}: {e}") from e
+    words = data.get("words") if isinstance(data, dict) else None
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+        raise ValueError(f"model {model!r}: {path} must be an object with a non-empty list of strings under 'words'")
+    return frozenset(words)
 
 
 def extra_models_from_env(value: str | None = None) -> list[str]:
