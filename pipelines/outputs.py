@@ -1,23 +1,34 @@
-"""Files a run leaves behind: PNG with A1111 `parameters` + request JSON, trace.json, per-step previews.
+"""Files a run leaves behind: PNG with A1111 `parameters` + request JSON, trace.json, per-step previews and,
+optionally, the per-step latents for scrubbing later (steps/tensors.safetensors).
 
 Every file is written atomically (temporary name, then rename), so a reader never sees half a file.
+trace.json has one writer and one reader: Trace.write and Trace.read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 import tempfile
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, PngImagePlugin
 
 from pipelines.observers import Observer
 from pipelines.previews import Previewer
 from pipelines.schedulers import SCHEDULERS
-from pipelines.types import GenerationRequest, GenerationResult, StepEvent
+from pipelines.types import GenerationRequest, GenerationResult, StepEvent, Timings
+
+TRACE_FILE = "trace.json"
+STEP_TENSORS_FILE = "steps/tensors.safetensors"
+STEP_TENSORS_LIMIT = 32 * 2**20  # bytes: save_step_tensors' default cap (a 64×64 model's 20 steps take ~20 KB)
+STEP_TENSOR_SOURCES = ("latents", "denoised", "denoised_cond", "denoised_uncond")  # StepEvent fields saved
 
 
 def a1111_parameters(request: GenerationRequest, result: GenerationResult) -> str:
@@ -88,59 +99,322 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return path
 
 
+# --- trace.json ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    """One loop iteration as trace.json records it (StepEvent without the tensors)."""
+
+    step: int  # 0-based loop iteration
+    timestep: float  # scheduler timestep t
+    sigma: float | None  # k-diffusion σ (VP models) or flow σ; None where the scheduler gives none
+    effective_scale: float  # guidance scale applied (1.0 = conditional only, 0.0 = a zeroed step)
+    guidance_delta_norm: float | None  # ‖pred_cond − pred_uncond‖ of the first image; None without CFG
+    elapsed: float  # seconds since the loop started
+    previews: Mapping[str, str]  # preview name -> PNG path relative to the run folder
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A finished run's record, written to <folder>/trace.json next to <folder>/image.png."""
+
+    image: str  # file name of the final PNG inside the run folder ("image.png")
+    seed: int  # the seed used
+    request: GenerationRequest  # the request, with `seed` filled in (so it reproduces the image)
+    scheduler: str  # scheduler key used (or the class name of a model's own scheduler outside the registry)
+    family: str  # model family key
+    width: int  # pixels rendered
+    height: int  # pixels rendered
+    cancelled: bool  # stopped early; then image is the decoded last x̂0
+    timings: Timings  # per-phase wall-clock seconds
+    preview_kinds: Mapping[str, str]  # preview name -> Previewer kind used for it
+    latent_format: str  # the model's latent-format record name (pipelines/previews.py)
+    steps: tuple[TraceStep, ...]  # one entry per completed loop iteration
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of trace.json (key names and order as written since the format began)."""
+        return {
+            "image": self.image,
+            "seed": self.seed,
+            "request": self.request.to_dict(),
+            "scheduler": self.scheduler,
+            "family": self.family,
+            "width": self.width,
+            "height": self.height,
+            "cancelled": self.cancelled,
+            "timings": dataclasses.asdict(self.timings),
+            "preview_kinds": dict(self.preview_kinds),
+            "latent_format": self.latent_format,
+            "steps": [dataclasses.asdict(s) | {"previews": dict(s.previews)} for s in self.steps],
+        }
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        """Write <folder>/trace.json atomically; return its path."""
+        return write_json(Path(folder) / TRACE_FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> Trace:
+        """The trace of a run folder; ValueError naming the folder and what is wrong for anything malformed:
+        unreadable or non-object JSON, missing or mistyped fields, an invalid request, or an image that is
+        missing, not a regular file, a symbolic link or outside the folder."""
+        folder = Path(folder)
+        path = folder / TRACE_FILE
+        where = str(path)
+        _regular_file(path, where)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: not readable JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: must hold a JSON object, got {type(data).__name__}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        image = _typed(data, "image", str, where)
+        if image in ("", ".", "..") or PurePosixPath(image).name != image or os.sep in image:
+            raise ValueError(f"{where}: image must be a file name inside the run folder, got {image!r}")
+        _regular_file(folder / image, f"{where}: image {image!r}")
+        seed = _typed(data, "seed", int, where)
+        request_data = data["request"]
+        if not isinstance(request_data, dict):
+            raise ValueError(f"{where}: request must be a JSON object, got {type(request_data).__name__}")
+        try:
+            request = GenerationRequest(**request_data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: invalid request: {e}") from None
+        if request.seed != seed:
+            raise ValueError(f"{where}: request seed {request.seed!r} differs from the trace's seed {seed}")
+        timings_data = _typed(data, "timings", dict, where)
+        timing_names = [f.name for f in dataclasses.fields(Timings)]
+        if sorted(timings_data) != sorted(timing_names):
+            raise ValueError(f"{where}: timings must have exactly {', '.join(timing_names)}, got {', '.join(timings_data)}")
+        timings = Timings(**{k: _number(timings_data, k, f"{where}: timings") for k in timing_names})
+        steps_data = _typed(data, "steps", list, where)
+        return cls(
+            image=image,
+            seed=seed,
+            request=request,
+            scheduler=_typed(data, "scheduler", str, where),
+            family=_typed(data, "family", str, where),
+            width=_typed(data, "width", int, where),
+            height=_typed(data, "height", int, where),
+            cancelled=_typed(data, "cancelled", bool, where),
+            timings=timings,
+            preview_kinds=_str_map(data, "preview_kinds", where),
+            latent_format=_typed(data, "latent_format", str, where),
+            steps=tuple(_trace_step(s, f"{where}: steps[{i}]") for i, s in enumerate(steps_data)),
+        )
+
+
+def _typed(data: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """data[key] if it is a `kind` (an int is not a bool, a bool not an int); else ValueError."""
+    if key not in data:
+        raise ValueError(f"{where}: missing {key}")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a JSON object", list: "a JSON list"}
+
+
+def _number(data: Mapping[str, Any], key: str, where: str, optional: bool = False) -> float | None:
+    """A JSON number (ints allowed, bools not) as float; None allowed when optional. NaN/inf are kept: a run
+    whose guidance diverged still has a readable trace."""
+    if key not in data:
+        raise ValueError(f"{where}: missing {key}")
+    value = data[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: {key} must be a number{' or null' if optional else ''}, got {value!r}")
+    return float(value)
+
+
+def _str_map(data: Mapping[str, Any], key: str, where: str) -> dict[str, str]:
+    value = _typed(data, key, dict, where)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{where}: {key} must map strings to strings, got {value!r}")
+    return value
+
+
+def _trace_step(data: Any, where: str) -> TraceStep:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {type(data).__name__}")
+    previews = _str_map(data, "previews", where)
+    for name, rel in previews.items():
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+            raise ValueError(f"{where}: preview {name!r} must be a path inside the run folder, got {rel!r}")
+    return TraceStep(
+        step=_typed(data, "step", int, where),
+        timestep=_number(data, "timestep", where),
+        sigma=_number(data, "sigma", where, optional=True),
+        effective_scale=_number(data, "effective_scale", where),
+        guidance_delta_norm=_number(data, "guidance_delta_norm", where, optional=True),
+        elapsed=_number(data, "elapsed", where),
+        previews=previews,
+    )
+
+
+def _regular_file(path: Path, where: str) -> None:
+    """Refuse a path that is missing, a symbolic link (a run folder never holds one; it could point anywhere) or
+    not a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{where}: {path} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {path}: {e}") from None
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"{where}: {path} is a symbolic link; a run folder holds only its own files")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{where}: {path} is not a regular file")
+
+
+# --- per-step tensors -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """The first image's tensors of one step, as saved for scrubbing: (C, h, w), float16."""
+
+    step: int  # 0-based loop iteration
+    latents: torch.Tensor  # x_{t-1} after the step
+    denoised: torch.Tensor  # x̂0 of the guided prediction
+    denoised_cond: torch.Tensor | None  # x̂0 of the conditional prediction (None without CFG)
+    denoised_uncond: torch.Tensor | None  # x̂0 of the unconditional prediction (None without CFG)
+
+
+def save_step_tensors(folder: str | os.PathLike, steps: Sequence[StepEvent | StepTensors],
+                      limit_bytes: int = STEP_TENSORS_LIMIT) -> bool:
+    """Write <folder>/steps/tensors.safetensors with float16 copies of each step's latents, denoised,
+    denoised_cond and denoised_uncond (first image of the batch only), if they fit in limit_bytes.
+
+    Returns whether the file was written; nothing is written when the tensors would exceed the limit.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    size = 0
+    for s in steps:
+        for source in STEP_TENSOR_SOURCES:
+            value = getattr(s, source)
+            if value is None:
+                continue
+            t = _first_image_fp16(value)
+            size += t.numel() * t.element_size()
+            if size > limit_bytes:
+                return False
+            tensors[f"{s.step:04d}.{source}"] = t
+    path = Path(folder) / STEP_TENSORS_FILE
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "playground-step-tensors-1"}))
+    return True
+
+
+def load_step_tensors(folder: str | os.PathLike) -> tuple[StepTensors, ...]:
+    """The steps saved by save_step_tensors, in step order; ValueError when the file is missing or malformed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / STEP_TENSORS_FILE
+    _regular_file(path, str(path))
+    try:
+        flat = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    by_step: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        step, _, source = key.partition(".")
+        if not step.isdigit() or source not in STEP_TENSOR_SOURCES:
+            raise ValueError(f"{path}: unexpected tensor {key!r}; keys are <step>.<{'|'.join(STEP_TENSOR_SOURCES)}>")
+        by_step.setdefault(int(step), {})[source] = t
+    out = []
+    for step in sorted(by_step):
+        found = by_step[step]
+        if "latents" not in found or "denoised" not in found:
+            raise ValueError(f"{path}: step {step} lacks latents or denoised")
+        out.append(StepTensors(step=step, **{k: found.get(k) for k in STEP_TENSOR_SOURCES}))
+    return tuple(out)
+
+
+def _first_image_fp16(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (C, h, w) float16, contiguous, on the CPU; (C, h, w) passes through as float16."""
+    t = t[0] if t.ndim == 4 else t
+    return t.detach().to("cpu", torch.float16).contiguous()
+
+
 class TraceWriter(Observer):
     """Writes per-step previews under out_dir/steps/ as the run goes, and trace.json + image.png at the end.
 
     previews: which images to write each step, as {name: (source, kind)} with source one of
     "latents", "denoised", "denoised_cond", "denoised_uncond" and kind a Previewer kind.
+    tensors_limit_bytes: when > 0, also keep each step's first-image tensors (float16) and save them to
+    steps/tensors.safetensors at finish if they fit (see save_step_tensors; `tensors_saved` tells).
     """
 
     DEFAULT_PREVIEWS = {"latents": ("latents", "rgb"), "x0": ("denoised", "decode")}
 
     def __init__(self, out_dir: str | os.PathLike, previewer: Previewer,
-                 previews: dict[str, tuple[str, str]] | None = None) -> None:
+                 previews: dict[str, tuple[str, str]] | None = None, tensors_limit_bytes: int = 0) -> None:
         self.out_dir = Path(out_dir)
         self.previewer = previewer
         wanted = previews if previews is not None else self.DEFAULT_PREVIEWS
         # A model without an RGB map falls back, visibly in trace.json, to its channel grid.
         self.previews = {name: (src, kind if kind in previewer.kinds else "channels") for name, (src, kind) in wanted.items()}
-        self.steps: list[dict[str, Any]] = []
+        self.steps: list[TraceStep] = []
+        self.tensors_limit_bytes = tensors_limit_bytes
+        self._tensors: list[StepTensors] | None = [] if tensors_limit_bytes > 0 else None
+        self._tensor_bytes = 0
+        self.tensors_saved = False  # set by finish()
 
     def on_step(self, event: StepEvent) -> None:
-        entry: dict[str, Any] = {
-            "step": event.step,
-            "timestep": event.timestep,
-            "sigma": event.sigma,
-            "effective_scale": event.effective_scale,
-            "guidance_delta_norm": event.guidance_delta_norm,
-            "elapsed": round(event.elapsed, 4),
-            "previews": {},
-        }
+        previews = {}
         for name, (source, kind) in self.previews.items():
             latents = getattr(event, source)
             if latents is None:
                 continue
             rel = f"steps/{event.step:03d}_{name}.png"
             save_png(self.out_dir / rel, self.previewer.render(kind, latents))
-            entry["previews"][name] = rel
-        self.steps.append(entry)
+            previews[name] = rel
+        self.steps.append(TraceStep(
+            step=event.step,
+            timestep=event.timestep,
+            sigma=event.sigma,
+            effective_scale=event.effective_scale,
+            guidance_delta_norm=event.guidance_delta_norm,
+            elapsed=round(event.elapsed, 4),
+            previews=previews,
+        ))
+        if self._tensors is not None:
+            kept = StepTensors(event.step, *(None if getattr(event, k) is None else _first_image_fp16(getattr(event, k))
+                                             for k in STEP_TENSOR_SOURCES))
+            self._tensor_bytes += sum(t.numel() * t.element_size() for t in vars(kept).values() if torch.is_tensor(t))
+            if self._tensor_bytes <= self.tensors_limit_bytes:
+                self._tensors.append(kept)
+            else:  # nothing will be saved: stop holding memory for it
+                self._tensors = None
 
-    def finish(self, result: GenerationResult) -> dict[str, Any]:
-        """Write image.png and trace.json; return the trace."""
+    def finish(self, result: GenerationResult) -> Trace:
+        """Write image.png, trace.json and (when kept and within the limit) the step tensors; return the trace."""
         save_image(self.out_dir / "image.png", result)
-        trace = {
-            "image": "image.png",
-            "seed": result.seed,
-            "request": result.request.to_dict() | {"seed": result.seed},
-            "scheduler": result.scheduler,
-            "family": result.family,
-            "width": result.width,
-            "height": result.height,
-            "cancelled": result.cancelled,
-            "timings": {k: round(v, 4) for k, v in vars(result.timings).items()},
-            "preview_kinds": {name: kind for name, (_, kind) in self.previews.items()},
-            "latent_format": self.previewer.format.name,
-            "steps": self.steps,
-        }
-        write_json(self.out_dir / "trace.json", trace)
+        trace = Trace(
+            image="image.png",
+            seed=result.seed,
+            request=dataclasses.replace(result.request, seed=result.seed),
+            scheduler=result.scheduler,
+            family=result.family,
+            width=result.width,
+            height=result.height,
+            cancelled=result.cancelled,
+            timings=Timings(**{k: round(v, 4) for k, v in vars(result.timings).items()}),
+            preview_kinds={name: kind for name, (_, kind) in self.previews.items()},
+            latent_format=self.previewer.format.name,
+            steps=tuple(self.steps),
+        )
+        if self._tensors is not None:
+            self.tensors_saved = save_step_tensors(self.out_dir, self._tensors, self.tensors_limit_bytes)
+        trace.write(self.out_dir)
         return trace
