@@ -8,6 +8,7 @@ import pytest
 from guidance import registry
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.observers import Observer
 from pipelines.types import GenerationRequest
 
 BASE = dict(prompt="a large red circle in the center", seed=1, num_inference_steps=20, guidance_scale=5.0)
@@ -61,3 +62,20 @@ def test_per_type_defaults_are_in_range_and_documented() -> None:
                 assert prediction_type in registry.PREDICTION_TYPES
                 assert p.low <= value <= p.high and (not p.integer or float(value).is_integer())
     assert "zero_init_steps = 0, flow: 1" in registry.describe()
+
+
+class Scales(Observer):
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_step(self, event) -> None:
+        self.scales.append(event.effective_scale)
+
+
+@pytest.mark.parametrize(("family", "zeroed"), [("sd3", True), ("sd", False), ("sd_v", False)])
+def test_the_loop_zeroes_the_first_step_on_flow_models_only(tiny_loader, family: str, zeroed: bool) -> None:
+    observer = Scales()
+    generate(GenerationRequest(prompt="a red circle", model=family, guidance="cfg_zero_star", num_inference_steps=3,
+                               guidance_scale=5.0, seed=0, width=32, height=32), observer, loader=tiny_loader)
+    assert (observer.scales[0] == 0.0) is zeroed  # effective_scale 0.0 marks a zeroed step
+    assert all(s != 0.0 for s in observer.scales[1:])
