@@ -72,6 +72,8 @@ def _ignored_text(tokenizer: Any, text: str, limit: int, offsets: list[tuple[int
 
 def _length_notes(pipe: Any, text: str, label: str) -> list[str]:
     """One note per encoder kind that truncates `text` (SDXL's two CLIPs truncate alike: one note)."""
+    if pipe is None:  # the model is not loaded yet: its tokenizers are unknown, so no length notes
+        return []
     encoders = text_encoders(pipe)
     counts = {}
     for enc in encoders:
@@ -95,8 +97,10 @@ def _length_notes(pipe: Any, text: str, label: str) -> list[str]:
     return notes
 
 
-def prompt_notes(pipe: Any, prompt: str, negative_prompt: str = "", vocabulary: frozenset[str] | None = None) -> list[str]:
+def prompt_notes(pipe: Any | None, prompt: str, negative_prompt: str = "", vocabulary: frozenset[str] | None = None) -> list[str]:
     """Short user-facing notes on a prompt for `pipe`, in display order; [] when there is nothing to say.
+
+    pipe None (the model is not loaded yet) skips the token-length notes, which need its tokenizers.
 
     vocabulary: the closed set of words the model was trained on (pipelines.registry.model_vocabulary; only the
     embedded model has one), checked against both prompts with words().

@@ -99,3 +99,8 @@ def test_pixart_t5_reads_299_tokens(tiny_loader) -> None:
     assert prompt_notes(pipe, "red " * 299) == []
     (note,) = prompt_notes(pipe, "red " * 299 + "blue circle")
     assert note == "Prompt is 301 tokens; the text encoder reads only the first 299 — ignored: 'blue circle'"
+
+
+def test_without_a_loaded_pipeline_only_the_text_notes(vocabulary) -> None:
+    assert prompt_notes(None, "") == [EMPTY_NOTE]
+    assert prompt_notes(None, "a dog " * 50, vocabulary=vocabulary) == ["The embedded model does not know: 'dog'" + UNKNOWN_TAIL]
