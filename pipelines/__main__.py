@@ -84,26 +84,20 @@ def _request_flags(g: argparse.ArgumentParser) -> None:
 
 
 def _request(args: argparse.Namespace):
-    """(loader, pipeline, request) from the shared flags; unset steps/scale take the model's recommended ones."""
+    """(loader, pipeline, request) from the shared flags, through the same builder as the UI and the HTTP API."""
     from pipelines.loading import ModelLoader
-    from pipelines.registry import recommended_settings
-    from pipelines.types import GenerationRequest
+    import torch
+
+    from pipelines.requests import build_request
+    from pipelines.worker import threads_for
 
     loader = ModelLoader(device=args.device)
     pipe, _ = loader.view(args.model, None)  # loads once (validating the model first); generate() reuses it
-    defaults = recommended_settings(args.model, pipe)
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        model=args.model,
-        scheduler=args.scheduler,
-        num_inference_steps=args.steps if args.steps is not None else defaults["num_inference_steps"],
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        guidance=args.guidance,
-        guidance_params=dict(args.guidance_param),
+    torch.set_num_threads(threads_for(pipe, loader.device, torch.get_num_threads()))  # 1 for the embedded model
+    request = build_request(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
+        scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param),
     )
     return loader, pipe, request
 

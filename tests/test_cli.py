@@ -69,9 +69,9 @@ def test_guidance_method_and_params_reach_the_trace(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--steps", "0"], "num_inference_steps must be an integer from 1 to 1000"),
-    (["--guidance-scale", "nan"], "guidance_scale must be a finite number >= 0"),
-    (["--guidance-scale", "-1"], "guidance_scale must be a finite number >= 0"),
+    (["--steps", "0"], "num_inference_steps must be a whole number from 1 to 1000"),
+    (["--guidance-scale", "nan"], "guidance_scale must be a finite number"),
+    (["--guidance-scale", "-2"], "guidance_scale must be from 0 to 100"),  # -1 = recommended, as in the API
     (["--width", "36"], "not a multiple of 8"),
     (["--scheduler", "warp"], "unknown scheduler 'warp'; valid for this model: ddim"),
     (["--scheduler", "flow_euler"], "valid for this model: ddim"),
@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, args, exp
 def test_bad_input_in_a_real_process_has_no_traceback(model_dir, tmp_path):
     proc = run_cli("generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: num_inference_steps must be an integer from 1 to 1000, got 5000" in proc.stderr
+    assert "error: num_inference_steps must be a whole number from 1 to 1000, got 5000" in proc.stderr
 
 
 def test_unknown_model_folder_is_a_clear_error(tmp_path):

@@ -1,0 +1,84 @@
+"""The one request builder (UI, HTTP API and CLI all call it): sentinels, recommended values, refusals."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from pipelines.loading import ModelLoader
+from pipelines.requests import OWN_SCHEDULER, build_request, parse_guidance_params, whole_number
+from pipelines.types import DEFAULT_MODEL, MAX_STEPS
+from pipelines.worker import GenerationWorker, generate_on, threads_for
+
+
+@pytest.fixture(scope="module")
+def loader():
+    from tests.tiny import tiny_pipeline
+
+    loader = ModelLoader(device="cpu", allowed=[DEFAULT_MODEL, "tiny-sd"])
+    loader.add("tiny-sd", tiny_pipeline("sd"))
+    return loader
+
+
+def test_sentinels_mean_recommended_random_native_and_own(loader):
+    r = build_request(prompt="a red circle", model=DEFAULT_MODEL, loader=loader, num_inference_steps=-1,
+                      guidance_scale=-1, seed=-1, width=0, height=0, scheduler="", guidance="")
+    assert (r.num_inference_steps, r.guidance_scale) == (20, 5.0)  # the embedded model's registry entry
+    assert r.seed is None and r.width is None and r.height is None and r.scheduler is None and r.guidance == "cfg"
+    assert build_request(prompt="x", model=DEFAULT_MODEL, loader=loader, scheduler=OWN_SCHEDULER).scheduler is None
+
+
+def test_unknown_model_takes_its_stock_pipeline_defaults(loader):
+    r = build_request(prompt="x", model="tiny-sd", loader=loader)
+    assert (r.num_inference_steps, r.guidance_scale) == (50, 7.5)  # StableDiffusionPipeline.__call__ defaults
+
+
+def test_widget_floats_are_whole_numbers_or_refused(loader):
+    r = build_request(prompt="x", model="tiny-sd", loader=loader, num_inference_steps=12.0, seed=7.0, width=32.0)
+    assert (r.num_inference_steps, r.seed, r.width) == (12, 7, 32)
+    for field, value in (("num_inference_steps", 1.5), ("seed", 1.5), ("width", 33.3), ("seed", "abc")):
+        with pytest.raises(ValueError, match=f"{field} must be a whole number"):
+            build_request(prompt="x", model="tiny-sd", loader=loader, **{field: value})
+
+
+@pytest.mark.parametrize("kwargs, allowed", [
+    ({"num_inference_steps": 0}, f"from 1 to {MAX_STEPS}"),
+    ({"num_inference_steps": MAX_STEPS + 1}, f"from 1 to {MAX_STEPS}"),
+    ({"guidance_scale": 1e12}, "from 0 to 100"),
+    ({"guidance_scale": float("nan")}, "finite"),
+    ({"seed": -5}, "from 0 to 2**63-1"),
+    ({"model": "not-offered"}, "choose one of"),
+    ({"guidance_params": "[1]"}, "JSON object"),
+    ({"guidance_params": '{"guidance_rescale": "x"}'}, "must be a number"),
+])
+def test_refusals_say_what_is_allowed(loader, kwargs, allowed):
+    with pytest.raises(ValueError, match=allowed.replace("*", r"\*")):
+        build_request(**({"prompt": "x", "model": "tiny-sd", "loader": loader} | kwargs))
+
+
+def test_parsers():
+    assert whole_number("n", "20") == 20 and whole_number("n", 20.0) == 20
+    with pytest.raises(ValueError):
+        whole_number("n", True)
+    assert parse_guidance_params('{"guidance_rescale": 0.7}') == {"guidance_rescale": 0.7}
+    assert parse_guidance_params(None) == {} and parse_guidance_params("") == {}
+
+
+def test_worker_runs_every_job_on_one_long_lived_thread(loader):
+    worker = GenerationWorker()
+    names = [worker.run(lambda: threading.current_thread()) for _ in range(3)]
+    assert len(set(map(id, names))) == 1 and names[0] is worker.thread and names[0] is not threading.main_thread()
+    with pytest.raises(ZeroDivisionError):  # a failing job reaches its caller; the worker keeps going
+        worker.run(lambda: 1 / 0)
+    assert worker.run(lambda: 2) == 2 and worker.thread is names[0]
+    request = build_request(prompt="a red circle", model="tiny-sd", loader=loader, num_inference_steps=2, seed=1)
+    result = generate_on(worker, request, loader=loader).result()
+    assert result.steps_completed == 3 and worker.thread is names[0]  # PNDM: N + 1 iterations
+
+
+def test_thread_count_is_chosen_by_model_size(loader):
+    pipe = loader.get("tiny-sd")
+    assert threads_for(pipe, torch.device("cpu"), default=2) == 1  # a tiny UNet: one thread
+    assert threads_for(pipe, torch.device("cuda"), default=2) == 2
