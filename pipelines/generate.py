@@ -82,8 +82,9 @@ def generate(
         denoiser = family.denoiser(pipe)
         # As diffusers: CFG only above scale 1, and never for guidance-distilled (LCM) UNets.
         do_cfg = request.guidance_scale > 1.0 and getattr(denoiser.config, "time_cond_proj_dim", None) is None
-        method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params)
         prediction_type = family.prediction_type(pipe)
+        # Defaults may depend on the prediction type (CFG-Zero*'s zero-init only suits flow models).
+        method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params, prediction_type)
 
         # 3. Encode the prompt ("" negative means diffusers' default None)
         cond = family.encode(pipe, request.prompt, request.negative_prompt or None, do_cfg, device, height, width)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+
+import torch
+
 from pipelines.types import StepEvent
 
 
@@ -85,3 +89,36 @@ class LatestObserver(Observer):
 
     def is_cancelled(self) -> bool:
         return self._cancel.is_set()
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step kept for scrubbing: first image only, on the CPU. Latents are (1, C, h, w)."""
+
+    step: int  # 0-based loop index
+    timestep: float  # scheduler timestep t
+    sigma: float | None  # σ at this step
+    latents: torch.Tensor  # x_{t-1} after the step
+    denoised: torch.Tensor  # x̂0 of the guided prediction
+    denoised_cond: torch.Tensor | None  # x̂0 of the conditional prediction (None without CFG)
+    denoised_uncond: torch.Tensor | None  # x̂0 of the unconditional prediction (None without CFG)
+    guidance_delta_norm: float | None  # ‖ε_c − ε_u‖
+    effective_scale: float  # guidance scale applied at this step
+
+
+class StepRecorder(Observer):
+    """Keeps every step's tensors (first image, CPU) so a scrubber or an experiment can revisit any step."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepRecord] = []
+
+    def on_step(self, event: StepEvent) -> None:
+        def cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:1].to("cpu")
+
+        self.steps.append(StepRecord(
+            step=event.step, timestep=event.timestep, sigma=event.sigma, latents=cpu(event.latents),
+            denoised=cpu(event.denoised), denoised_cond=cpu(event.denoised_cond),
+            denoised_uncond=cpu(event.denoised_uncond), guidance_delta_norm=event.guidance_delta_norm,
+            effective_scale=event.effective_scale,
+        ))

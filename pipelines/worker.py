@@ -1,0 +1,95 @@
+"""One long-lived generation thread: every run of a process goes through it, one at a time.
+
+Why not a thread per run: torch on a *new* Python thread builds a new OpenMP team, and on a 2-core machine
+the first run there was ~3x slower than on a thread that already had one (1.46 s vs 0.50 s for 20 steps of
+the embedded model, measured in issue 12). One thread that lives as long as the app keeps its team warm.
+
+Why one torch thread for small models: the embedded model's UNet is far too small to split a convolution
+over cores (1 thread: 0.41-0.45 s per 20-step run, 2 threads: 0.50 s, same process, measured here), and the
+free core then renders previews and serves HTTP without competing with the loop. Large models keep torch's
+own default. See `threads_for`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Denoisers below this many parameters run on one torch thread on a CPU (the embedded UNet has ~1.6 M).
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def threads_for(pipe, device: torch.device, default: int) -> int:
+    """torch intra-op threads for a run of `pipe`: 1 for small denoisers on a CPU, else `default`."""
+    if device.type != "cpu":
+        return default
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        return default
+    params = sum(p.numel() for p in denoiser.parameters())
+    return 1 if params < SMALL_MODEL_PARAMS else default
+
+
+class GenerationWorker:
+    """Runs submitted jobs in order on one daemon thread that is started on first use and then kept."""
+
+    def __init__(self, name: str = "generation-worker") -> None:
+        self.name = name
+        self.default_threads = torch.get_num_threads()  # torch's own choice, for large models
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        """Queue `job` and return its Future; its exceptions are set on the Future, the worker keeps going."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            self._jobs.put((job, future))
+        return future
+
+    def run(self, job: Callable[[], T]) -> T:
+        """submit(job) and wait for its result (or its exception)."""
+        return self.submit(job).result()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread (None before the first job): tests check that runs happen there."""
+        return self._thread
+
+    def close(self) -> None:
+        """Let the thread finish the queued jobs and exit."""
+        self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+
+
+def generate_on(worker: GenerationWorker, request, observer=None, *, loader) -> Future:
+    """generate(request, observer) as a job on `worker`, with torch's thread count chosen for the model."""
+    from pipelines.generate import generate
+
+    def job():
+        pipe = loader.get(request.model)
+        torch.set_num_threads(threads_for(pipe, loader.device, worker.default_threads))
+        return generate(request, observer, loader=loader)
+
+    return worker.submit(job)
