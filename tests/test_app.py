@@ -46,7 +46,7 @@ def server(tmp_path_factory, pipe):
     demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=outputs, preview_interval=0.05)
     port = free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield f"http://127.0.0.1:{port}/", outputs
+    yield f"http://127.0.0.1:{port}/", outputs, demo.playground
     demo.close()
 
 
@@ -100,19 +100,21 @@ def test_api_bad_input_says_what_is_allowed_and_server_keeps_serving(client, kwa
 
 
 def test_history_and_code_come_from_disk(server, client):
-    import app
+    from ui.history import history
 
-    _, outputs = server
+    _, outputs, _ = server
     client.predict(prompt="history check", num_inference_steps=2, seed=11, api_name="/generate")
-    items = app.history(outputs)
-    assert any("history check" in caption and "seed 11" in caption for _, caption in items)
+    items = history(outputs)
+    # The caption says what runs are compared by: scheduler, steps, guidance and seed.
+    assert any("history check" in c and "pndm" in c and "2 steps" in c and "CFG 7.5" in c and "seed 11" in c
+               for _, c in items), items
     trace = json.loads((Path(items[0][0]) / "trace.json").read_text())
     assert trace["request"]["prompt"] == "history check" and len(trace["steps"]) >= 2
 
 
 def test_diffusers_code_reproduces_the_image(tmp_path, monkeypatch):
-    """The "diffusers code" box, run as a script against the stock pipeline, makes the same image."""
-    import app
+    """The "diffusers code" box, run as a script against the stock pipeline from another folder, makes the same image."""
+    from ui.render import diffusers_code
 
     folder = tmp_path / "tiny-sd"
     tiny_pipeline("sd").save_pretrained(folder)
@@ -121,12 +123,14 @@ def test_diffusers_code_reproduces_the_image(tmp_path, monkeypatch):
                                 scheduler="dpmpp_2m_karras", num_inference_steps=4, guidance_scale=5.0, seed=3,
                                 width=32, height=24, guidance="rescale", guidance_params={"guidance_rescale": 0.5})
     result = generate(request, loader=loader)
-    code = app.diffusers_code(result, torch.float32, "cpu")
+    code = diffusers_code(result, torch.float32, "cpu")
     assert "use_karras_sigmas=True" in code and "guidance_rescale=0.5" in code and "manual_seed(3)" in code
-    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the script names the model folder by its absolute path
     exec(compile(code, "diffusers_code", "exec"), {})
     ours = np.asarray(result.image, dtype=np.int16)
-    stock = np.asarray(Image.open(tmp_path / "image.png"), dtype=np.int16)
+    stock = np.asarray(Image.open(elsewhere / "image.png"), dtype=np.int16)
     assert ours.shape == stock.shape == (24, 32, 3)
     assert np.abs(ours - stock).max() <= 1
 
@@ -134,29 +138,30 @@ def test_diffusers_code_reproduces_the_image(tmp_path, monkeypatch):
 def test_missing_embedded_model_says_so(tmp_path, monkeypatch):
     import dataclasses
 
-    import gradio as gr
-
-    import app
     from pipelines.registry import MODELS
+    from pipelines.requests import build_request
 
     # Point the registry's embedded entry at a folder that does not exist (a fresh clone without assets/).
     missing = dataclasses.replace(MODELS[DEFAULT_MODEL], source=str(tmp_path / "no-such-model"))
     monkeypatch.setitem(MODELS, DEFAULT_MODEL, missing)
-
-    playground = app.Playground(ModelLoader(device="cpu"), [DEFAULT_MODEL, MODEL], DEFAULT_MODEL, tmp_path, 0.1)
-    with pytest.raises(gr.Error) as err:
-        playground.make_request(prompt="x", negative_prompt="", model=DEFAULT_MODEL, scheduler=None,
-                                num_inference_steps=2, guidance_scale=1.0, seed=1, width=0, height=0, guidance="cfg",
-                                guidance_params={})
-    assert "not installed" in err.value.message and MODEL in err.value.message
+    with pytest.raises(ValueError, match="not installed.*pick another model"):
+        build_request(prompt="x", model=DEFAULT_MODEL, loader=ModelLoader(device="cpu"), num_inference_steps=2)
 
 
 def test_unexpected_errors_name_their_type_and_bad_input_stays_as_is():
-    import app
+    from ui.live import error_text
 
-    assert app.as_gr_error(RuntimeError("CUDA out of memory")).message == \
-        "Generation failed with RuntimeError: CUDA out of memory"
-    assert app.as_gr_error(ValueError("steps must be 1..1000")).message == "steps must be 1..1000"
+    assert error_text(RuntimeError("CUDA out of memory")) == "Generation failed with RuntimeError: CUDA out of memory"
+    assert error_text(ValueError("steps must be 1..1000")) == "steps must be 1..1000"
+
+
+def test_runs_share_one_long_lived_worker_thread(server, client):
+    """Every run goes through the app's one generation worker (a fresh thread's first torch run was 3x slower)."""
+    playground = server[2]
+    ids = [client.predict(prompt="x", num_inference_steps=2, seed=seed, api_name="/generate")[2]["run"]
+           for seed in (1, 2, 3)]
+    threads = {playground.runs[i].thread for i in ids}
+    assert threads == {playground.worker.thread} and playground.worker.thread.is_alive()
 
 
 def _browser(playwright):
@@ -177,7 +182,7 @@ def _set_steps(page, n: int) -> None:
 
 def test_browser_live_previews_scrubber_stop_and_history(server, client):
     sync_api = pytest.importorskip("playwright.sync_api")
-    url, outputs = server
+    url, outputs, _ = server
     with sync_api.sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -188,7 +193,7 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         # A run: the live x̂0 preview changes while it goes, then the scrubber appears.
         page.get_by_label("Prompt", exact=True).fill("a red circle")
         _set_steps(page, 250)
-        page.get_by_label("Latent→RGB (fast)").check()  # cheap previews: their rate does not hang on CPU load
+        page.get_by_label("Fast preview").check()  # cheap previews: their rate does not hang on CPU load
         page.get_by_role("button", name="Generate").click()
         seen: set[str] = set()
         deadline = time.time() + 60

@@ -1,0 +1,248 @@
+"""The controls view: prompt, model, scheduler, steps, guidance, seed, size, preview choice. It owns its widgets,
+maps them to a request by keyword (pipelines.requests.build_request), and keeps its own choices in step with
+the chosen model (scheduler list, recommended steps and guidance, the useful guidance range, prompt notes)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import gradio as gr
+
+from guidance.registry import METHODS
+from pipelines.registry import MODELS
+from pipelines.requests import OWN_SCHEDULER, build_request
+from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
+from ui.render import display_source
+from ui.state import Playground
+
+# The embedded model knows only its world's words (training/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid.
+EXAMPLE_PROMPTS = [
+    ["a large red circle in the center"],
+    ["a small blue star in the top left"],
+    ["a yellow heart at the bottom"],
+    ["a large green triangle on the right"],
+    ["a small purple square above an orange circle"],
+]
+X0_CHOICES = [("Auto", "auto"), ("VAE decode", "decode"), ("Fast preview", "fast")]
+
+
+def guidance_range(model: str) -> tuple[float, float]:
+    """The guidance-scale slider's range for `model`: 0 to ~2.5× its recommended scale (0–3 for guidance-free
+    distilled models such as SD-Turbo), so the useful part of the slider is most of it. The API accepts more."""
+    entry = MODELS.get(model)
+    recommended = entry.guidance_scale if entry is not None else 7.5
+    return 0.0, float(max(3, math.ceil(2.5 * recommended)))
+
+
+def model_label(model: str) -> str:
+    """Dropdown label: hub models that are not on this machine say so (they download on first use, or fail offline)."""
+    from pipelines.loading import is_available_offline
+
+    if is_available_offline(model):
+        return model
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    return f"{model} (not downloaded{': offline' if offline else ''})"
+
+
+def method_note(key: str) -> str:
+    spec = METHODS[key]
+    params = "" if spec.params else " No parameters."
+    return f"**{spec.key}** — {spec.summary}. _{spec.paper}_.{params}"
+
+
+class Controls:
+    """Every widget that goes into a GenerationRequest, plus Generate / Stop."""
+
+    def __init__(self, app: Playground) -> None:
+        self.app = app
+        model0 = app.default_model
+        entry = MODELS.get(model0)
+        with gr.Column(elem_id="prompt-block"):
+            self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left")
+            self.prompt_note = gr.Markdown("", elem_classes="step-note", elem_id="prompt-note")
+            self.negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="(none)")
+            with gr.Row():
+                self.generate_btn = gr.Button("Generate", variant="primary", scale=3)
+                self.stop_btn = gr.Button("Stop", variant="stop", scale=1)
+        with gr.Column(elem_id="settings-block"):
+            # Below the buttons on a desktop; after the result on a phone (ui/theme.py orders the blocks).
+            gr.Examples(EXAMPLE_PROMPTS, inputs=[self.prompt], label="Prompts in the embedded model's world",
+                        cache_examples=False, examples_per_page=len(EXAMPLE_PROMPTS))
+            self.model = gr.Dropdown([(model_label(m), m) for m in app.models], value=model0, label="Model")
+            self.model_note = gr.Markdown(self.note_for(model0), elem_classes="step-note", elem_id="model-note")
+            self.scheduler = gr.Dropdown(app.scheduler_choices(model0), value=(entry.scheduler if entry and entry.scheduler
+                                         else OWN_SCHEDULER), label="Scheduler",
+                                         info="stochastic samplers add fresh noise every step; heun and pndm "
+                                              "evaluate the model more often than the step count")
+            self.num_inference_steps = gr.Slider(1, MAX_STEPS, value=entry.steps if entry else 20, step=1, label="Steps")
+            with gr.Row():
+                self.guidance = gr.Dropdown([(k, k) for k in METHODS], value="cfg", label="Guidance method", scale=1)
+                lo, hi = guidance_range(model0)
+                self.guidance_scale = gr.Slider(lo, hi, value=entry.guidance_scale if entry else 7.5, step=0.1,
+                                                label="Guidance scale", scale=2)
+            with gr.Accordion("Guidance method parameters", open=False):
+                self.method_note = gr.Markdown(method_note("cfg"), elem_classes="step-note")
+                self.param_groups: dict[str, gr.Group] = {}
+                self.param_sliders: dict[str, gr.Slider] = {}  # "method__param" -> slider
+                for key, spec in METHODS.items():
+                    with gr.Group(visible=key == "cfg") as group:
+                        for p in spec.params:
+                            step = 1 if p.integer else 0.01  # fine enough for every default (e.g. σ 0.28)
+                            self.param_sliders[f"{key}__{p.name}"] = gr.Slider(
+                                p.low, p.high, value=p.default, step=step, label=p.name, info=p.doc)
+                    self.param_groups[key] = group
+            with gr.Row():
+                self.seed = gr.Number(value=0, precision=0, label="Seed", scale=2, min_width=120)
+                self.randomize_seed = gr.Checkbox(value=True, label="Random seed", scale=1, min_width=110)
+            with gr.Row():
+                self.width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Width", info="0 = the model's size")
+                self.height = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Height", info="0 = the model's size")
+            self.x0_preview = gr.Radio(X0_CHOICES, value="auto", label="x̂0 preview",
+                                       info="Auto: the scrubber decodes small images with the VAE; the live view uses "
+                                            "the model's fast colour preview on a CPU. Each panel's caption names "
+                                            "the preview it shows.")
+
+    # -- request ---------------------------------------------------------------------------------------
+
+    @property
+    def inputs(self) -> dict[str, gr.components.Component]:
+        """Handler keyword -> widget, for inputs_kwargs."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, model=self.model, scheduler=self.scheduler,
+                    num_inference_steps=self.num_inference_steps, guidance=self.guidance,
+                    guidance_scale=self.guidance_scale, seed=self.seed, randomize_seed=self.randomize_seed,
+                    width=self.width, height=self.height, x0_preview=self.x0_preview, **self.param_sliders)
+
+    def request(self, values: dict[str, Any]) -> tuple[GenerationRequest, str]:
+        """Widget values (as `inputs` names them) -> (validated request, x̂0 preview choice); ValueError if refused."""
+        if values["model"] not in self.app.models:
+            raise ValueError(f"model {values['model']!r} is not offered here; choose one of: {', '.join(self.app.models)}")
+        method = values.get("guidance") or "cfg"
+        prefix = f"{method}__"
+        request = build_request(
+            prompt=values["prompt"], negative_prompt=values["negative_prompt"], model=values["model"],
+            loader=self.app.loader, scheduler=values["scheduler"], num_inference_steps=values["num_inference_steps"],
+            guidance_scale=values["guidance_scale"],
+            seed=None if values["randomize_seed"] or values["seed"] is None else values["seed"],
+            width=values["width"], height=values["height"], guidance=method,
+            guidance_params=self.changed_params(method, values),
+        )
+        return request, values.get("x0_preview") or "auto"
+
+    @staticmethod
+    def changed_params(method: str, values: dict[str, Any]) -> dict[str, float]:
+        """The method's sliders that the user moved off their default. A slider left at its default sends nothing,
+        so the method takes the default for the model's prediction type (CFG-Zero*'s zero-init is 1 on flow
+        models, 0 on ε/v models: guidance/registry.py)."""
+        defaults = {p.name: p.default for p in METHODS[method].params} if method in METHODS else {}
+        prefix = f"{method}__"
+        return {k.removeprefix(prefix): v for k, v in values.items()
+                if k.startswith(prefix) and v != defaults.get(k.removeprefix(prefix))}
+
+    # -- notes -----------------------------------------------------------------------------------------
+
+    def note_for(self, model: str) -> str:
+        """The line under the model dropdown: where it comes from, its note, and what is wrong when it cannot run."""
+        missing = self.app.missing_embedded(model)
+        if missing:
+            return f"⚠️ {missing}"
+        entry = MODELS.get(model)
+        text = f"`{display_source(model)}`" + (f" — {entry.note}" if entry else "")
+        from pipelines.loading import is_available_offline
+
+        if model != DEFAULT_MODEL and self.app.loader.loaded(model) is None and not is_available_offline(model):
+            text = f"⚠️ {offline_hint(model)}  \n{text}"
+        return text
+
+    def prompt_notes(self, prompt: str, negative_prompt: str, model: str) -> str:
+        from pipelines.prompts import prompt_notes
+
+        from pipelines.registry import model_vocabulary
+
+        pipe = self.app.loader.loaded(model)
+        if pipe is None and model == DEFAULT_MODEL and self.app.missing_embedded(model) is None:
+            pipe = self.app.loader.get(model)  # the embedded model loads in under a second: worth it for the notes
+        try:
+            notes = prompt_notes(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model))
+        except ValueError as e:
+            notes = [str(e)]
+        return "  \n".join(f"ℹ️ {n}" for n in notes)
+
+    # -- wiring ----------------------------------------------------------------------------------------
+
+    def on_model(self, model_value: str) -> dict:
+        e = MODELS.get(model_value)
+        lo, hi = guidance_range(model_value)
+        out: dict = {self.scheduler: gr.Dropdown(choices=self.app.scheduler_choices(model_value), value=OWN_SCHEDULER),
+                     self.model_note: self.note_for(model_value), self.width: 0, self.height: 0,
+                     self.guidance_scale: gr.Slider(lo, hi)}
+        if e is not None or self.app.loader.loaded(model_value) is not None:
+            try:
+                from pipelines.requests import recommended
+
+                rec = recommended(model_value, self.app.loader)
+                out |= {self.num_inference_steps: rec["num_inference_steps"],
+                        self.guidance_scale: gr.Slider(lo, max(hi, rec["guidance_scale"]), value=rec["guidance_scale"])}
+            except ValueError:
+                pass
+        if e is not None and e.scheduler:
+            out[self.scheduler] = gr.Dropdown(choices=self.app.scheduler_choices(model_value), value=e.scheduler)
+        return out
+
+    def on_method(self, method: str) -> dict:
+        return {self.method_note: method_note(method)} | {g: gr.Group(visible=k == method)
+                                                          for k, g in self.param_groups.items()}
+
+    def wire(self) -> None:
+        self.model.input(self.on_model, inputs_kwargs=dict(model_value=self.model),
+                         outputs=[self.scheduler, self.model_note, self.width, self.height, self.num_inference_steps,
+                                  self.guidance_scale], api_visibility="private")
+        self.guidance.change(self.on_method, inputs_kwargs=dict(method=self.guidance),
+                             outputs=[self.method_note, *self.param_groups.values()], api_visibility="private")
+        notes = dict(fn=self.prompt_notes, inputs_kwargs=dict(prompt=self.prompt, negative_prompt=self.negative_prompt,
+                                                               model=self.model),
+                     outputs=[self.prompt_note], show_progress="hidden", trigger_mode="always_last",
+                     api_visibility="private", queue=False)
+        for widget in (self.prompt, self.negative_prompt, self.model):
+            widget.change(**notes)
+
+    def restore(self, req: dict[str, Any], seed: int | None) -> dict:
+        """Widget values that bring back a past run's settings (req: its trace's request dict)."""
+        model = req.get("model")
+        out: dict = {
+            self.prompt: req.get("prompt", ""), self.negative_prompt: req.get("negative_prompt", ""),
+            self.num_inference_steps: req.get("num_inference_steps", 20), self.guidance_scale: req.get("guidance_scale", 7.5),
+            self.guidance: req.get("guidance", "cfg"), self.seed: seed, self.randomize_seed: False,
+            self.width: req.get("width") or 0, self.height: req.get("height") or 0,
+        }
+        if model in self.app.models:
+            out[self.model] = model
+            out[self.model_note] = self.note_for(model)
+            out[self.scheduler] = gr.Dropdown(choices=self.app.scheduler_choices(model),
+                                              value=req.get("scheduler") or OWN_SCHEDULER)
+        else:
+            gr.Warning(f"model {model!r} of that run is not offered here; model left unchanged")
+        for name, value in (req.get("guidance_params") or {}).items():
+            slider = self.param_sliders.get(f"{req.get('guidance', 'cfg')}__{name}")
+            if slider is not None:
+                out[slider] = value
+        return out | self.on_method(req.get("guidance", "cfg"))
+
+    @property
+    def restore_outputs(self) -> list:
+        return [self.prompt, self.negative_prompt, self.model, self.model_note, self.scheduler, self.num_inference_steps,
+                self.guidance_scale, self.guidance, self.seed, self.randomize_seed, self.width, self.height,
+                self.method_note, *self.param_sliders.values(), *self.param_groups.values()]
+
+
+def offline_hint(model: str) -> str:
+    """One actionable line for a hub model that is not on this machine."""
+    from pipelines.registry import resolve
+
+    source = resolve(model)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        return (f"`{source}` is not in the local Hugging Face cache and this machine is offline (HF_HUB_OFFLINE=1): "
+                f"run `hf download {source}` where there is network, or unset HF_HUB_OFFLINE.")
+    return f"`{source}` is not downloaded yet: the first run downloads it (several GB; can take minutes)."

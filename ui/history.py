@@ -1,0 +1,104 @@
+"""The history view: past runs read from disk (one Trace reader), newest first; clicking one restores its settings,
+its image and code, and its scrubber (from memory, or from the step tensors saved in its folder)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from pipelines.outputs import Trace
+from pipelines.types import GenerationRequest
+from ui.render import diffusers_script
+from ui.state import Playground
+
+log = logging.getLogger("playground")
+
+HISTORY_LIMIT = 60  # runs shown in the history gallery
+
+
+def request_dict(trace: Trace) -> dict[str, Any]:
+    req = trace.request
+    return req.to_dict() if isinstance(req, GenerationRequest) else dict(req)
+
+
+def caption(trace: Trace) -> str:
+    """Prompt start, then what a user compares runs by: scheduler, steps, guidance, seed."""
+    req = request_dict(trace)
+    prompt = req.get("prompt") or "(no prompt)"
+    prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+    method = req.get("guidance") or "cfg"
+    guidance = f"CFG {req.get('guidance_scale', 0):g}" if method == "cfg" else f"{method} {req.get('guidance_scale', 0):g}"
+    stopped = " · stopped" if trace.cancelled else ""
+    return f"{prompt} · {trace.scheduler} · {req.get('num_inference_steps')} steps · {guidance} · seed {trace.seed}{stopped}"
+
+
+def history(outputs_dir: Path, limit: int = HISTORY_LIMIT) -> list[tuple[str, str]]:
+    """Past runs on disk, newest first, as (run folder, caption); a malformed run is skipped, never fatal."""
+    runs = []
+    for path in outputs_dir.glob("*/trace.json"):
+        try:
+            runs.append((path.stat().st_mtime, path.parent))
+        except OSError:
+            continue
+    items = []
+    for _, folder in sorted(runs, reverse=True):
+        if len(items) >= limit:
+            break
+        try:
+            trace = Trace.read(folder)
+        except (OSError, ValueError) as e:
+            log.info("history skips %s: %s", folder.name, e)
+            continue
+        items.append((str(folder), caption(trace)))
+    return items
+
+
+class HistoryView:
+    """A gallery of past runs; its folders are kept in a State so a click maps back to a run."""
+
+    def __init__(self, app: Playground) -> None:
+        self.app = app
+        self.folders = gr.State([])
+        self.gallery = gr.Gallery(label="Past runs (click one to restore its settings)", columns=8, height=260,
+                                  fit_columns=False, object_fit="contain", allow_preview=False, elem_id="history",
+                                  elem_classes="pixelated", show_label=True)
+
+    def outputs(self, app: Playground | None = None) -> dict:
+        items = history((app or self.app).outputs_dir)
+        return {self.gallery: [(str(Path(f) / "image.png"), c) for f, c in items], self.folders: [f for f, _ in items]}
+
+    def on_select(self, controls, live, folders: list[str], evt: gr.SelectData) -> dict:
+        """Restore a past run's settings, image, code and (where its steps were kept) its scrubber."""
+        if evt.index is None or evt.index >= len(folders):
+            return {}
+        folder = Path(folders[evt.index])
+        try:
+            trace = Trace.read(folder)
+        except (OSError, ValueError) as e:
+            return live.cleared(f"⚠️ **Error:** cannot restore run `{folder.name}`: {e}")
+        req = request_dict(trace)
+        out = controls.restore(req, trace.seed)
+        out |= {live.final_image: str(folder / "image.png"), live.run_id: folder.name,
+                live.status: f"Restored the settings of run `{folder.name}` (seed {trace.seed}); press Generate to rerun."}
+        try:
+            request = GenerationRequest(**(req | {"guidance_params": req.get("guidance_params") or {}}))
+            out[live.code] = diffusers_script(
+                request, seed=trace.seed, width=trace.width, height=trace.height, scheduler=trace.scheduler,
+                family=trace.family, stopped_at=len(trace.steps) if trace.cancelled else None,
+                dtype=self.app.loader.dtype, device=self.app.loader.device.type)
+        except (KeyError, TypeError, ValueError):
+            out[live.code] = ""
+        run = self.app.runs.get(folder.name) or self.app.restore(folder, trace)
+        out |= live.scrubber(run) if run is not None else {live.scrub_group: gr.Group(visible=False)}
+        return out
+
+    def wire(self, demo: gr.Blocks, controls, live) -> None:
+        def select(folders: list[str], evt: gr.SelectData):
+            return self.on_select(controls, live, folders, evt)
+
+        self.gallery.select(select, inputs=[self.folders],
+                            outputs=[*controls.restore_outputs, *live.outputs], api_visibility="private")
+        demo.load(self.outputs, outputs=[self.gallery, self.folders], api_visibility="private")

@@ -1,0 +1,241 @@
+"""The live view and the scrubber: status line, live x_t / channels / x̂0 / final image, and after the run a
+slider over the steps with the guided, conditional and unconditional x̂0 and the guidance heat map.
+
+The Generate handler is a generator: it queues the run on the app's one generation worker and yields only the
+newest step's previews (file paths, throttled), then the final image, then the scrubber.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from pipelines.types import GenerationResult
+from ui.render import diffusers_code
+from ui.state import Playground, Run, kind_label
+from ui.theme import captioned_image
+
+log = logging.getLogger("playground")
+
+# After a live preview took r seconds, the next waits >= RENDER_SHARE·r: previews, which compete with the
+# denoising loop for the CPU, stay under ~1/13 of the run.
+RENDER_SHARE = 12
+STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
+STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
+WHY = ("**Why many small steps?** Early on, x̂0 is the model's best guess from almost pure noise: a blurry "
+       "*average* of every image that fits the prompt. Jumping straight to it gives that blur. Each small step "
+       "commits to a little detail, re-noises less, and asks again — so the guess sharpens. Scrub from step 1 to "
+       "the end and watch x̂0 go from average to specific. The heat map shows where the prompt pushes hardest "
+       "(brighter = larger cond − uncond difference, on one scale for the whole run).")
+
+
+def error_text(error: BaseException) -> str:
+    """ValueErrors (bad input) are shown as they are; anything else is logged and shown with its type."""
+    if isinstance(error, gr.Error):
+        return str(error.message)
+    if isinstance(error, ValueError):
+        return str(error)
+    log.error("generation failed", exc_info=error)
+    return f"Generation failed with {type(error).__name__}: {error}"
+
+
+def as_gr_error(error: BaseException) -> gr.Error:
+    return error if isinstance(error, gr.Error) else gr.Error(error_text(error), print_exception=False)
+
+
+class LiveView:
+    """Status, live previews, final image, scrubber, diffusers code."""
+
+    def __init__(self, app: Playground) -> None:
+        self.app = app
+        self.run_id = gr.State("")
+        self.status = gr.Markdown("Ready.", elem_id="live-status")
+        with gr.Row():
+            self.live_latents, self.cap_latents = captioned_image("Latents x_t", 200, elem_id="live-latents")
+            self.live_channels, self.cap_channels = captioned_image("Latent channels", 200, elem_id="live-channels")
+            self.live_x0, self.cap_x0 = captioned_image("Predicted x̂0", 200, elem_id="live-x0")
+            self.final_image, self.cap_final = captioned_image("Final image", 200, elem_id="final-image", type="filepath",
+                                                               buttons=["download", "fullscreen"])
+        with gr.Group(visible=False) as self.scrub_group:
+            self.scrub = gr.Slider(1, 2, value=1, step=1, label="Scrub through the steps", elem_id="scrub")
+            self.step_info = gr.Markdown(elem_id="step-info")
+            with gr.Row():
+                self.scrub_latents, self.cap_s_latents = captioned_image("x_t", 150, elem_id="scrub-latents")
+                self.scrub_x0, self.cap_s_x0 = captioned_image("x̂0 (guided)", 150, elem_id="scrub-x0")
+                self.scrub_cond, self.cap_s_cond = captioned_image("x̂0 conditional", 150, elem_id="scrub-cond")
+                self.scrub_uncond, self.cap_s_uncond = captioned_image("x̂0 unconditional", 150, elem_id="scrub-uncond")
+                self.scrub_delta, _ = captioned_image("|x̂0 cond − uncond|", 150, elem_id="scrub-delta")
+            gr.Markdown(WHY, elem_classes="step-note")
+            with gr.Accordion("Per-step numbers", open=False):
+                with gr.Row():
+                    self.sigma_plot = gr.LinePlot(x="step", y="sigma", y_title="σ", label="Noise level σ per step",
+                                                  height=200)
+                    self.delta_plot = gr.LinePlot(x="step", y="delta", y_title="‖ε_c − ε_u‖", height=200,
+                                                  label="Guidance difference ‖ε_c − ε_u‖ per step")
+                self.steps_table = gr.Dataframe(headers=STEP_COLUMNS, elem_id="steps-table", interactive=False,
+                                                wrap=True, max_height=260)
+        with gr.Accordion("diffusers code that reproduces this image", open=False):
+            self.code = gr.Code(language="python", interactive=False, label="diffusers", elem_id="diffusers-code")
+
+    # -- outputs ---------------------------------------------------------------------------------------
+
+    @property
+    def outputs(self) -> list:
+        return [self.status, self.live_latents, self.live_channels, self.live_x0, self.final_image, self.scrub_group,
+                self.scrub, self.step_info, self.scrub_latents, self.scrub_x0, self.scrub_cond, self.scrub_uncond,
+                self.scrub_delta, self.steps_table, self.sigma_plot, self.delta_plot, self.code, self.run_id,
+                self.cap_latents, self.cap_x0, self.cap_s_latents, self.cap_s_x0, self.cap_s_cond, self.cap_s_uncond]
+
+    def cleared(self, status: str) -> dict:
+        """Every preview emptied (nothing stale from the last run stays on screen) and `status` shown."""
+        return {self.status: status, self.live_latents: None, self.live_channels: None, self.live_x0: None,
+                self.final_image: None, self.scrub_group: gr.Group(visible=False), self.code: "", self.run_id: "",
+                self.cap_latents: "Latents x_t", self.cap_x0: "Predicted x̂0"}
+
+    def error(self, error: BaseException) -> dict:
+        return self.cleared(f"⚠️ **Error:** {error_text(error)}")
+
+    def captions(self, run: Run) -> dict:
+        p = run.previewer
+        live_x0 = kind_label(p, run.live_x0_kind)
+        return {self.cap_latents: f"Latents x_t · {kind_label(p, run.latents_kind)}",
+                self.cap_x0: f"Predicted x̂0 · {live_x0}",
+                self.cap_s_latents: f"x_t · {kind_label(p, run.latents_kind)}",
+                self.cap_s_x0: f"x̂0 (guided) · {kind_label(p, run.x0_kind)}",
+                self.cap_s_cond: f"x̂0 conditional · {kind_label(p, run.x0_kind)}",
+                self.cap_s_uncond: f"x̂0 unconditional · {kind_label(p, run.x0_kind)}"}
+
+    def finished(self, run: Run, result: GenerationResult) -> dict:
+        """Outputs once the image exists: final image, status, seed, code."""
+        t = result.timings
+        rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
+        what = (f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled
+                else f"Done: {result.steps_completed} steps")
+        return {
+            self.status: f"{what} in {t.denoise:.2f} s ({rate:.1f} it/s), {result.width}×{result.height}, "
+                         f"{result.scheduler}, seed {result.seed}. Saved as run `{run.run_id}`.",
+            self.final_image: str(run.folder / "image.png"),
+            self.code: diffusers_code(result, run.previewer.pipe.dtype, self.app.loader.device.type),
+            self.run_id: run.run_id,
+        }
+
+    def scrubber(self, run: Run) -> dict:
+        """The scrubber, opened at the last step; the live view ends on the last step too."""
+        n = len(run.steps)
+        if not n:
+            return {self.scrub_group: gr.Group(visible=False)}
+        app = self.app
+        live = {self.live_latents: app.render(run, n - 1, "latents"), self.live_channels: app.render(run, n - 1, "channels"),
+                self.live_x0: app.render(run, n - 1, "x0")}
+        live[self.cap_x0] = f"Predicted x̂0 · {kind_label(run.previewer, run.x0_kind)}"
+        # Sent with the group's visibility: updates to children of a hidden group are lost in the browser.
+        return self.captions(run) | live | self.scrub_outputs(run, n - 1) | self.step_plots(run) | {
+            self.scrub_group: gr.Group(visible=True), self.run_id: run.run_id,
+            self.scrub: gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)}
+
+    def step_plots(self, run: Run) -> dict:
+        import pandas as pd  # a Gradio dependency
+
+        sigma_rows = [(s.step + 1, s.sigma) for s in run.steps if s.sigma is not None]
+        delta_rows = [(s.step + 1, s.guidance_delta_norm) for s in run.steps if s.guidance_delta_norm is not None]
+        return {self.sigma_plot: pd.DataFrame(sigma_rows, columns=["step", "sigma"]),
+                self.delta_plot: pd.DataFrame(delta_rows, columns=["step", "delta"]),
+                self.steps_table: pd.DataFrame(self.app.step_table(run), columns=STEP_COLUMNS)}
+
+    def scrub_outputs(self, run: Run, step: int) -> dict:
+        app = self.app
+        return {self.scrub_latents: app.render(run, step, "latents"), self.scrub_x0: app.render(run, step, "x0"),
+                self.scrub_cond: app.render(run, step, "x0_cond"), self.scrub_uncond: app.render(run, step, "x0_uncond"),
+                self.scrub_delta: app.render(run, step, "delta"), self.step_info: app.step_text(run, step)}
+
+    # -- streaming -------------------------------------------------------------------------------------
+
+    def stream(self, run: Run, after: Callable[[], dict]) -> Iterator[dict]:
+        """Yield the newest step's previews while `run` goes (throttled), then the result, then the scrubber and
+        `after()` (e.g. the history). Leaving early (browser gone, Stop) cancels the run at the next step."""
+        app = self.app
+        try:
+            loading = app.loader.loaded(run.request.model) is None
+            yield self.cleared("Loading model…" if loading else "Starting…")
+            next_at = 0.0
+            captioned = False
+            while not run.done.is_set():
+                event = run.latest.take(timeout=0.25)
+                if event is None or event.step + 1 == event.num_steps:
+                    continue  # the last step's previews come with the result, a moment later
+                now = time.perf_counter()
+                if now < next_at:  # too soon: wait, then show whatever is newest by then
+                    if run.done.wait(next_at - now):
+                        break  # finished meanwhile: the result (with the last step's previews) comes next
+                    event = run.latest.take(timeout=0) or event
+                t0 = time.perf_counter()
+                images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0_live")]
+                spent = time.perf_counter() - t0  # rendering only: the yield below waits on Gradio and the browser
+                rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
+                sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
+                out = {self.status: f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}",
+                       self.live_latents: images[0], self.live_channels: images[1], self.live_x0: images[2]}
+                if not captioned:
+                    out |= self.captions(run)
+                    captioned = True
+                yield out
+                next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
+            run.done.wait()
+            if run.error is not None:
+                gr.Warning(error_text(run.error))
+                yield self.error(run.error)
+                return
+            assert run.result is not None
+            yield self.finished(run, run.result)  # the image first; the last step's previews and the scrubber follow
+            yield self.scrubber(run) | after()
+        finally:  # the browser left or Stop cancelled this generator: stop the worker at the next step
+            if not run.done.is_set():
+                run.latest.cancel()
+
+    def stop(self, session: str | None) -> dict:
+        """Cancel this session's run at the next step boundary, then show what it made so far."""
+        run = self.app.stop(session)
+        if run is None:
+            return {self.status: "Nothing to stop: no run of yours is in progress."}
+        if not run.done.wait(STOP_WAIT):
+            return {self.status: "Stopping… (the model is still loading; the run stops before its first step)"}
+        if run.error is not None or run.result is None:
+            return self.cleared(f"Stopped. {error_text(run.error) if run.error else ''}".strip())
+        return self.finished(run, run.result) | self.scrubber(run)
+
+    def on_scrub(self, step: float, rid: str) -> dict:
+        run = self.app.runs.get(rid)
+        if run is None or not run.steps:
+            return {self.step_info: "This run is no longer in memory; its image and settings are in the history."}
+        return self.scrub_outputs(run, min(max(int(step) - 1, 0), len(run.steps) - 1))
+
+    def wire_scrub(self) -> None:
+        self.scrub.change(self.on_scrub, inputs_kwargs=dict(step=self.scrub, rid=self.run_id),
+                          outputs=[self.scrub_latents, self.scrub_x0, self.scrub_cond, self.scrub_uncond,
+                                   self.scrub_delta, self.step_info],
+                          show_progress="hidden", trigger_mode="always_last", api_visibility="private")
+
+
+def generate_handler(app: Playground, controls, live: LiveView, history, gpu: Callable) -> Callable:
+    """The Generate button's streaming handler: widgets -> request -> worker -> previews."""
+
+    @gpu
+    def run_ui(http: gr.Request, **values: Any):
+        try:
+            request, x0_choice = controls.request(values)
+        except ValueError as e:
+            gr.Warning(str(e))
+            yield live.error(e)
+            return
+        run = app.start(request, x0_choice, getattr(http, "session_hash", None))
+        extra = {controls.seed: request.seed} if request.seed is not None else {}
+        for out in live.stream(run, after=lambda: history.outputs(app)):
+            if run.result is not None and controls.seed not in out:
+                out = out | {controls.seed: run.result.seed}
+            yield out | extra
+            extra = {}
+
+    return run_ui

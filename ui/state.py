@@ -1,0 +1,279 @@
+"""What the views share (no Gradio): the loader and the one generation worker, runs in flight and finished,
+and the per-step preview PNGs rendered once and reused by the live view, the scrubber and restores."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.generate import generate
+from pipelines.loading import ModelLoader
+from pipelines.observers import LatestObserver, StepRecord, StepRecorder, TeeObserver
+from pipelines.outputs import STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, save_png
+from pipelines.previews import Previewer
+from pipelines.registry import MODELS
+from pipelines.requests import OWN_SCHEDULER, missing_embedded
+from pipelines.schedulers import SCHEDULERS, compatible_keys
+from pipelines.types import GenerationRequest, GenerationResult
+from pipelines.worker import GenerationWorker, threads_for
+from ui.render import guidance_map, heat, upscale
+
+MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
+# "auto" x̂0 in the scrubber: a full VAE decode up to this many pixels (the embedded 64×64 decodes in ~14 ms on
+# one CPU thread; a 512×512 SD decode takes seconds there).
+DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}
+FAST_KINDS = ("approx", "taesd", "rgb")  # cheap colour previews, best first (see pipelines/previews.py)
+PREVIEW_NAMES = ("latents", "channels", "x0", "x0_live", "x0_cond", "x0_uncond", "delta")
+
+
+@dataclass
+class Run:
+    """A run in flight or finished: its folder, observers, and the outcome the worker leaves behind."""
+
+    request: GenerationRequest
+    folder: Path
+    x0_choice: str  # "auto", "decode" or "fast" as the user chose
+    latest: LatestObserver = field(default_factory=LatestObserver)
+    recorder: StepRecorder = field(default_factory=StepRecorder)
+    done: threading.Event = field(default_factory=threading.Event)
+    previewer: Previewer | None = None  # set by the worker once the model is loaded
+    latents_kind: str = "channels"  # preview of x_t
+    x0_kind: str = "channels"  # preview of x̂0 in the scrubber
+    live_x0_kind: str = "channels"  # x̂0 preview while the run is going
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    renders: dict[tuple[int, str], str | None] = field(default_factory=dict)  # preview PNG paths by (step, name)
+    heat_top: float = 0.0  # largest |x̂0_cond − x̂0_uncond| over the run, so heat maps compare across steps
+    thread: threading.Thread | None = None  # the thread that ran generate() (the app's one worker)
+
+    @property
+    def run_id(self) -> str:
+        return self.folder.name
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        return self.recorder.steps
+
+
+def fast_kind(previewer: Previewer) -> str:
+    """The cheapest preview that shows colours for this model, else the channel grid."""
+    return next((k for k in FAST_KINDS if k in previewer.kinds), "channels")
+
+
+def kind_label(previewer: Previewer | None, kind: str) -> str:
+    """What a panel shows, in words, for its caption."""
+    if previewer is not None and hasattr(previewer, "label"):
+        return previewer.label(kind)
+    return {"channels": "latent channels", "rgb": "latent→RGB map", "decode": "VAE decode"}.get(kind, kind)
+
+
+def pick_kinds(choice: str, previewer: Previewer, pixels: int, device: torch.device, offload: bool) -> tuple[str, str, str]:
+    """(latents kind, scrubber x̂0 kind, live x̂0 kind) for a run.
+
+    x_t always uses the cheap colour preview. Under "auto" the scrubber decodes small images with the VAE and the
+    live view uses the cheap preview on a CPU (a decode there competes with the loop). With model CPU offload
+    nothing decodes outside the loop: accelerate's hooks would move the VAE onto the GPU mid-step.
+    """
+    fast = fast_kind(previewer)
+    if offload or choice == "fast":
+        return fast, fast, fast
+    small = pixels <= DECODE_LIMIT.get(device.type, DECODE_LIMIT["cpu"])
+    if choice == "decode" or small:
+        live = "decode" if choice == "decode" or device.type != "cpu" or fast == "channels" else fast
+        return fast, "decode", live
+    return fast, fast, fast
+
+
+class Playground:
+    """Shared state behind the page; one instance per build_demo()."""
+
+    def __init__(self, loader: ModelLoader, models: list[str], default_model: str, outputs_dir: Path,
+                 preview_interval: float, worker: GenerationWorker | None = None) -> None:
+        self.loader = loader
+        self.models = models
+        self.default_model = default_model
+        self.outputs_dir = outputs_dir
+        self.preview_interval = preview_interval
+        self.worker = worker or GenerationWorker()
+        self.runs: OrderedDict[str, Run] = OrderedDict()  # finished runs kept for scrubbing
+        self.active: dict[str, Run] = {}  # session hash -> run in flight (for Stop)
+        self._lock = threading.Lock()
+
+    # -- choices ---------------------------------------------------------------------------------------
+
+    def scheduler_choices(self, model: str) -> list[tuple[str, str]]:
+        """(label, key) for the schedulers that fit `model`, each saying whether it is stochastic and what a step costs."""
+        from pipelines.schedulers import describe_choice
+
+        pipe = self.loader.loaded(model)
+        if pipe is not None:
+            keys = compatible_keys(pipe.scheduler)
+        elif model in MODELS:
+            kind = "flow" if MODELS[model].family == "sd3" else "discrete"
+            keys = [k for k, s in SCHEDULERS.items() if s.kind == kind]
+        else:
+            keys = list(SCHEDULERS)
+        scheduler = pipe.scheduler if pipe is not None else None
+        own = f"model default — {describe_choice(None, scheduler).split(' — ', 1)[1]}" if pipe is not None else "model default"
+        return [(own, OWN_SCHEDULER), *((describe_choice(k, scheduler), k) for k in keys)]
+
+    def missing_embedded(self, model: str) -> str | None:
+        if self.loader.loaded(model) is not None:
+            return None
+        return missing_embedded(model)
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def start(self, request: GenerationRequest, x0_choice: str, session: str | None) -> Run:
+        """Queue the run on the generation worker; its LatestObserver receives the steps."""
+        folder = self.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        run = Run(request=request, folder=folder, x0_choice=x0_choice)
+        if session:
+            with self._lock:
+                self.active[session] = run
+        self.worker.submit(lambda: self._work(run, session))
+        return run
+
+    def _work(self, run: Run, session: str | None) -> None:
+        """The job on the worker thread: load, pick previews, generate, write the files."""
+        run.thread = threading.current_thread()
+        try:
+            if run.latest.is_cancelled():
+                raise ValueError("Stopped before the run started.")
+            pipe, _ = self.loader.view(run.request.model, run.request.scheduler)
+            torch.set_num_threads(threads_for(pipe, self.loader.device, self.worker.default_threads))
+            run.previewer = Previewer(pipe)
+            side = run.previewer.family.default_size(pipe)
+            pixels = (run.request.width or side) * (run.request.height or side)
+            run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
+                run.x0_choice, run.previewer, pixels, self.loader.device,
+                offload=self.loader.offload and self.loader.device.type == "cuda")
+            # Numbers and step tensors (small runs) only: previews render on demand, and a restored run re-renders.
+            writer = TraceWriter(run.folder, run.previewer, previews={}, tensors_limit_bytes=STEP_TENSORS_LIMIT)
+            # The recorder sees each step before the UI can take it, so live previews come from the scrub cache.
+            result = generate(run.request, TeeObserver(run.recorder, writer, run.latest), loader=self.loader)
+            writer.finish(result)
+            run.result = result
+            tops = [guidance_map(s.denoised_cond, s.denoised_uncond).max() for s in run.steps
+                    if s.denoised_cond is not None]
+            run.heat_top = float(max(tops, default=0.0))
+            self.keep(run)
+        except BaseException as e:  # handed to the UI thread, which reports it
+            run.error = e
+        finally:
+            if session:
+                with self._lock:
+                    if self.active.get(session) is run:
+                        del self.active[session]
+            run.done.set()
+            run.latest.wake()
+
+    def keep(self, run: Run) -> None:
+        with self._lock:
+            self.runs[run.run_id] = run
+            self.runs.move_to_end(run.run_id)
+            while len(self.runs) > MAX_RUNS_IN_MEMORY:
+                self.runs.popitem(last=False)
+
+    def restore(self, folder: Path, trace: Trace) -> Run | None:
+        """A finished run rebuilt from its folder (after a restart): its step tensors, re-rendered with the model's
+        previewer. None when the run kept no tensors (a large run) or its model is not offered here."""
+        if trace.request.model not in self.models or not (folder / "steps" / "tensors.safetensors").is_file():
+            return None
+        try:
+            tensors = load_step_tensors(folder)
+            pipe, _ = self.loader.view(trace.request.model, trace.request.scheduler)
+        except ValueError:
+            return None
+        run = Run(request=trace.request, folder=folder, x0_choice="auto")
+        numbers = {s.step: s for s in trace.steps}
+        for t in tensors:
+            n = numbers.get(t.step)
+            if n is None:
+                return None
+
+            def batch(x):
+                return None if x is None else x.float().unsqueeze(0)
+
+            run.recorder.steps.append(StepRecord(
+                step=t.step, timestep=n.timestep, sigma=n.sigma, latents=batch(t.latents), denoised=batch(t.denoised),
+                denoised_cond=batch(t.denoised_cond), denoised_uncond=batch(t.denoised_uncond),
+                guidance_delta_norm=n.guidance_delta_norm, effective_scale=n.effective_scale))
+        run.previewer = Previewer(pipe)
+        pixels = trace.width * trace.height
+        run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
+            "auto", run.previewer, pixels, self.loader.device, offload=self.loader.offload)
+        tops = [guidance_map(s.denoised_cond, s.denoised_uncond).max() for s in run.steps if s.denoised_cond is not None]
+        run.heat_top = float(max(tops, default=0.0))
+        run.done.set()
+        self.keep(run)
+        return run
+
+    def stop(self, session: str | None) -> Run | None:
+        """Cancel the session's run in flight (it stops at the next step boundary); returns it, or None."""
+        with self._lock:
+            run = self.active.get(session or "")
+        if run is not None:
+            run.latest.cancel()
+        return run
+
+    # -- previews --------------------------------------------------------------------------------------
+
+    def render(self, run: Run, step: int, name: str) -> str | None:
+        """One preview of `step` as a PNG path under the run's steps/ folder, written once (atomically) and reused
+        by the live view and the scrubber. name: one of PREVIEW_NAMES; None where the step had no unconditional pass.
+
+        Paths, not arrays: Gradio rewrites the cache file of an array in place, and a browser fetching the same
+        preview of an earlier run (same seed) then gets a truncated file (Content-Length errors).
+        """
+        key = (step, name)
+        if key not in run.renders:
+            rec = run.steps[step]
+            p = run.previewer
+            assert p is not None
+            has_cfg = rec.denoised_cond is not None and rec.denoised_uncond is not None
+            if name == "latents":
+                image = p.render(run.latents_kind, rec.latents)
+            elif name == "channels":
+                image = p.render("channels", rec.latents)
+            elif name == "x0":
+                image = p.render(run.x0_kind, rec.denoised)
+            elif name == "x0_live":
+                image = p.render(run.live_x0_kind, rec.denoised)
+            elif not has_cfg:
+                image = None
+            elif name == "delta":
+                image = heat(guidance_map(rec.denoised_cond, rec.denoised_uncond), run.heat_top)
+            elif name in ("x0_cond", "x0_uncond"):
+                image = p.render(run.x0_kind, rec.denoised_cond if name == "x0_cond" else rec.denoised_uncond)
+            else:
+                raise ValueError(f"unknown preview {name!r}; choose one of: {', '.join(PREVIEW_NAMES)}")
+            path = None if image is None else str(save_png(run.folder / "steps" / f"{step:03d}_{name}.png", upscale(image)))
+            run.renders[key] = path
+        return run.renders[key]
+
+    def step_table(self, run: Run) -> list[list[Any]]:
+        return [[s.step + 1, round(s.timestep, 2), None if s.sigma is None else round(s.sigma, 4),
+                 None if s.guidance_delta_norm is None else round(s.guidance_delta_norm, 3), round(s.effective_scale, 3)]
+                for s in run.steps]
+
+    def step_text(self, run: Run, step: int) -> str:
+        s = run.steps[step]
+        n = len(run.steps)
+        parts = [f"**Step {s.step + 1} / {n}**", f"t = {s.timestep:.1f}"]
+        if s.sigma is not None:
+            parts.append(f"σ = {s.sigma:.4g}")
+        if s.guidance_delta_norm is not None:
+            parts.append(f"‖ε_c − ε_u‖ = {s.guidance_delta_norm:.3g}")
+        parts.append(f"effective scale {s.effective_scale:.3g}")
+        text = " · ".join(parts)
+        if s.denoised_cond is None:
+            text += "  \n_No unconditional pass at this step (guidance scale ≤ 1 or outside the guidance interval)._"
+        return text
