@@ -251,3 +251,75 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
             timeout=10000)
         assert "prompt='history check'" in page.locator("#diffusers-code").inner_text()
         browser.close()
+
+
+def test_browser_errors_captions_notes_and_phone_layout(server, client):
+    """What a user trips over: an error is said in the status line and clears stale previews; each panel's
+    caption (below the picture, no label chip on it) names its preview kind; an empty prompt gets a note; on a
+    phone the result comes right below Generate, before the settings."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url = server[0]
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#history")
+        status = page.locator("#live-status")
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        _set_steps(page, 3)
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done')",
+                               timeout=30000)
+        assert _src(page, "#final-image") and _src(page, "#live-x0")
+        assert "VAE decode" in page.locator("#scrub-x0-caption").inner_text()  # the scrubber decodes (small image)
+        assert "x_t ·" in page.locator("#live-latents-caption").inner_text()
+        for panel in ("#live-latents", "#live-x0", "#final-image", "#scrub-x0"):
+            labels = page.locator(f"{panel} [data-testid='block-label']")
+            assert all(not labels.nth(i).is_visible() for i in range(labels.count())), panel
+
+        # An error (a size this model cannot render): said in the status line, and no stale picture stays.
+        width = page.get_by_label("Width").first
+        width.fill("36")
+        width.press("Enter")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.includes('Error')",
+                               timeout=30000)
+        assert "not a multiple of 8" in status.inner_text()
+        assert _src(page, "#final-image") is None and _src(page, "#live-x0") is None
+        assert not page.locator("#scrub").is_visible()
+
+        # An empty prompt is unconditional generation, and the page says so.
+        page.get_by_label("Prompt", exact=True).fill("")
+        page.wait_for_function("() => document.querySelector('#prompt-note').innerText.includes('Empty prompt')",
+                               timeout=10000)
+
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(url)
+        phone.wait_for_selector("#history")
+        generate_y = phone.get_by_role("button", name="Generate").bounding_box()["y"]
+        result_y = phone.locator("#live-status").bounding_box()["y"]
+        settings_y = phone.locator("#model-note").bounding_box()["y"]
+        assert generate_y < result_y < settings_y, (generate_y, result_y, settings_y)
+        browser.close()
+
+
+def test_restored_run_scrubs_from_its_saved_steps_after_a_restart(server, client, pipe, tmp_path):
+    """A new app on the same outputs folder (a restart) rebuilds a past run's scrubber from steps/tensors.safetensors."""
+    import app
+    from pipelines.outputs import Trace
+    from pipelines.previews import Previewer, colour_error
+
+    _, outputs, _ = server
+    _, _, info = client.predict(prompt="a red circle", num_inference_steps=4, seed=5, api_name="/generate")
+    folder = Path(outputs) / info["run"]
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, pipe)
+    fresh = app.build_demo(loader=loader, models=[MODEL], outputs_dir=outputs).playground
+    assert info["run"] not in fresh.runs
+    run = fresh.restore(folder, Trace.read(folder))
+    assert run is not None and len(run.steps) == len(Trace.read(folder).steps) == 5  # PNDM: N + 1
+    last = np.asarray(Image.open(fresh.render(run, len(run.steps) - 1, "x0")).convert("RGB"))
+    final = np.asarray(Image.open(folder / "image.png").convert("RGB"))
+    first = np.asarray(Image.open(fresh.render(run, 0, "x0")).convert("RGB"))
+    factor = last.shape[0] // final.shape[0]
+    assert colour_error(last[::factor, ::factor], final, 1) < 0.02 < colour_error(first[::factor, ::factor], final, 1)
