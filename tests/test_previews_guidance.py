@@ -5,11 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderTiny
 
 from guidance.registry import METHODS
 from pipelines.generate import generate
 from pipelines.observers import CollectingObserver
-from pipelines.previews import SD1, SD3, LatentFormat, Previewer, channel_grid, latent_rgb, latent_format_for
+from pipelines.previews import (
+    KIND_LABELS,
+    PREVIEW_KINDS,
+    SD1,
+    SD3,
+    LatentFormat,
+    PreviewDecoder,
+    PreviewDecoderConfig,
+    Previewer,
+    channel_grid,
+    latent_format_for,
+    latent_rgb,
+    load_preview_decoder,
+    save_preview_decoder,
+)
 from pipelines.types import GenerationRequest
 
 FAMILIES = ["sd", "sdxl", "pixart_sigma", "sd3"]
@@ -47,8 +62,95 @@ def test_format_by_family_and_channel_check(loader, family, expected):
     if expected is not None:
         assert fmt == expected
     else:  # the tiny SD3 VAE has 4 channels, the published SD3 map 16: no RGB map, only grid and decode
-        assert SD3.channels == 16 and fmt.rgb_factors is None
+        assert SD3.channels == 16 and fmt.rgb_factors is None and fmt.taesd_repo is None
         assert Previewer(pipe).kinds == ("channels", "decode")
+
+
+def tiny_taesd(latent_channels: int = 4, **config) -> AutoencoderTiny:
+    """A random AutoencoderTiny with factor 2 (two decoder stages), as the tiny pipelines' VAEs."""
+    torch.manual_seed(0)
+    return AutoencoderTiny(encoder_block_out_channels=(4, 4), decoder_block_out_channels=(4, 4),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=latent_channels,
+                           **config).eval()
+
+
+def test_every_kind_has_a_label_and_unknown_kinds_list_the_offered_ones(loader):
+    previewer = Previewer(loader.get("sd"))
+    assert set(KIND_LABELS) == set(PREVIEW_KINDS)
+    assert previewer.kinds == ("channels", "rgb", "decode")  # no TAESD in this offline cache, no fitted decoder
+    assert previewer.label("rgb") == "latent→RGB linear map" and previewer.fast_kind == "rgb"
+    latents = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="unknown preview kind 'vae'.*channels, rgb, decode"):
+        previewer.render("vae", latents)
+    with pytest.raises(ValueError, match="'taesd' is not offered.*channels, rgb, decode"):
+        previewer.render("taesd", latents)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_injected_taesd_and_preview_decoder_render_at_image_size(loader, family):
+    pipe, _ = loader.view(family, None)
+    decoder = PreviewDecoder(PreviewDecoderConfig(latent_channels=4, hidden=8, layers=2, scale=pipe.vae_scale_factor))
+    previewer = Previewer(pipe, taesd=tiny_taesd(), decoder=decoder)
+    assert {"taesd", "approx"} <= set(previewer.kinds) and previewer.fast_kind == "approx"
+    observer = CollectingObserver()
+    generate(GenerationRequest("a red circle", model=family, num_inference_steps=2, seed=0, width=32, height=24),
+             observer, loader=loader)
+    for kind in ("taesd", "approx"):
+        image = previewer.render(kind, observer.events[-1].latents)
+        assert image.dtype == np.uint8 and image.shape == (24, 32, 3), kind
+
+
+def test_taesd_gets_model_space_latents_unscaled_by_its_own_config(loader):
+    """TAESD decodes model-space latents (its configs: scaling_factor 1, shift 0); a pipeline divides by those."""
+    pipe = loader.get("sd")
+    latents = torch.randn(2, 4, 8, 8)
+    for config, z in (({}, latents[:1]), ({"scaling_factor": 2.0, "shift_factor": 0.25}, latents[:1] / 2.0 + 0.25)):
+        taesd = tiny_taesd(**config)
+        expected = ((taesd.decode(z).sample[0].clamp(-1, 1).permute(1, 2, 0).detach().numpy() + 1) / 2 * 255 + 0.5)
+        got = Previewer(pipe, taesd=taesd).render("taesd", latents)
+        np.testing.assert_array_equal(got, expected.astype(np.uint8))
+
+
+def test_taesd_is_offered_only_from_the_local_cache_and_loaded_lazily(loader, tmp_path, monkeypatch):
+    """A TAESD repo laid out as the HF cache lays it out is found offline; nothing is downloaded."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    pipe = loader.get("sd")
+    assert "taesd" not in Previewer(pipe).kinds  # empty cache
+    snapshot = tmp_path / "models--madebyollin--taesd" / "snapshots" / "0123abcd"
+    tiny_taesd().save_pretrained(snapshot)
+    (tmp_path / "models--madebyollin--taesd" / "refs").mkdir()
+    (tmp_path / "models--madebyollin--taesd" / "refs" / "main").write_text("0123abcd")
+    previewer = Previewer(pipe)
+    assert previewer.kinds == ("channels", "rgb", "taesd", "decode") and previewer._taesd is None
+    assert previewer.render("taesd", torch.randn(1, 4, 8, 8)).shape == (16, 16, 3)
+    assert previewer._taesd is not None  # loaded on first use
+    # A cached TAESD for another channel count is not offered (the tiny SD3 VAE has 4 channels, taesd3 16).
+    (snapshot / "config.json").write_text((snapshot / "config.json").read_text().replace(
+        '"latent_channels": 4', '"latent_channels": 16'))
+    assert "taesd" not in Previewer(pipe).kinds
+
+
+def test_injected_previewers_must_match_the_latent_channels(loader):
+    pipe = loader.get("sd")
+    with pytest.raises(ValueError, match="taesd takes 16-channel latents but this model's VAE makes 4"):
+        Previewer(pipe, taesd=tiny_taesd(16))
+    with pytest.raises(ValueError, match="decoder takes 3-channel"):
+        Previewer(pipe, decoder=PreviewDecoder(PreviewDecoderConfig(latent_channels=3)))
+
+
+def test_preview_decoder_file_round_trips_with_its_config(tmp_path):
+    torch.manual_seed(0)
+    decoder = PreviewDecoder(PreviewDecoderConfig(latent_channels=4, hidden=8, layers=3, scale=2)).eval()
+    path = save_preview_decoder(decoder, tmp_path / "d.safetensors")
+    loaded = load_preview_decoder(path)
+    assert loaded.config == decoder.config
+    z = torch.randn(1, 4, 5, 6)
+    with torch.no_grad():
+        out = loaded(z)
+        assert out.shape == (1, 3, 10, 12)
+        torch.testing.assert_close(out, decoder.half().float()(z), rtol=0, atol=1e-6)  # weights stored as fp16
 
 
 @pytest.mark.parametrize("family", FAMILIES)
