@@ -304,7 +304,7 @@ class Previewer:
     @property
     def fast_kind(self) -> str:
         """The cheapest colour preview this model offers short of the full decode ('channels' when none)."""
-        return next((k for k in ("approx", "rgb", "taesd") if k in self.kinds), "channels")
+        return next((k for k in ("approx", "taesd", "rgb") if k in self.kinds), "channels")  # TAESD beats the linear map
 
     def label(self, kind: str) -> str:
         """Human label of an offered kind, for the UI."""
