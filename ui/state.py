@@ -29,7 +29,6 @@ MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 # "auto" x̂0 in the scrubber: a full VAE decode up to this many pixels (the embedded 64×64 decodes in ~14 ms on
 # one CPU thread; a 512×512 SD decode takes seconds there).
 DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}
-FAST_KINDS = ("approx", "taesd", "rgb")  # cheap colour previews, best first (see pipelines/previews.py)
 PREVIEW_NAMES = ("latents", "channels", "x0", "x0_live", "x0_cond", "x0_uncond", "delta")
 
 
@@ -63,15 +62,14 @@ class Run:
 
 
 def fast_kind(previewer: Previewer) -> str:
-    """The cheapest preview that shows colours for this model, else the channel grid."""
-    return next((k for k in FAST_KINDS if k in previewer.kinds), "channels")
+    """The cheapest preview that shows this model's colours faithfully (the embedded model: its tiny preview
+    decoder; hub models: TAESD when cached, else the published latent→RGB map), else the channel grid."""
+    return previewer.fast_kind
 
 
 def kind_label(previewer: Previewer | None, kind: str) -> str:
     """What a panel shows, in words, for its caption."""
-    if previewer is not None and hasattr(previewer, "label"):
-        return previewer.label(kind)
-    return {"channels": "latent channels", "rgb": "latent→RGB map", "decode": "VAE decode"}.get(kind, kind)
+    return previewer.label(kind) if previewer is not None else kind
 
 
 def pick_kinds(choice: str, previewer: Previewer, pixels: int, device: torch.device, offload: bool) -> tuple[str, str, str]:

@@ -12,7 +12,7 @@ import gradio as gr
 # ordered right below the Generate button, before the long list of settings.
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
-#final-image img { width: 100%; height: 100%; object-fit: contain; }
+.pixelated img { width: 100%; height: 100%; object-fit: contain; }
 #live-status { min-height: 2.2em; }
 #live-status.error-status, #live-status .error-status { color: var(--error-text-color, #b91c1c); }
 .step-note { font-size: 0.9em; opacity: 0.85; }
