@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "text chunks), DIR/trace.json (one entry per denoising step) and DIR/steps/ "
                                    "(per-step latent→RGB and x̂0 previews).")
     _request_flags(g)
-    g.add_argument("--x0-preview", choices=("decode", "rgb", "channels", "none"), default="decode",
-                   help="how steps/*_x0.png is rendered: full VAE decode (default), latent→RGB, channel grid, or not at all")
-    g.add_argument("--latents-preview", choices=("rgb", "channels", "decode", "none"), default="rgb",
-                   help="how steps/*_latents.png is rendered (default: latent→RGB)")
+    g.add_argument("--x0-preview", choices=("decode", "fast", "approx", "taesd", "rgb", "channels", "none"), default="decode",
+                   help="how steps/*_x0.png is rendered: full VAE decode (default), the model's fast colour preview, a named kind, or not at all")
+    g.add_argument("--latents-preview", choices=("fast", "approx", "taesd", "rgb", "channels", "decode", "none"), default="fast",
+                   help="how steps/*_latents.png is rendered (default: fast = the model's tiny preview decoder, TAESD or latent→RGB map)")
 
     sw = sub.add_parser("sweep", help="the same seed at several guidance scales or step counts, as one grid",
                         description="Write DIR/grid.png, DIR/<value>.png and DIR/sweep.json.")
@@ -108,9 +108,11 @@ def _generate(args: argparse.Namespace) -> int:
     from pipelines.previews import Previewer
 
     loader, pipe, request = _request(args)
-    previews = {name: (src, kind) for name, src, kind in (
+    previewer = Previewer(pipe)
+    fast = previewer.fast_kind  # "fast": the model's cheapest faithful colour preview (tiny decoder, TAESD, map)
+    previews = {name: (src, fast if kind == "fast" else kind) for name, src, kind in (
         ("latents", "latents", args.latents_preview), ("x0", "denoised", args.x0_preview)) if kind != "none"}
-    writer = TraceWriter(args.out, Previewer(pipe), previews)
+    writer = TraceWriter(args.out, previewer, previews)
     result = generate(request, writer, loader=loader)
     writer.finish(result)
     t = result.timings

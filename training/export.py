@@ -23,7 +23,7 @@ from training.tokenizer import load as load_tokenizer
 from training.train_unet import SCHEDULER_CONFIG, load_checkpoint
 from training.train_vae import load_vae
 
-KEEP = ("README.md", "EVAL.md", "samples.png")  # hand-written / evaluation files that survive a re-export
+KEEP = ("README.md", "EVAL.md", "samples.png", "preview_decoder.safetensors", "vocabulary.json")  # files that survive a re-export (refit the preview decoder with training.fit_preview after a new VAE)
 
 
 @torch.no_grad()
