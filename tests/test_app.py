@@ -180,19 +180,23 @@ def _set_steps(page, n: int) -> None:
     box.press("Enter")
 
 
+def _open(browser, url: str, prompt: str, steps: int, width: int = 1400, height: int = 1000):
+    """A desktop page on the app with `prompt` typed and `steps` set; returns (page, status line)."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.wait_for_selector("#history")
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    _set_steps(page, steps)
+    return page, page.locator("#live-status")
+
+
 def test_browser_live_previews_scrubber_stop_and_history(server, client):
     sync_api = pytest.importorskip("playwright.sync_api")
     url, outputs, _ = server
     with sync_api.sync_playwright() as p:
         browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("#history")
-        status = page.locator("#live-status")
-
         # A run: the live x̂0 preview changes while it goes, then the scrubber appears.
-        page.get_by_label("Prompt", exact=True).fill("a red circle")
-        _set_steps(page, 250)
+        page, status = _open(browser, url, "a red circle", 250)
         page.get_by_label("Fast preview").check()  # cheap previews: their rate does not hang on CPU load
         page.get_by_role("button", name="Generate").click()
         seen: set[str] = set()
@@ -261,12 +265,7 @@ def test_browser_errors_captions_notes_and_phone_layout(server, client):
     url = server[0]
     with sync_api.sync_playwright() as p:
         browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("#history")
-        status = page.locator("#live-status")
-        page.get_by_label("Prompt", exact=True).fill("a red circle")
-        _set_steps(page, 3)
+        page, status = _open(browser, url, "a red circle", 3)
         page.get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done')",
                                timeout=30000)
