@@ -147,7 +147,7 @@ class Playground:
                 raise ValueError("Stopped before the run started.")
             pipe, _ = self.loader.view(run.request.model, run.request.scheduler)
             torch.set_num_threads(threads_for(pipe, self.loader.device, self.worker.default_threads))
-            run.previewer = Previewer(pipe)
+            run.previewer = Previewer(self.loader.get(run.request.model))  # the loaded pipeline knows its folder (its preview decoder); a scheduler view does not
             side = run.previewer.family.default_size(pipe)
             pixels = (run.request.width or side) * (run.request.height or side)
             run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
@@ -204,7 +204,7 @@ class Playground:
                 step=t.step, timestep=n.timestep, sigma=n.sigma, latents=batch(t.latents), denoised=batch(t.denoised),
                 denoised_cond=batch(t.denoised_cond), denoised_uncond=batch(t.denoised_uncond),
                 guidance_delta_norm=n.guidance_delta_norm, effective_scale=n.effective_scale))
-        run.previewer = Previewer(pipe)
+        run.previewer = Previewer(self.loader.get(trace.request.model))
         pixels = trace.width * trace.height
         run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
             "auto", run.previewer, pixels, self.loader.device, offload=self.loader.offload)
