@@ -139,3 +139,34 @@ def test_fit_is_deterministic_and_learns(tiny_loader):
     untrained = fit(latents, targets, config, epochs=0, seed=0)
     with torch.no_grad():
         assert (a(latents) - targets).abs().mean() < (untrained(latents) - targets).abs().mean()
+
+
+def test_the_apps_live_panels_show_the_final_images_colours(tmp_path):
+    """What the page shows, not just the Previewer: the PNGs the live view and scrubber serve for the last step
+    (x_t, live x̂0, scrubber x̂0), from the worker's run, against the image the run ends with. The x_t panel
+    once used a Previewer built from a scheduler view, which fell back to the linear map (green for a red image)."""
+    from PIL import Image
+
+    from ui.state import Playground
+
+    loader = ModelLoader(device="cpu")
+    playground = Playground(loader, [MODEL], MODEL, tmp_path, preview_interval=0.0)
+    try:
+        for seed, prompt in enumerate(PROMPTS[:4], start=1):
+            for scheduler in (None, "euler_a"):  # the model's own scheduler and a per-scheduler view of it
+                run = playground.start(GenerationRequest(prompt, model=MODEL, scheduler=scheduler, num_inference_steps=20,
+                                                         guidance_scale=5.0, seed=seed), "auto", session=None)
+                assert run.done.wait(120) and run.error is None, run.error
+                assert (run.latents_kind, run.live_x0_kind) == ("approx", "approx")
+                final = np.asarray(run.result.image.convert("RGB"))
+                last = len(run.steps) - 1
+                for step, bound in ((last, PER_IMAGE_MAX), (0, None)):
+                    for name in ("latents", "x0_live", "x0"):
+                        shown = Image.open(playground.render(run, step, name)).convert("RGB")
+                        error = colour_error(np.asarray(shown.resize(run.result.image.size, Image.BOX)), final, 4)
+                        if bound is not None:
+                            assert error <= bound, (prompt, scheduler, name, round(error, 3))
+                        elif name == "latents":
+                            assert error > PER_IMAGE_MAX, (prompt, scheduler, name, round(error, 3))  # noise at step 0
+    finally:
+        playground.worker.close()
