@@ -2,12 +2,20 @@
 slider over the steps with the guided, conditional and unconditional x̂0 and the guidance heat map.
 
 The Generate handler is a generator: it queues the run on the app's one generation worker and yields only the
-newest step's previews (file paths, throttled), then the final image, then the scrubber.
+newest step's previews (file paths, throttled), then the final image; a follow-up event opens the scrubber.
+
+Why two events: Gradio turns every output a yield leaves out into `gr.skip()`, an update it serves by building a
+new component and its API schema (~2 ms each here, measured with py-spy). With the stream's 27 outputs that
+was ~50 ms of the server's Python per live preview, taken from the denoising loop. So the stream has only the
+few outputs it changes and sends all of them every time, and the scrubber, plots, code and history follow in
+`after_run`, once the image is on screen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 import time
 from typing import Any, Callable, Iterator
 
@@ -83,7 +91,21 @@ class LiveView:
     # -- outputs ---------------------------------------------------------------------------------------
 
     @property
+    def live_outputs(self) -> list:
+        """What the Generate stream updates; every yield sends all of them (see the module docstring)."""
+        return [self.status, self.live_latents, self.live_channels, self.live_x0, self.final_image, self.cap_latents,
+                self.cap_x0, self.run_id]
+
+    @property
+    def after_outputs(self) -> list:
+        """What `after_run` fills in once the image is shown."""
+        return [self.scrub_group, self.scrub, self.step_info, self.scrub_latents, self.scrub_x0, self.scrub_cond,
+                self.scrub_uncond, self.scrub_delta, self.steps_table, self.sigma_plot, self.delta_plot, self.code,
+                self.cap_s_latents, self.cap_s_x0, self.cap_s_cond, self.cap_s_uncond]
+
+    @property
     def outputs(self) -> list:
+        """Everything (Stop and restoring a past run update the lot)."""
         return [self.status, self.live_latents, self.live_channels, self.live_x0, self.final_image, self.scrub_group,
                 self.scrub, self.step_info, self.scrub_latents, self.scrub_x0, self.scrub_cond, self.scrub_uncond,
                 self.scrub_delta, self.steps_table, self.sigma_plot, self.delta_plot, self.code, self.run_id,
@@ -118,12 +140,11 @@ class LiveView:
             self.status: f"{what} in {t.denoise:.2f} s ({rate:.1f} it/s), {result.width}×{result.height}, "
                          f"{result.scheduler}, seed {result.seed}. Saved as run `{run.run_id}`.",
             self.final_image: str(run.folder / "image.png"),
-            self.code: diffusers_code(result, run.previewer.pipe.dtype, self.app.loader.device.type),
             self.run_id: run.run_id,
         }
 
     def scrubber(self, run: Run) -> dict:
-        """The scrubber, opened at the last step; the live view ends on the last step too."""
+        """The scrubber, opened at the last step; the live view ends on the last step too, in the scrubber's kinds."""
         n = len(run.steps)
         if not n:
             return {self.scrub_group: gr.Group(visible=False)}
@@ -131,9 +152,17 @@ class LiveView:
         live = {self.live_latents: app.render(run, n - 1, "latents"), self.live_channels: app.render(run, n - 1, "channels"),
                 self.live_x0: app.render(run, n - 1, "x0")}
         live[self.cap_x0] = f"Predicted x̂0 · {kind_label(run.previewer, run.x0_kind)}"
+        return self.captions(run) | live | self.scrub_panel(run) | {self.run_id: run.run_id}
+
+    def scrub_panel(self, run: Run) -> dict:
+        """The scrubber's group, slider, step images, captions and plots, at the last step."""
+        n = len(run.steps)
+        if not n:
+            return {self.scrub_group: gr.Group(visible=False)}
+        captions = {k: v for k, v in self.captions(run).items() if k in self.after_outputs}
         # Sent with the group's visibility: updates to children of a hidden group are lost in the browser.
-        return self.captions(run) | live | self.scrub_outputs(run, n - 1) | self.step_plots(run) | {
-            self.scrub_group: gr.Group(visible=True), self.run_id: run.run_id,
+        return captions | self.scrub_outputs(run, n - 1) | self.step_plots(run) | {
+            self.scrub_group: gr.Group(visible=True),
             self.scrub: gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)}
 
     def step_plots(self, run: Run) -> dict:
@@ -153,13 +182,21 @@ class LiveView:
 
     # -- streaming -------------------------------------------------------------------------------------
 
-    def stream(self, run: Run, after: Callable[[], dict]) -> Iterator[dict]:
-        """Yield the newest step's previews while `run` goes (throttled), then the result, then the scrubber and
-        `after()` (e.g. the history). Leaving early (browser gone, Stop) cancels the run at the next step."""
+    def stream(self, run: Run) -> Iterator[dict]:
+        """Yield the newest step's previews while `run` goes (throttled), then the result with the last step's
+        previews. Every yield covers all of `live_outputs`. Leaving early (browser gone, Stop) cancels the run at
+        the next step."""
         app = self.app
+        shown = {c: None for c in self.live_outputs}
+
+        def show(update: dict) -> dict:
+            shown.update((c, v) for c, v in update.items() if c in shown)
+            return dict(shown)
+
         try:
             loading = app.loader.loaded(run.request.model) is None
-            yield self.cleared("Loading model…" if loading else "Starting…")
+            cleared = self.cleared("Loading model…" if loading else "Starting…")
+            yield show(cleared)
             next_at = 0.0
             captioned = False
             while not run.done.is_set():
@@ -172,28 +209,45 @@ class LiveView:
                         break  # finished meanwhile: the result (with the last step's previews) comes next
                     event = run.latest.take(timeout=0) or event
                 t0 = time.perf_counter()
-                images = [app.render(run, event.step, name) for name in ("latents", "channels", "x0_live")]
+                out = self.previews(run, event.step)
                 spent = time.perf_counter() - t0  # rendering only: the yield below waits on Gradio and the browser
                 rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
                 sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
-                out = {self.status: f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}",
-                       self.live_latents: images[0], self.live_channels: images[1], self.live_x0: images[2]}
+                out[self.status] = f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}"
                 if not captioned:
                     out |= self.captions(run)
                     captioned = True
-                yield out
+                yield show(out)
                 next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
             run.done.wait()
             if run.error is not None:
                 gr.Warning(error_text(run.error))
-                yield self.error(run.error)
+                yield show(self.error(run.error))
                 return
             assert run.result is not None
-            yield self.finished(run, run.result)  # the image first; the last step's previews and the scrubber follow
-            yield self.scrubber(run) | after()
+            final = self.finished(run, run.result)
+            yield show(final | self.captions(run) | (self.previews(run, len(run.steps) - 1) if run.steps else {}))
         finally:  # the browser left or Stop cancelled this generator: stop the worker at the next step
             if not run.done.is_set():
                 run.latest.cancel()
+
+    def previews(self, run: Run, step: int) -> dict:
+        """The live panels at `step`, in the live kinds (the cheap faithful preview on a CPU)."""
+        app = self.app
+        return {self.live_latents: app.render(run, step, "latents"), self.live_channels: app.render(run, step, "channels"),
+                self.live_x0: app.render(run, step, "x0_live")}
+
+    def hide_scrubber(self) -> dict:
+        return {self.scrub_group: gr.Group(visible=False)}
+
+    def after_run(self, rid: str) -> dict:
+        """After the stream: the scrubber, plots and code of run `rid` (hidden when there is none, e.g. an error)."""
+        run = self.app.runs.get(rid)
+        out = {c: gr.skip() for c in self.after_outputs}
+        if run is None or run.result is None or not run.steps:
+            return out | {self.scrub_group: gr.Group(visible=False), self.code: ""}
+        code = diffusers_code(run.result, run.previewer.pipe.dtype, self.app.loader.device.type)
+        return out | self.scrub_panel(run) | {self.code: code}
 
     def stop(self, session: str | None) -> dict:
         """Cancel this session's run at the next step boundary, then show what it made so far."""
@@ -204,7 +258,8 @@ class LiveView:
             return {self.status: "Stopping… (the model is still loading; the run stops before its first step)"}
         if run.error is not None or run.result is None:
             return self.cleared(f"Stopped. {error_text(run.error) if run.error else ''}".strip())
-        return self.finished(run, run.result) | self.scrubber(run)
+        return self.finished(run, run.result) | self.scrubber(run) | {
+            self.code: diffusers_code(run.result, run.previewer.pipe.dtype, self.app.loader.device.type)}
 
     def on_scrub(self, step: float, rid: str) -> dict:
         run = self.app.runs.get(rid)
@@ -219,23 +274,23 @@ class LiveView:
                           show_progress="hidden", trigger_mode="always_last", api_visibility="private")
 
 
-def generate_handler(app: Playground, controls, live: LiveView, history, gpu: Callable) -> Callable:
-    """The Generate button's streaming handler: widgets -> request -> worker -> previews."""
+def generate_handler(app: Playground, controls, live: LiveView, gpu: Callable) -> Callable:
+    """The Generate button's streaming handler: widgets -> request -> worker -> previews. Its outputs are
+    `[*live.live_outputs, controls.seed]`, all sent on every yield."""
 
     @gpu
     def run_ui(http: gr.Request, **values: Any):
+        seed = values.get("seed")
         try:
             request, x0_choice = controls.request(values)
         except ValueError as e:
             gr.Warning(str(e))
-            yield live.error(e)
+            yield {c: v for c, v in live.error(e).items() if c in live.live_outputs} | {controls.seed: seed}
             return
+        if request.seed is None:  # drawn here rather than in generate(), so the seed field shows it from the start
+            request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
         run = app.start(request, x0_choice, getattr(http, "session_hash", None))
-        extra = {controls.seed: request.seed} if request.seed is not None else {}
-        for out in live.stream(run, after=lambda: history.outputs(app)):
-            if run.result is not None and controls.seed not in out:
-                out = out | {controls.seed: run.result.seed}
-            yield out | extra
-            extra = {}
+        for out in live.stream(run):
+            yield out | {controls.seed: request.seed}
 
     return run_ui
