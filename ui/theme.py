@@ -16,7 +16,7 @@ CSS = """
 #live-status { min-height: 2.2em; }
 #live-status.error-status, #live-status .error-status { color: var(--error-text-color, #b91c1c); }
 .step-note { font-size: 0.9em; opacity: 0.85; }
-.caption { font-size: 0.85em; text-align: center; margin-top: -4px; opacity: 0.9; }
+.caption { font-size: 0.85em; text-align: center; margin-top: 4px; opacity: 0.9; line-height: 1.3; }
 .caption p { margin: 0; }
 #history .caption-label { position: static !important; background: none !important; color: inherit !important;
   white-space: normal !important; font-size: 0.75em; padding: 2px 0 0 0 !important; max-width: 100% !important; }
