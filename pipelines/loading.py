@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
+import math
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -100,6 +103,8 @@ class ModelLoader:
     allowed: when set, only these registry keys, folders or hub ids may be loaded (the UI's allow-list).
     max_cached: how many loaded models to keep in memory.
     offload: on CUDA, use accelerate's model CPU offload instead of moving the whole pipeline.
+    switch_cooldown: seconds a loaded model is kept before another may replace it (Limits.model_switch_seconds;
+    0: no wait). With one model cached, callers alternating two models would otherwise reload on every request.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class ModelLoader:
         allowed: Iterable[str] | None = None,
         max_cached: int = 1,
         offload: bool = False,
+        switch_cooldown: float = 0.0,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -116,6 +122,8 @@ class ModelLoader:
         self.allowed = list(allowed) if allowed is not None else None
         self.max_cached = max_cached
         self.offload = offload
+        self.switch_cooldown = switch_cooldown
+        self._loaded_at: dict[str, float] = {}  # model -> time.monotonic() when it was loaded
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._pinned: dict[str, DiffusionPipeline] = {}
         self._views: dict[tuple[str, str | None], DiffusionPipeline] = {}
@@ -131,7 +139,21 @@ class ModelLoader:
 
     def check_allowed(self, model: str) -> None:
         if self.allowed is not None and model not in self.allowed and model not in self._pinned:
-            raise ValueError(f"model {model!r} is not offered here; choose one of: {', '.join(self.allowed)}")
+            shown = repr(model) if len(model) <= 60 else repr(model[:59] + "…")
+            raise ValueError(f"model {shown} is not offered here; choose one of: {', '.join(self.allowed)}")
+
+    def check_switch(self, model: str) -> None:
+        """Refuse to load `model` while that would evict a model loaded less than switch_cooldown seconds ago."""
+        if self.switch_cooldown <= 0 or model in self._pinned or model in self._pipes:
+            return
+        if len(self._pipes) < self.max_cached:
+            return
+        oldest = next(iter(self._pipes))
+        wait = self._loaded_at.get(oldest, 0.0) + self.switch_cooldown - time.monotonic()
+        if wait > 0:
+            raise ValueError(f"model {oldest!r} was loaded {self.switch_cooldown - wait:.0f} s ago and this server "
+                             f"changes models at most every {self.switch_cooldown:g} s "
+                             f"(PLAYGROUND_MODEL_SWITCH_SECONDS); try {model!r} again in {math.ceil(wait)} s")
 
     def get(self, model: str) -> DiffusionPipeline:
         """The loaded pipeline for a registry key, folder or hub id."""
@@ -142,11 +164,19 @@ class ModelLoader:
             if model in self._pipes:
                 self._pipes.move_to_end(model)
                 return self._pipes[model]
+            self.check_switch(model)
+            self._check_source(model)
+            # Evict before loading, so two models are never in memory at once (and the old one's memory is freed).
+            while self._pipes and len(self._pipes) >= self.max_cached:
+                old, _ = self._pipes.popitem(last=False)
+                self._loaded_at.pop(old, None)
+                self._views = {k: v for k, v in self._views.items() if k[0] != old}
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             pipe = self._load(model)
             self._pipes[model] = pipe
-            while len(self._pipes) > self.max_cached:
-                old, _ = self._pipes.popitem(last=False)
-                self._views = {k: v for k, v in self._views.items() if k[0] != old}
+            self._loaded_at[model] = time.monotonic()
             return pipe
 
     def loaded(self, model: str) -> DiffusionPipeline | None:
@@ -168,6 +198,18 @@ class ModelLoader:
                 self._views[(model, scheduler)] = view
         return view, key_of(view.scheduler)
 
+    def _check_source(self, model: str) -> None:
+        """Refuse, before anything is evicted, a model that cannot load: no such folder, or uncached while offline."""
+        source = resolve(model)
+        is_dir = os.path.isdir(source)
+        if not is_dir and not is_hub_id(source):
+            raise ValueError(f"model {model!r}: no such folder; give a registry key, a diffusers folder or a hub id")
+        if not is_dir and hub_offline() and not is_available_offline(source):
+            raise ValueError(
+                f"{_named(model, source)} is not in the local Hugging Face cache ({hub_cache_dir()}) and this machine "
+                f"is offline; download it once with `hf download {source}` or unset HF_HUB_OFFLINE"
+            )
+
     def _load(self, model: str) -> DiffusionPipeline:
         source = resolve(model)
         is_dir = os.path.isdir(source)
@@ -175,14 +217,8 @@ class ModelLoader:
         entry = MODELS.get(model)
         if entry is not None and self.device.type == "cuda" and not self._dtype_chosen:
             dtype = getattr(torch, entry.cuda_dtype)  # e.g. SD3.5 is meant to run in bf16
-        if not is_dir and not is_hub_id(source):
-            raise ValueError(f"model {model!r}: no such folder; give a registry key, a diffusers folder or a hub id")
+        self._check_source(model)
         offline = not is_dir and hub_offline()
-        if offline and not is_available_offline(source):
-            raise ValueError(
-                f"{_named(model, source)} is not in the local Hugging Face cache ({hub_cache_dir()}) and this machine "
-                f"is offline; download it once with `hf download {source}` or unset HF_HUB_OFFLINE"
-            )
         try:
             kwargs = {} if is_dir else {"cache_dir": hub_cache_dir()}
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)

@@ -26,6 +26,10 @@ class ModelEntry:
     # JSON file in the source folder, {"words": [...]}: every word of the captions the model was trained on, for a
     # closed-vocabulary model; None: the text encoder was trained on open text. Read by model_vocabulary().
     vocabulary: str | None = None
+    size: int = 512  # native side in pixels (what width/height 0 render), for budgets before the model is loaded
+    # weight class for work budgets and the hardware-aware list (pipelines/limits.py): "small" (the embedded model),
+    # "standard" (SD 1.x/2.x, ~1 B parameters) or "heavy" (SDXL, T5-XXL models: too big for a CPU in fp32)
+    tier: str = "standard"
 
 
 MODELS: dict[str, ModelEntry] = {m.key: m for m in (
@@ -34,14 +38,16 @@ MODELS: dict[str, ModelEntry] = {m.key: m for m in (
                "triangle, star, heart; red, green, blue, yellow, purple, orange, white, black; small, large; top left "
                "… bottom right; 'above', 'to the left of'. The background follows the seed, not the prompt",
                # Generated from training/world.py by training/vocabulary.py; tests/test_prompts.py keeps them equal.
-               vocabulary="vocabulary.json"),
+               vocabulary="vocabulary.json", size=64, tier="small"),
     ModelEntry("sd-turbo", "stabilityai/sd-turbo", "sd", 1, 0.0, "euler_a", "SD 2.1 distilled; 1–4 steps, no CFG"),
     ModelEntry("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 30, 7.5, None, "SD 1.5, 512×512"),
-    ModelEntry("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 30, 7.0, None, "SDXL base 1.0, 1024×1024"),
+    ModelEntry("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 30, 7.0, None, "SDXL base 1.0, 1024×1024",
+               size=1024, tier="heavy"),
     ModelEntry("pixart-sigma-512", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "pixart_sigma", 20, 4.5, None,
-               "PixArt-Σ 512 with a T5-XXL text encoder"),
+               "PixArt-Σ 512 with a T5-XXL text encoder", tier="heavy"),
     ModelEntry("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 28, 4.5, None,
-               "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching", cuda_dtype="bfloat16"),
+               "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching", cuda_dtype="bfloat16",
+               size=1024, tier="heavy"),
 )}
 
 
@@ -86,3 +92,35 @@ def recommended_settings(model: str, pipe) -> dict[str, float | int]:
     defaults = family_of(pipe).call_defaults(pipe)
     return {"num_inference_steps": int(defaults.get("num_inference_steps", 20)),
             "guidance_scale": float(defaults.get("guidance_scale", 7.5))}
+
+
+# Parameter counts that separate the tiers for models outside the registry (whole pipeline, every module): the
+# embedded model has ~2 M in its denoiser (pipelines/worker.py runs denoisers under 50 M on one thread), SD 1.5 ~1.07 B
+# in all, SD 2.1 ~1.3 B, SDXL ~3.5 B, PixArt-Σ with T5-XXL ~5.4 B.
+SMALL_DENOISER_PARAMS = 50_000_000
+HEAVY_PIPELINE_PARAMS = 2_000_000_000
+
+
+def tier_of(model: str, pipe=None) -> str:
+    """A model's weight class ("small", "standard", "heavy"): the registry's, else counted from the loaded pipeline
+    (its denoiser under 50 M parameters: small; the whole pipeline over 2 B: heavy). None without a registry entry
+    or a pipeline: "heavy", the strictest budget."""
+    entry = MODELS.get(model)
+    if entry is not None:
+        return entry.tier
+    if pipe is None:
+        return "heavy"
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is not None and sum(p.numel() for p in denoiser.parameters()) < SMALL_DENOISER_PARAMS:
+        return "small"
+    modules = [c for c in getattr(pipe, "components", {}).values() if hasattr(c, "parameters")]
+    total = sum(p.numel() for m in modules for p in m.parameters())
+    return "heavy" if total > HEAVY_PIPELINE_PARAMS else "standard"
+
+
+def offered_models(device: str, allow_heavy: bool, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The allow-list for a device: the registry without its heavy models unless `allow_heavy` (Limits.heavy_allowed:
+    by default only on CUDA; SDXL / SD3.5 with T5-XXL in fp32 need tens of GB and minutes per step on a CPU), then
+    `extra` (PLAYGROUND_EXTRA_MODELS, always offered: the operator named them)."""
+    keys = [m.key for m in MODELS.values() if allow_heavy or m.tier != "heavy"]
+    return list(dict.fromkeys([*keys, *extra]))

@@ -5,6 +5,10 @@ native size, `""` = the model's own scheduler), the CLI sends None for an unset 
 same few things, so they are decoded here, once: recommended steps and guidance scale filled in from the
 registry (or the stock pipeline's own defaults), whole numbers checked instead of silently rounded, and
 every refusal a ValueError that says what is allowed.
+
+It also enforces the work budget (pipelines/limits.py): prompt lengths, pixels, steps and pixels × steps per model tier
+and device, so a public server refuses a request that would hold its one worker for hours, and the UI, the HTTP API
+and the CLI refuse the same ones. Each refusal names the limit and the environment variable that raises it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipelines.errors import shown
+from pipelines.limits import ENV_VARS, Limits
 from pipelines.loading import ModelLoader
-from pipelines.registry import MODELS, recommended_settings, resolve
-from pipelines.types import DEFAULT_MODEL, MAX_STEPS, GenerationRequest
+from pipelines.registry import MODELS, recommended_settings, resolve, tier_of
+from pipelines.schedulers import SCHEDULERS
+from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 
+_ROOT = Path(__file__).resolve().parent.parent
 OWN_SCHEDULER = "model default"  # the UI dropdown's value for "keep the model's own scheduler"
 MAX_GUIDANCE_SCALE = 100.0  # far past any useful CFG scale; above it images are black or NaN
+MAX_FIELD_CHARS = 2000  # text of a numeric, model, scheduler, guidance or guidance_params field, before parsing
 
 
 def _unset(value: Any, *sentinels: Any) -> bool:
@@ -31,32 +40,35 @@ def _unset(value: Any, *sentinels: Any) -> bool:
 
 def whole_number(name: str, value: Any) -> int:
     """A number that must be whole: 20, 20.0 and "20" are 20; 1.5, "abc", True and NaN are refused."""
+    refused = ValueError(f"{name} must be a whole number, got {shown(value)}")
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+        raise refused
     if isinstance(value, str):
+        if len(value) > 100:
+            raise refused
         try:
             value = float(value.strip())
         except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+            raise refused from None
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
+            raise refused
         return int(value)
     if isinstance(value, int):
         return value
-    raise ValueError(f"{name} must be a whole number, got {value!r}")
+    raise refused
 
 
 def number(name: str, value: Any) -> float:
     """A finite number (int, float or numeric string)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or isinstance(value, str) and len(value) > 100:
+        raise ValueError(f"{name} must be a number, got {shown(value)}")
     try:
         out = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {shown(value)}") from None
     if not math.isfinite(out):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     return out
 
 
@@ -65,9 +77,11 @@ def parse_guidance_params(value: Mapping[str, Any] | str | None) -> dict[str, fl
     if value is None or (isinstance(value, str) and not value.strip()):
         return {}
     if isinstance(value, str):
+        if len(value) > MAX_FIELD_CHARS:
+            raise ValueError(f"guidance_params must be at most {MAX_FIELD_CHARS} characters of JSON, got {len(value)}")
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         if not isinstance(value, dict):
             raise ValueError('guidance_params must be a JSON object such as {"guidance_rescale": 0.7}')
@@ -79,7 +93,9 @@ def parse_guidance_params(value: Mapping[str, Any] | str | None) -> dict[str, fl
 def missing_embedded(model: str) -> str | None:
     """A message when the embedded model is asked for but its folder is not there (a clone without assets)."""
     if model == DEFAULT_MODEL and not Path(resolve(model)).is_dir():
-        return (f"The embedded model '{DEFAULT_MODEL}' is not installed: {resolve(model)} is missing. "
+        where = Path(resolve(model))
+        where = where.relative_to(_ROOT) if where.is_relative_to(_ROOT) else where.name  # no server paths in messages
+        return (f"The embedded model '{DEFAULT_MODEL}' is not installed: {where} is missing. "
                 f"Train and export it (training/) or pick another model.")
     return None
 
@@ -90,6 +106,50 @@ def recommended(model: str, loader: ModelLoader) -> dict[str, float | int]:
     if entry is not None:
         return {"num_inference_steps": entry.steps, "guidance_scale": entry.guidance_scale}
     return recommended_settings(model, loader.get(model))
+
+
+def text_field(name: str, value: Any, limit: int, variable: str | None = None) -> str:
+    """A prompt-like field: a string (None is "") of at most `limit` characters, counted before tokenizing."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    if len(value) > limit:
+        raise_by = f" (raise it with {variable})" if variable else ""
+        raise ValueError(f"{name} is {len(value)} characters; the limit is {limit}{raise_by}")
+    return value
+
+
+def native_size(model: str, pipe: Any) -> int:
+    """The side in pixels that width / height 0 render: the loaded pipeline's, else the registry entry's."""
+    if pipe is not None:
+        from pipelines.families import family_of
+
+        return family_of(pipe).default_size(pipe)
+    return MODELS[model].size
+
+
+def check_budget(model: str, tier: str, device: str, width: int, height: int, steps: int, limits: Limits) -> None:
+    """Refuse a request over its tier's budget on this device (Limits.budget), naming the limit and its variable."""
+    budget = limits.budget(tier, device)
+    where = f"for {tier} models such as {model!r} on {'cuda' if device == 'cuda' else 'a cpu'}"
+    max_steps = min(budget.max_steps, MAX_STEPS)
+    if steps > max_steps:
+        raise ValueError(f"num_inference_steps must be a whole number from 1 to {max_steps} {where}, got {steps} "
+                         f"(raise it with {ENV_VARS['max_steps']}, up to {MAX_STEPS})")
+    pixels = width * height
+    if pixels > budget.max_pixels:
+        raise ValueError(f"{width}x{height} is {pixels} pixels; the limit {where} is {budget.max_pixels} "
+                         f"(e.g. {_side(budget.max_pixels)}x{_side(budget.max_pixels)}; raise it with "
+                         f"{ENV_VARS['max_pixels']})")
+    if pixels * steps > budget.max_work:
+        most = max(1, budget.max_work // pixels)
+        raise ValueError(f"{width}x{height} x {steps} steps is {pixels * steps} pixel-steps; the limit {where} is "
+                         f"{budget.max_work} (at most {most} steps at this size; raise it with {ENV_VARS['max_work']})")
+
+
+def _side(pixels: int) -> int:
+    return math.isqrt(pixels) // 8 * 8
 
 
 def build_request(
@@ -106,23 +166,33 @@ def build_request(
     height: Any = None,
     guidance: str | None = "cfg",
     guidance_params: Mapping[str, Any] | str | None = None,
+    limits: Limits | None = None,
 ) -> GenerationRequest:
     """A validated request from user-facing values; raises ValueError naming what is allowed.
 
     Unset (None, "", or the API's sentinels): num_inference_steps / guidance_scale -1 take the model's
     recommended values; seed -1 draws a random one; width / height 0 take the model's native size;
     scheduler "" or "model default" keeps the model's own; guidance "" is plain CFG.
+    limits: the work budget (default: Limits(), the built-in defaults; app.py and the CLI pass Limits.from_env).
     """
+    limits = limits or Limits()
     if not isinstance(model, str) or not model.strip():
         raise ValueError("model must be one of the offered models, got an empty value")
+    if len(model) > MAX_FIELD_CHARS:
+        raise ValueError(f"model must be one of the offered models, got {len(model)} characters")
     loader.check_allowed(model)
+    loader.check_switch(model)  # refused now rather than after waiting in the queue
     missing = missing_embedded(model) if loader.loaded(model) is None else None
     if missing:
         raise ValueError(missing)
-    if prompt is None:
-        prompt = ""
-    if negative_prompt is None:
-        negative_prompt = ""
+    # Lengths first: nothing below should parse, tokenize or store a 10 MB prompt.
+    var = ENV_VARS["max_prompt_chars"]
+    prompt = text_field("prompt", prompt, limits.max_prompt_chars, var)
+    negative_prompt = text_field("negative_prompt", negative_prompt, limits.max_prompt_chars, var)
+    for name, value in (("scheduler", scheduler), ("guidance", guidance)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a key (text), got {type(value).__name__}")
+        text_field(name, value, 100)
 
     steps_unset, scale_unset = _unset(num_inference_steps, -1), _unset(guidance_scale, -1)
     defaults = recommended(model, loader) if steps_unset or scale_unset else {}
@@ -139,8 +209,23 @@ def build_request(
     sizes = {}
     for name, value in (("width", width), ("height", height)):
         sizes[name] = None if _unset(value, 0) else whole_number(name, value)
+        if sizes[name] is not None and not 1 <= sizes[name] <= MAX_SIDE:
+            raise ValueError(f"{name} must be a whole number from 1 to {MAX_SIDE} (or 0 for the model's size), "
+                             f"got {sizes[name]}")
 
     scheduler_key = None if _unset(scheduler) or scheduler == OWN_SCHEDULER else str(scheduler).strip()
+    if scheduler_key is not None and scheduler_key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {shown(scheduler_key)}; choose one of: {', '.join(SCHEDULERS)} "
+                         f"(or '' for the model's own)")
+
+    # The budget needs the model's weight class and native size: the registry knows them for its models; anything
+    # else is measured on its pipeline (loaded here, as recommended() already does for unset values).
+    pipe = loader.loaded(model)
+    if pipe is None and model not in MODELS:
+        pipe = loader.get(model)
+    side = native_size(model, pipe) if None in sizes.values() else 0
+    check_budget(model, tier_of(model, pipe), loader.device.type, sizes["width"] or side, sizes["height"] or side,
+                 steps, limits)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
