@@ -37,7 +37,7 @@ class ApiView:
             self.button = gr.Button()
 
         @gpu
-        def run_api(prompt: str, negative_prompt: str = "", model: str = default_model, scheduler: str = "",
+        async def run_api(http: gr.Request, prompt: str, negative_prompt: str = "", model: str = default_model, scheduler: str = "",
                     num_inference_steps: float = -1, guidance_scale: float = -1, seed: float = -1, width: float = 0,
                     height: float = 0, guidance: str = "cfg", guidance_params: str = "{}"):
             """Make one image; returns (PNG path with A1111 parameters, seed used, run info). seed -1 is random;
@@ -55,8 +55,10 @@ class ApiView:
                     height=height, guidance=guidance, guidance_params=guidance_params)
             except ValueError as e:
                 raise as_gr_error(e) from None
-            run = app.start(request, "fast", None)
-            run.done.wait()
+            # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this task,
+            # and Run.wait stops the run at its next step, so the worker is free for the next caller.
+            run = app.start(request, "fast", getattr(http, "session_hash", None))
+            await run.wait()
             if run.error is not None:
                 raise as_gr_error(run.error) from None
             result = run.result

@@ -3,6 +3,7 @@ and the per-step preview PNGs rendered once and reused by the live view, the scr
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 import time
@@ -51,6 +52,28 @@ class Run:
     renders: dict[tuple[int, str], str | None] = field(default_factory=dict)  # preview PNG paths by (step, name)
     heat_top: float = 0.0  # largest |x̂0_cond − x̂0_uncond| over the run, so heat maps compare across steps
     thread: threading.Thread | None = None  # the thread that ran generate() (the app's one worker)
+    _on_done: list = field(default_factory=list)  # callables run (on the worker) once `done` is set
+
+    async def wait(self) -> None:
+        """Wait in an event loop until the run is done, without holding a thread. Cancelling the waiting task
+        (a client that cancels or goes away) cancels the run at its next step boundary."""
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        self._on_done.append(lambda: loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None)))
+        if self.done.is_set():
+            return
+        try:
+            await finished
+        except asyncio.CancelledError:
+            self.latest.cancel()
+            raise
+
+    def finish(self) -> None:
+        """Mark the run done and tell whoever waits (the stream, the API handler)."""
+        self.done.set()
+        self.latest.wake()
+        for notify in self._on_done:
+            notify()
 
     @property
     def run_id(self) -> str:
@@ -170,8 +193,7 @@ class Playground:
                 with self._lock:
                     if self.active.get(session) is run:
                         del self.active[session]
-            run.done.set()
-            run.latest.wake()
+            run.finish()
 
     def keep(self, run: Run) -> None:
         with self._lock:
