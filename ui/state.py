@@ -27,6 +27,10 @@ from pipelines.worker import GenerationWorker, threads_for
 from ui.render import guidance_map, heat, upscale
 
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
+# Step tensors held for scrubbing: per run (past it a run keeps every 2nd, 4th, ... step; the embedded model's
+# 1000-step run needs 16 MB, an SDXL 1024² step 1 MB) and for all runs in memory together (oldest dropped first).
+SCRUB_BYTES_PER_RUN = 48 * 2**20
+SCRUB_BYTES_TOTAL = 192 * 2**20
 # "auto" x̂0 in the scrubber: a full VAE decode up to this many pixels (the embedded 64×64 decodes in ~14 ms on
 # one CPU thread; a 512×512 SD decode takes seconds there).
 DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}
@@ -41,7 +45,7 @@ class Run:
     folder: Path
     x0_choice: str  # "auto", "decode" or "fast" as the user chose
     latest: LatestObserver = field(default_factory=LatestObserver)
-    recorder: StepRecorder = field(default_factory=StepRecorder)
+    recorder: StepRecorder = field(default_factory=lambda: StepRecorder(max_bytes=SCRUB_BYTES_PER_RUN))
     done: threading.Event = field(default_factory=threading.Event)
     previewer: Previewer | None = None  # set by the worker once the model is loaded
     latents_kind: str = "channels"  # preview of x_t
@@ -116,13 +120,16 @@ class Playground:
     """Shared state behind the page; one instance per build_demo()."""
 
     def __init__(self, loader: ModelLoader, models: list[str], default_model: str, outputs_dir: Path,
-                 preview_interval: float, worker: GenerationWorker | None = None) -> None:
+                 preview_interval: float, worker: GenerationWorker | None = None,
+                 scrub_bytes_per_run: int = SCRUB_BYTES_PER_RUN, scrub_bytes_total: int = SCRUB_BYTES_TOTAL) -> None:
         self.loader = loader
         self.models = models
         self.default_model = default_model
         self.outputs_dir = outputs_dir
         self.preview_interval = preview_interval
         self.worker = worker or GenerationWorker()
+        self.scrub_bytes_per_run = scrub_bytes_per_run
+        self.scrub_bytes_total = scrub_bytes_total
         self.runs: OrderedDict[str, Run] = OrderedDict()  # finished runs kept for scrubbing
         self.active: dict[str, Run] = {}  # session hash -> run in flight (for Stop)
         self._lock = threading.Lock()
@@ -155,7 +162,8 @@ class Playground:
     def start(self, request: GenerationRequest, x0_choice: str, session: str | None) -> Run:
         """Queue the run on the generation worker; its LatestObserver receives the steps."""
         folder = self.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-        run = Run(request=request, folder=folder, x0_choice=x0_choice)
+        run = Run(request=request, folder=folder, x0_choice=x0_choice,
+                  recorder=StepRecorder(max_bytes=self.scrub_bytes_per_run))
         if session:
             with self._lock:
                 self.active[session] = run
@@ -183,7 +191,7 @@ class Playground:
             writer.finish(result)
             run.result = result
             tops = [guidance_map(s.denoised_cond, s.denoised_uncond).max() for s in run.steps
-                    if s.denoised_cond is not None]
+                    if s.denoised_cond is not None and s.denoised_uncond is not None]
             run.heat_top = float(max(tops, default=0.0))
             self.keep(run)
         except BaseException as e:  # handed to the UI thread, which reports it
@@ -196,10 +204,12 @@ class Playground:
             run.finish()
 
     def keep(self, run: Run) -> None:
+        """Hold a finished run for scrubbing; the oldest go when there are too many or their tensors too big."""
         with self._lock:
             self.runs[run.run_id] = run
             self.runs.move_to_end(run.run_id)
-            while len(self.runs) > MAX_RUNS_IN_MEMORY:
+            while len(self.runs) > 1 and (len(self.runs) > MAX_RUNS_IN_MEMORY or sum(
+                    r.recorder.nbytes for r in self.runs.values()) > self.scrub_bytes_total):
                 self.runs.popitem(last=False)
 
     def restore(self, folder: Path, trace: Trace) -> Run | None:
@@ -253,6 +263,7 @@ class Playground:
         Paths, not arrays: Gradio rewrites the cache file of an array in place, and a browser fetching the same
         preview of an earlier run (same seed) then gets a truncated file (Content-Length errors).
         """
+        step = run.recorder.nearest_kept(step)  # a bounded recorder may have thinned this step out
         key = (step, name)
         if key not in run.renders:
             rec = run.steps[step]
@@ -288,6 +299,10 @@ class Playground:
         s = run.steps[step]
         n = len(run.steps)
         parts = [f"**Step {s.step + 1} / {n}**", f"t = {s.timestep:.1f}"]
+        if not s.kept:
+            shown = run.steps[run.recorder.nearest_kept(step)].step + 1
+            parts.insert(1, f"images from step {shown} (to bound memory this long run kept the tensors of one "
+                            f"step in {run.recorder.stride})")
         if s.sigma is not None:
             parts.append(f"σ = {s.sigma:.4g}")
         if s.guidance_delta_norm is not None:
