@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
+import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from pipelines.limits import Limits
 from pipelines.observers import Observer
 from pipelines.previews import Previewer
 from pipelines.schedulers import SCHEDULERS
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent, Timings
 
 TRACE_FILE = "trace.json"
+TRACE_MAX_BYTES = 4 * 2**20  # Trace.read refuses larger files (a 1000-step trace is ~0.3 MB)
 STEP_TENSORS_FILE = "steps/tensors.safetensors"
 STEP_TENSORS_LIMIT = 32 * 2**20  # bytes: save_step_tensors' default cap (a 64×64 model's 20 steps take ~20 KB)
 STEP_TENSOR_SOURCES = ("latents", "denoised", "denoised_cond", "denoised_uncond")  # StepEvent fields saved
@@ -161,13 +167,26 @@ class Trace:
         folder = Path(folder)
         path = folder / TRACE_FILE
         where = str(path)
+        if os.path.islink(folder):
+            raise ValueError(f"{where}: the run folder {folder} is a symbolic link; a run folder is a real folder")
         _regular_file(path, where)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{where}: not readable JSON: {e}") from None
+            with open(path, "rb") as f:
+                raw = f.read(TRACE_MAX_BYTES + 1)
+            if len(raw) > TRACE_MAX_BYTES:
+                raise ValueError(f"larger than {TRACE_MAX_BYTES} bytes")
+            data = json.loads(raw.decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+            raise ValueError(f"{where}: not readable JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{where}: must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls._from_dict(data, folder, where)
+        except (TypeError, ArithmeticError, RecursionError) as e:  # e.g. an integer too large for a float
+            raise ValueError(f"{where}: malformed ({type(e).__name__})") from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], folder: Path, where: str) -> Trace:
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
@@ -418,3 +437,177 @@ class TraceWriter(Observer):
             self.tensors_saved = save_step_tensors(self.out_dir, self._tensors, self.tensors_limit_bytes)
         trace.write(self.out_dir)
         return trace
+
+
+# --- retention and orphans ------------------------------------------------------------------------------------------
+#
+# A run folder is finished once its trace.json exists: TraceWriter.finish writes it last, atomically, after image.png
+# and the step tensors, and history lists only folders whose trace reads. A run killed mid-way leaves a folder without
+# a trace (steps/ previews, maybe image.png or a temporary file), which history never shows and clean_orphans removes.
+# Both functions below only ever delete folders that hold nothing but the files a run writes (RUN_FILES, steps/ with
+# its previews and tensors, temporary files), never follow a symbolic link, and never touch anything else.
+
+RUN_FILES = frozenset({"image.png", TRACE_FILE, "steps"})  # what a run folder holds (besides temporary files)
+_STEP_FILE = re.compile(r"\d{3,}_[A-Za-z0-9_]+\.png|tensors\.safetensors")  # steps/NNN_<preview>.png, the tensors
+_TEMP_FILE = re.compile(r"\..+\.tmp")  # _atomic_write's temporary names: .<name>.<random>.tmp
+_DELETING = ".deleting-"  # a run folder being removed is first renamed to this prefix + its name
+
+log = logging.getLogger("playground")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A folder directly under the outputs folder that holds only what a run writes."""
+
+    path: Path  # the folder
+    finished: bool  # trace.json is a regular file (whether it parses is Trace.read's business)
+    mtime: float  # trace.json's modification time (finished runs), else the newest entry's
+    size: int  # bytes of its regular files, steps/ included
+    temp_files: tuple[Path, ...]  # leftovers of interrupted atomic writes, inside it or its steps/
+
+
+def scan_run_folder(path: str | os.PathLike) -> RunFolder | None:
+    """The RunFolder at `path`, or None when it is not one: a symbolic link, not a folder, or holding anything a run
+    does not write (an empty folder included: nothing shows it was a run). Uses lstat only: never follows links."""
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return None
+        entries = list(os.scandir(path))
+    except OSError:
+        return None
+    size, newest, temps, finished, trace_mtime, known = 0, 0.0, [], False, 0.0, False
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        newest = max(newest, st.st_mtime)
+        if entry.name == "steps":
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            inner = _scan_steps(Path(entry.path))
+            if inner is None:
+                return None
+            inner_size, inner_newest, inner_temps = inner
+            size, newest = size + inner_size, max(newest, inner_newest)
+            temps += inner_temps
+            known = True
+        elif entry.name in RUN_FILES and stat.S_ISREG(st.st_mode):
+            size += st.st_size
+            known = True
+            if entry.name == TRACE_FILE:
+                finished, trace_mtime = True, st.st_mtime
+        elif _TEMP_FILE.fullmatch(entry.name) and stat.S_ISREG(st.st_mode):
+            size += st.st_size
+            temps.append(Path(entry.path))
+            known = True
+        else:
+            return None
+    if not known:
+        return None
+    return RunFolder(path=path, finished=finished, mtime=trace_mtime if finished else newest, size=size,
+                     temp_files=tuple(temps))
+
+
+def _scan_steps(path: Path) -> tuple[int, float, list[Path]] | None:
+    """(bytes, newest mtime, temporary files) of a run's steps/ folder, or None if it holds anything else."""
+    size, newest, temps = 0, 0.0, []
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if _TEMP_FILE.fullmatch(entry.name):
+            temps.append(Path(entry.path))
+        elif not _STEP_FILE.fullmatch(entry.name):
+            return None
+        size += st.st_size
+        newest = max(newest, st.st_mtime)
+    return size, newest, temps
+
+
+def run_folders(outputs_dir: str | os.PathLike) -> list[RunFolder]:
+    """Every run folder directly under `outputs_dir` (finished or not), oldest first; foreign entries are left out."""
+    try:
+        entries = list(os.scandir(outputs_dir))
+    except OSError:
+        return []
+    found = [scan_run_folder(e.path) for e in entries if not e.name.startswith(_DELETING)]
+    return sorted((r for r in found if r is not None), key=lambda r: (r.mtime, r.path.name))
+
+
+def remove_run_folder(path: str | os.PathLike) -> bool:
+    """Delete a run folder (checked again with scan_run_folder); False when it is not one. It is renamed out of the
+    way first, so a reader sees either the whole run or nothing."""
+    path = Path(path)
+    if scan_run_folder(path) is None:
+        return False
+    hidden = path.with_name(_DELETING + path.name)
+    try:
+        os.rename(path, hidden)
+    except OSError as e:
+        log.warning("cannot remove run %s: %s", path.name, e)
+        return False
+    shutil.rmtree(hidden, ignore_errors=True)  # rmtree never follows symbolic links
+    return True
+
+
+def prune_outputs(outputs_dir: str | os.PathLike, limits: Limits, keep: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Remove the oldest finished runs until at most limits.max_runs_kept remain and they take at most
+    limits.max_output_bytes; returns the removed folders. Never removes the newest finished run, the folders in
+    `keep` (runs on screen or in flight), unfinished folders (a run may be writing one: clean_orphans at start is
+    their place), or anything that is not a run folder."""
+    keep_names = {Path(k).name for k in keep}
+    finished = [r for r in run_folders(outputs_dir) if r.finished]
+    count, total = len(finished), sum(r.size for r in finished)
+    removed = []
+    for run in finished[:-1]:  # oldest first; the newest always stays
+        if count <= limits.max_runs_kept and total <= limits.max_output_bytes:
+            break
+        if run.path.name in keep_names:
+            continue
+        if remove_run_folder(run.path):
+            removed.append(run.path)
+            count, total = count - 1, total - run.size
+    if removed:
+        log.info("outputs: removed %d old runs (%d kept, %.1f MB)", len(removed), count, total / 2**20)
+    return removed
+
+
+def clean_orphans(outputs_dir: str | os.PathLike, older_than: float = 0.0) -> list[Path]:
+    """Remove what killed runs left in `outputs_dir`: run folders without a trace.json (and untouched for
+    `older_than` seconds), half-removed folders, and temporary files of interrupted writes inside finished runs.
+    Call it at start, before any run: an unfinished folder then belongs to no one. Returns what was removed."""
+    removed: list[Path] = []
+    now = time.time()
+    for run in run_folders(outputs_dir):
+        if not run.finished and now - run.mtime >= older_than:
+            if remove_run_folder(run.path):
+                removed.append(run.path)
+        elif run.finished:
+            for temp in run.temp_files:
+                try:
+                    temp.unlink()
+                    removed.append(temp)
+                except OSError:
+                    pass
+    try:
+        leftovers = [Path(e.path) for e in os.scandir(outputs_dir) if e.name.startswith(_DELETING)]
+    except OSError:
+        leftovers = []
+    for path in leftovers:  # a removal interrupted between its rename and its rmtree
+        if scan_run_folder(path) is not None:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("outputs: cleaned %d leftovers of interrupted runs", len(removed))
+    return removed

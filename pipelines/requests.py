@@ -22,7 +22,6 @@ from pipelines.errors import shown
 from pipelines.limits import ENV_VARS, Limits
 from pipelines.loading import ModelLoader
 from pipelines.registry import MODELS, recommended_settings, resolve, tier_of
-from pipelines.schedulers import SCHEDULERS
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -214,9 +213,6 @@ def build_request(
                              f"got {sizes[name]}")
 
     scheduler_key = None if _unset(scheduler) or scheduler == OWN_SCHEDULER else str(scheduler).strip()
-    if scheduler_key is not None and scheduler_key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {shown(scheduler_key)}; choose one of: {', '.join(SCHEDULERS)} "
-                         f"(or '' for the model's own)")
 
     # The budget needs the model's weight class and native size: the registry knows them for its models; anything
     # else is measured on its pipeline (loaded here, as recommended() already does for unset values).

@@ -4,6 +4,7 @@ its image and code, and its scrubber (from memory, or from the step tensors save
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,25 @@ def caption(trace: Trace) -> str:
 
 
 def history(outputs_dir: Path, limit: int = HISTORY_LIMIT) -> list[tuple[str, str]]:
-    """Past runs on disk, newest first, as (run folder, caption); a malformed run is skipped, never fatal."""
+    """Past runs on disk, newest first, as (run folder, caption). Anything that is not a finished run read by Trace.read
+    (a foreign, malformed, symlinked or half-written folder) is skipped and logged, never fatal."""
     runs = []
-    for path in outputs_dir.glob("*/trace.json"):
+    try:
+        entries = list(os.scandir(outputs_dir))
+    except OSError as e:
+        log.warning("history: cannot list %s: %s", outputs_dir, e)
+        return []
+    for entry in entries:
+        if entry.name.startswith("."):  # temporary files and runs being removed
+            continue
         try:
-            runs.append((path.stat().st_mtime, path.parent))
-        except OSError:
+            if entry.is_symlink():
+                log.info("history skips %s: a symbolic link; a run folder is a real folder", entry.name)
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            runs.append((os.lstat(os.path.join(entry.path, "trace.json")).st_mtime, Path(entry.path)))
+        except OSError:  # no trace.json: unfinished (or not a run); history shows finished runs only
             continue
     items = []
     for _, folder in sorted(runs, reverse=True):
@@ -49,10 +63,9 @@ def history(outputs_dir: Path, limit: int = HISTORY_LIMIT) -> list[tuple[str, st
             break
         try:
             trace = Trace.read(folder)
-        except (OSError, ValueError) as e:
+            items.append((str(folder), caption(trace)))
+        except Exception as e:  # one bad folder must never break the page: skip it, say why in the log
             log.info("history skips %s: %s", folder.name, e)
-            continue
-        items.append((str(folder), caption(trace)))
     return items
 
 
