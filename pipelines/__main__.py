@@ -1,6 +1,7 @@
-"""Command line: `python -m pipelines generate ...`, `python -m pipelines guidance`, `python -m pipelines schedulers`.
+"""Command line: `python -m pipelines generate ...`, the Explain lab's experiments (sweep, jump, branch, dissect,
+tradeoff: pipelines/explain.py) and the listings (guidance, schedulers, models).
 
-Same API as the UI: a GenerationRequest handed to generate(), observed by a TraceWriter.
+Same API as the UI: a GenerationRequest from pipelines.requests.build_request, handed to generate().
 """
 
 from __future__ import annotations
@@ -38,18 +39,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latents-preview", choices=("fast", "approx", "taesd", "rgb", "channels", "decode", "none"), default="fast",
                    help="how steps/*_latents.png is rendered (default: fast = the model's tiny preview decoder, TAESD or latent→RGB map)")
 
-    sw = sub.add_parser("sweep", help="the same seed at several guidance scales or step counts, as one grid",
-                        description="Write DIR/grid.png, DIR/<value>.png and DIR/sweep.json.")
+    sw = sub.add_parser("sweep", help="a grid over one or two settings, every cell with the same seed",
+                        description="Write DIR/grid.png (labelled axes), DIR/cells/RR_CC.png and DIR/sweep.json "
+                                    '({"cells": [{"x", "y", "settings", "image", ...}, ...]}, row-major). Axes: '
+                                    "guidance_scale, steps, scheduler, guidance (the method), seed.")
     _request_flags(sw)
-    sw.add_argument("--guidance-scales", default=None, metavar="LIST",
-                    help="comma-separated guidance scales to compare (default when no --steps-list: 1,3,5,7.5,12)")
-    sw.add_argument("--steps-list", default=None, metavar="LIST", help="comma-separated step counts to compare instead")
+    sw.add_argument("--x", default=None, metavar="NAME=V1,V2,...",
+                    help="the x axis, e.g. guidance_scale=1,3,7.5,12 or guidance=cfg,rescale,apg,pag "
+                         "(default: guidance_scale=1,3,5,7.5,12)")
+    sw.add_argument("--y", default=None, metavar="NAME=V1,V2,...", help="an optional y axis, e.g. steps=2,5,20")
+    sw.add_argument("--guidance-scales", default=None, metavar="LIST", help="shorthand for --x guidance_scale=LIST")
+    sw.add_argument("--steps-list", default=None, metavar="LIST", help="shorthand for --x steps=LIST")
 
-    j = sub.add_parser("jump", help="x̂0 at several steps of one run: why diffusion takes many small steps",
-                       description="Write DIR/jump.png (decoded x̂0 at evenly spaced steps, then the final image) "
-                                   "and DIR/jump.json (each frame's σ and its RMS distance to the final image).")
+    j = sub.add_parser("jump", help="jump vs walk: every step's x̂0 against the final image, and k-step runs",
+                       description="Write DIR/jump.json (per step: sigma, x̂0 sharpness, its RMS distance to the final "
+                                   "image; short_runs: separate k-step runs), DIR/jump.png, DIR/final.png, "
+                                   "DIR/x0/NNN.png and DIR/short_K.png.")
     _request_flags(j)
-    j.add_argument("--frames", type=int, default=6, help="how many steps to show (default 6)")
+    j.add_argument("--frames", type=int, default=6, help="how many steps jump.png shows (default 6)")
+    j.add_argument("--short-runs", default=None, metavar="LIST",
+                   help="step counts k of the separate k-step runs (default: the shown steps below --steps)")
+
+    b = sub.add_parser("branch", help="branching: run to a fraction of the schedule, finish with different noise",
+                       description="Write DIR/branch.json ({at, diversity, images: [[...] per branch point]}), "
+                                   "DIR/grid.png and DIR/branches/. The scheduler defaults to euler_a (stochastic); "
+                                   "with a deterministic one (ddim, dpmpp_2m) every branch is the same image.")
+    _request_flags(b, scheduler_default="euler_a")
+    b.add_argument("--branches", type=int, default=4, help="endings per branch point (default 4)")
+    b.add_argument("--at", default="0.1,0.3,0.5,0.7,0.9", metavar="LIST",
+                   help="branch points as fractions of the schedule in [0, 1) (default 0.1,0.3,0.5,0.7,0.9)")
+
+    d = sub.add_parser("dissect", help="guidance dissection: conditional, unconditional and guided x̂0 per step",
+                       description="Write DIR/dissect.json (per step: guided, ‖ε_c − ε_u‖, effective scale, "
+                                   "‖x̂0_k − x̂0_k−1‖, image paths; interval: first and last guided step when guidance "
+                                   "is off on some), DIR/dissect.png and DIR/steps/.")
+    _request_flags(d)
+    d.add_argument("--frames", type=int, default=6, help="how many steps dissect.png shows (default 6)")
+
+    t = sub.add_parser("tradeoff", help="diversity vs adherence over guidance scales (embedded model, the judge)",
+                       description="Write DIR/tradeoff.json (per scale: adherence by the shapes-world judge, "
+                                   "diversity, image paths) and DIR/tradeoff.png. Embedded model only, one-object "
+                                   "prompts that name a shape.")
+    _request_flags(t)
+    t.add_argument("--scales", default="1,2,3,5,7.5,12", metavar="LIST",
+                   help="guidance scales to compare (default 1,2,3,5,7.5,12)")
+    t.add_argument("--seeds", type=int, default=8, help="images per scale, seeds s, s+1, ... (default 8)")
 
     sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
     sub.add_parser("schedulers", help="list scheduler keys")
@@ -57,15 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request_flags(g: argparse.ArgumentParser) -> None:
-    """The flags that make a GenerationRequest, shared by generate, sweep and jump."""
+def _request_flags(g: argparse.ArgumentParser, scheduler_default: str | None = None) -> None:
+    """The flags that make a GenerationRequest, shared by generate and every experiment."""
     g.add_argument("--prompt", required=True, help="text prompt; an empty string generates unconditionally")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"registry key ({', '.join(MODELS)}), a local diffusers folder or a hub id "
                         f"(default: {DEFAULT_MODEL}, the embedded model)")
-    g.add_argument("--scheduler", default=None, metavar="KEY",
-                   help=f"one of {', '.join(SCHEDULERS)} (default: the model's own scheduler)")
+    own = scheduler_default or "the model's own scheduler"
+    g.add_argument("--scheduler", default=scheduler_default, metavar="KEY",
+                   help=f"one of {', '.join(SCHEDULERS)} (default: {own})")
     g.add_argument("--steps", type=int, default=None,
                    help=f"denoising steps, 1..{MAX_STEPS} (default: the model's recommended, else its pipeline's default)")
     g.add_argument("--guidance-scale", type=float, default=None,
@@ -132,46 +167,88 @@ def _number_list(text: str, cast) -> list:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from pipelines import explain
 
-    from pipelines.explain import grid, sweep
-    from pipelines.outputs import save_image, save_png, write_json
-
-    loader, _, request = _request(args)
+    given = [f for f in (args.x, args.guidance_scales, args.steps_list) if f]
+    if len(given) > 1:
+        raise ValueError("give the x axis once: --x, --guidance-scales or --steps-list")
     if args.steps_list:
-        field, values = "num_inference_steps", _number_list(args.steps_list, int)
+        x = explain.parse_axis(f"steps={args.steps_list}")
+    elif args.guidance_scales:
+        x = explain.parse_axis(f"guidance_scale={args.guidance_scales}")
     else:
-        field, values = "guidance_scale", _number_list(args.guidance_scales or "1,3,5,7.5,12", float)
-    results = sweep(request, field, values, loader=loader)
-    out = Path(args.out)
-    short = {"guidance_scale": "CFG", "num_inference_steps": "steps"}[field]
-    for v, r in zip(values, results):
-        save_image(out / f"{short}_{v:g}.png", r)
-    title = f"{request.prompt!r} seed {results[0].seed}"
-    save_png(out / "grid.png", grid([r.image for r in results], [f"{short} {v:g}" for v in values], title=title))
-    write_json(out / "sweep.json", {"field": field, "seed": results[0].seed, "request": request.to_dict(),
-                                    "images": [f"{short}_{v:g}.png" for v in values]})
-    print(f"wrote {out / 'grid.png'} ({len(results)} images, seed {results[0].seed})")
+        x = explain.parse_axis(args.x or "guidance_scale=1,3,5,7.5,12")
+    y = explain.parse_axis(args.y) if args.y else None
+    loader, _, request = _request(args)
+    report = _run(explain.sweep(request, x, y, loader=loader), lambda r: f"cell {len(r.cells)}/{r.total}")
+    explain.write_sweep(report, args.out)
+    print(f"wrote {os.path.join(args.out, 'grid.png')} ({len(report.cells)} cells, seed {report.request.seed})")
     return 0
 
 
 def _jump(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pipelines.explain import grid, jump
-    from pipelines.outputs import save_png, write_json
+    from pipelines import explain
 
     loader, _, request = _request(args)
-    frames, result = jump(request, loader=loader, frames=args.frames)
-    out = Path(args.out)
-    labels = [f"x0 @ step {f.step + 1}, d={f.distance:.2f}" for f in frames] + ["final"]  # ASCII: PIL's default font has no combining hat
-    save_png(out / "jump.png", grid([f.image for f in frames] + [result.image], labels,
-                                   title=f"{request.prompt!r}: predicted clean image at each step vs the final image"))
-    write_json(out / "jump.json", {"seed": result.seed, "request": request.to_dict(), "frames": [
-        {"step": f.step, "sigma": f.sigma, "rms_distance_to_final": round(f.distance, 4)} for f in frames]})
-    print(f"wrote {out / 'jump.png'} (seed {result.seed}); RMS distance of x̂0 to the final image by step: "
-          + ", ".join(f"{f.step + 1}: {f.distance:.3f}" for f in frames))
+    shorts = None if args.short_runs is None else _number_list(args.short_runs, int)
+    report = _run(explain.jump(request, loader=loader, short_steps=shorts, frames=args.frames),
+                  lambda r: f"short runs {len(r.short_runs)}/{len(r.short_steps)}")
+    explain.write_jump(report, args.out, frames=args.frames)
+    picks = explain.frame_steps(len(report.steps), args.frames)
+    print(f"wrote {os.path.join(args.out, 'jump.png')} (seed {report.request.seed}); by step, RMS distance of x̂0 to "
+          "the final image / sharpness: " + ", ".join(
+              f"{k + 1}: {report.steps[k].distance_to_final:.3f}/{report.steps[k].sharpness:.4f}" for k in picks))
     return 0
+
+
+def _branch(args: argparse.Namespace) -> int:
+    from pipelines import explain
+
+    at = _number_list(args.at, float)
+    loader, _, request = _request(args)
+    report = _run(explain.branch(request, at, args.branches, loader=loader),
+                  lambda r: f"branch point {len(r.points)}/{len(r.at)}")
+    explain.write_branch(report, args.out)
+    note = "" if report.stochastic else f" ({report.scheduler} draws no noise after the start: branches are identical)"
+    print(f"wrote {os.path.join(args.out, 'grid.png')} (seed {report.request.seed}, {report.scheduler}); diversity by "
+          "branch point: " + ", ".join(f"{p.fraction:g}: {p.diversity:.4f}" for p in report.points) + note)
+    return 0
+
+
+def _dissect(args: argparse.Namespace) -> int:
+    from pipelines import explain
+
+    loader, _, request = _request(args)
+    report = _run(explain.dissect(request, loader=loader), lambda r: "")
+    explain.write_dissect(report, args.out, frames=args.frames)
+    where = "" if report.interval is None else f"; guidance on at steps {report.interval[0] + 1}-{report.interval[1] + 1}"
+    print(f"wrote {os.path.join(args.out, 'dissect.png')} (seed {report.request.seed}, {len(report.steps)} steps{where})")
+    return 0
+
+
+def _tradeoff(args: argparse.Namespace) -> int:
+    from pipelines import explain
+
+    scales = _number_list(args.scales, float)
+    loader, _, request = _request(args)
+    report = _run(explain.tradeoff(request, scales, args.seeds, loader=loader),
+                  lambda r: f"scale {len(r.points)}/{len(r.scales)}")
+    explain.write_tradeoff(report, args.out)
+    print(f"wrote {os.path.join(args.out, 'tradeoff.png')} (seeds {report.request.seed}..{report.request.seed + args.seeds - 1}); "
+          "guidance scale: adherence / diversity: " + ", ".join(
+              f"{p.guidance_scale:g}: {p.adherence:.2f}/{p.diversity:.3f}" for p in report.points))
+    return 0
+
+
+def _run(experiment, progress):
+    """Run an experiment to its end, saying how far it is on stderr (stdout keeps the one result line)."""
+    report = None
+    for report in experiment:
+        if not report.done and progress(report):
+            print(progress(report), file=sys.stderr, flush=True)
+    if report is None:
+        raise ValueError("the experiment made no result")
+    return report
 
 
 def _quiet_library_progress() -> None:
@@ -195,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "jump":
             return _jump(args)
+        if args.command == "branch":
+            return _branch(args)
+        if args.command == "dissect":
+            return _dissect(args)
+        if args.command == "tradeoff":
+            return _tradeoff(args)
         if args.command == "guidance":
             from guidance.registry import describe
 

@@ -107,6 +107,8 @@ def generate(
                 if observer.is_cancelled():
                     cancelled = True
                     break
+                if request.branch is not None and i == request.branch[0]:
+                    generator.manual_seed(request.branch[1])  # a branch: the same x_t, fresh noise from here on
                 # 5a. Guidance context and whether this step needs the unconditional pass
                 sigma = sigma_at(scheduler, i, t, family.flow)
                 ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)

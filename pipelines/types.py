@@ -32,6 +32,9 @@ class GenerationRequest:
     height: int | None = None  # pixels; as width
     guidance: str = "cfg"  # key of guidance.registry.METHODS
     guidance_params: Mapping[str, float] = field(default_factory=dict)  # method parameters, e.g. guidance_rescale
+    # (step, seed): from loop step `step` on, the scheduler's fresh noise comes from a generator re-seeded with `seed`;
+    # steps before it are the run without a branch (pipelines/explain.py branches a trunk this way). None: no branch.
+    branch: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -63,14 +66,25 @@ class GenerationRequest:
                 raise ValueError(f"guidance_params must map names to finite numbers, got {k!r}={v!r}")
         # A read-only copy keeps the request hashable in spirit and immune to caller mutation.
         object.__setattr__(self, "guidance_params", _FrozenParams(params))
+        if self.branch is not None:
+            b = tuple(self.branch) if isinstance(self.branch, (tuple, list)) else ()
+            if len(b) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in b) or not (
+                    0 <= b[0] < self.num_inference_steps and 0 <= b[1] < 2**63):
+                raise ValueError(f"branch must be (step, seed) with step from 0 to num_inference_steps-1 "
+                                 f"({self.num_inference_steps - 1}) and seed from 0 to 2**63-1, or None; got {self.branch!r}")
+            object.__setattr__(self, "branch", b)
         # Guidance method and parameters are validated against the registry here, once.
         from guidance.registry import validate as _validate_guidance
 
         _validate_guidance(self.guidance, params)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
+        """A JSON-ready dict of every field (`branch` only when set, so readers of older traces see what they knew)."""
         d = asdict(self) | {"guidance_params": dict(self.guidance_params)}
+        if self.branch is None:
+            del d["branch"]
+        else:
+            d["branch"] = list(self.branch)
         return d
 
     def to_json(self) -> str:

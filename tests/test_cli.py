@@ -119,20 +119,65 @@ def test_listings():
 
 
 def test_sweep_writes_a_grid_with_one_image_per_scale(model_dir, tmp_path, capsys):
+    # The old one-axis flag still works: --guidance-scales is --x guidance_scale=...
     code = main(["sweep", "--prompt", "a red circle", "--model", str(model_dir), "--steps", "2", "--seed", "4",
                  "--width", "16", "--height", "16", "--guidance-scales", "1,4", "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
-    one, four = Image.open(tmp_path / "CFG_1.png"), Image.open(tmp_path / "CFG_4.png")
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["x"] == {"name": "guidance_scale", "values": [1.0, 4.0]} and data["y"] is None
+    one, four = (Image.open(tmp_path / c["image"]) for c in data["cells"])
     assert "CFG scale: 1, Seed: 4" in one.text["parameters"] and "CFG scale: 4, Seed: 4" in four.text["parameters"]
     assert one.tobytes() != four.tobytes()
     assert Image.open(tmp_path / "grid.png").width > 2 * 16
-    assert json.loads((tmp_path / "sweep.json").read_text())["field"] == "guidance_scale"
+
+
+def test_sweep_two_axes_cells_in_order(model_dir, tmp_path, capsys):
+    code = main(["sweep", "--prompt", "a red circle", "--model", str(model_dir), "--seed", "4", "--width", "16",
+                 "--height", "16", "--x", "guidance=cfg,rescale", "--y", "steps=1,2", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
+    assert [(c["x"], c["y"]) for c in cells] == [("cfg", 1), ("rescale", 1), ("cfg", 2), ("rescale", 2)]
+    assert [c["settings"] for c in cells][1] == {"guidance": "rescale", "num_inference_steps": 1}
+    assert {c["seed"] for c in cells} == {4}
+
+
+def test_sweep_bad_axis_is_one_line_and_exit_2(model_dir, tmp_path, capsys):
+    code = main(["sweep", "--prompt", "x", "--model", str(model_dir), "--x", "colour=1,2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "NAME one of guidance_scale, steps, scheduler, guidance, seed" in err
+    code = main(["sweep", "--prompt", "x", "--model", str(model_dir), "--x", "scheduler=euler,warp", "--out", str(tmp_path)])
+    assert code == 2 and "unknown scheduler 'warp'" in capsys.readouterr().err
+    assert not (tmp_path / "sweep.json").exists()
 
 
 def test_jump_distances_shrink_toward_the_final_image(model_dir, tmp_path, capsys):
     code = main(["jump", "--prompt", "a red circle", "--model", str(model_dir), "--scheduler", "euler", "--steps", "6",
                  "--seed", "4", "--width", "16", "--height", "16", "--frames", "3", "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
-    frames = json.loads((tmp_path / "jump.json").read_text())["frames"]
-    assert [f["step"] for f in frames] == [0, 2, 5]
-    assert frames[-1]["rms_distance_to_final"] <= 0.01 < frames[0]["rms_distance_to_final"]
+    data = json.loads((tmp_path / "jump.json").read_text())
+    steps = data["steps"]
+    assert [s["step"] for s in steps] == list(range(6))
+    assert set(steps[0]) >= {"step", "sigma", "sharpness", "distance_to_final"}
+    assert steps[-1]["distance_to_final"] <= 0.01 < steps[0]["distance_to_final"]
+    assert [r["steps"] for r in data["short_runs"]] == [1, 3]  # the shown frames below 6 steps
+    assert Image.open(tmp_path / "jump.png").width > 3 * 16
+
+
+def test_branch_and_dissect_write_their_files(model_dir, tmp_path, capsys):
+    code = main(["branch", "--prompt", "a red circle", "--model", str(model_dir), "--steps", "4", "--seed", "4",
+                 "--width", "16", "--height", "16", "--branches", "2", "--at", "0,0.5", "--out", str(tmp_path / "b")])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "b" / "branch.json").read_text())
+    assert data["at"] == [0.0, 0.5] and data["scheduler"] == "euler_a" and len(data["diversity"]) == 2
+    assert [len(row) for row in data["images"]] == [2, 2] and (tmp_path / "b" / "grid.png").is_file()
+    code = main(["dissect", "--prompt", "a red circle", "--model", str(model_dir), "--steps", "3", "--seed", "4", "--scheduler", "euler",
+                 "--width", "16", "--height", "16", "--out", str(tmp_path / "d")])
+    assert code == 0, capsys.readouterr().err
+    steps = json.loads((tmp_path / "d" / "dissect.json").read_text())["steps"]
+    assert len(steps) == 3 and all(s["guided"] and set(s["images"]) == {"x0", "cond", "uncond"} for s in steps)
+
+
+def test_tradeoff_refuses_a_model_the_judge_cannot_score(model_dir, tmp_path, capsys):
+    code = main(["tradeoff", "--prompt", "a red circle", "--model", str(model_dir), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "can only score the embedded model 'tiny-shapes'" in err
