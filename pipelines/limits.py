@@ -64,7 +64,7 @@ class Limits:
     max_runs_kept: int = 200  # finished runs kept in the outputs folder; the oldest are removed first
     max_output_mb: float = 1024.0  # megabytes (2**20 bytes) of finished runs kept in the outputs folder
     allow_heavy_models: bool | None = None  # offer SDXL / PixArt-Σ / SD3.5; None: only on CUDA
-    model_switch_seconds: float = 0.0  # a loaded model stays at least this long before another replaces it (0: off)
+    model_switch_seconds: float = 30.0  # a loaded model stays at least this long before another replaces it (0: off)
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "max_steps", "max_work"):

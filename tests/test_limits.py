@@ -343,11 +343,17 @@ def test_clean_orphans_keeps_finished_runs_and_foreign_things(tmp_path):
     (tmp_path / "empty").mkdir()
     link_target = fake_run(tmp_path / "x", "target-orphan", now - 50, finished=False)
     os.symlink(link_target, tmp_path / "linked-orphan")
+    precious = tmp_path / "x" / "precious.png"
+    precious.write_bytes(b"mine")
+    with_link = fake_run(tmp_path, "orphan-with-a-link", now - 50, finished=False)
+    (with_link / "image.png").unlink()
+    os.symlink(precious, with_link / "image.png")
 
     removed = clean_orphans(tmp_path, older_than=10)
     assert set(removed) == {orphan, half_removed, finished / ".trace.json.x1.tmp", finished / "steps" / ".003_x0.png.y2.tmp"}
     assert finished.is_dir() and (finished / "trace.json").is_file() and fresh.is_dir()
     assert (foreign / "README").exists() and (tmp_path / "empty").is_dir() and link_target.is_dir()
+    assert (with_link / "image.png").is_symlink() and precious.read_bytes() == b"mine"
 
 
 # --- history: no file in outputs breaks it -------------------------------------------------------------------------
