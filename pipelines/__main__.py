@@ -123,7 +123,7 @@ def _request(args: argparse.Namespace):
     from pipelines.loading import ModelLoader
     import torch
 
-    from pipelines.requests import build_request
+    from pipelines.requests import Limits, build_request
     from pipelines.worker import threads_for
 
     loader = ModelLoader(device=args.device)
@@ -133,6 +133,7 @@ def _request(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
         scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
         width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param),
+        limits=Limits.from_env(os.environ),
     )
     return loader, pipe, request
 
