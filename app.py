@@ -30,6 +30,7 @@ from pipelines.types import DEFAULT_MODEL
 from pipelines.worker import GenerationWorker
 from ui.api import ApiView
 from ui.controls import Controls
+from ui.explain import ExplainView
 from ui.history import HistoryView
 from ui.live import LiveView, generate_handler
 from ui.state import Playground
@@ -45,6 +46,7 @@ class _Blocks(gr.Blocks):
 
     def launch(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         kwargs.setdefault("css", CSS)
+        kwargs.setdefault("max_file_size", "1mb")  # the page takes no uploads; Gradio's upload route would
         kwargs.setdefault("theme", theme())
         kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or []), str(self.outputs_dir)]
         # Run files are written once (atomically) and never changed, so Gradio may serve them where they are: a
@@ -71,11 +73,17 @@ def build_demo(
     default_model: str | None = None,
     preview_interval: float = 0.25,
     worker: GenerationWorker | None = None,
+    max_runs_per_client: int | None = None,
+    max_run_seconds: float | None = None,
+    concurrent_streams: int = 16,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
     first model); `preview_interval` the shortest time between two live previews, in seconds; `worker` the
-    generation thread (default: a new one, started on the first run)."""
+    generation thread (default: a new one, started on the first run); `max_runs_per_client` how many runs one
+    address may have waiting or running, `max_run_seconds` the wall-clock limit of a run (None: no limit; see
+    `public_limits` for what `python app.py` uses); `concurrent_streams` how many Generate events Gradio lets in
+    at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue."""
     if models is None:
         models = list(dict.fromkeys([DEFAULT_MODEL, *MODELS, *extra_models_from_env()]))
     default_model = default_model or os.environ.get("PLAYGROUND_DEFAULT_MODEL") or models[0]
@@ -84,9 +92,11 @@ def build_demo(
     loader = loader or default_loader(models)
     outputs_dir = Path(outputs_dir)
     outputs_dir.mkdir(parents=True, exist_ok=True)
-    app = Playground(loader, models, default_model, outputs_dir, preview_interval, worker)
+    app = Playground(loader, models, default_model, outputs_dir, preview_interval, worker,
+                     max_runs_per_client=max_runs_per_client, max_run_seconds=max_run_seconds)
 
-    with _Blocks(title="Diffusion playground") as demo:
+    # Gradio's own cache (the API's returned files, anything uploaded) is swept hourly of files older than a day.
+    with _Blocks(title="Diffusion playground", delete_cache=(3600, 86400)) as demo:
         demo.outputs_dir = outputs_dir
         demo.playground = app  # tests and benchmarks reach the worker through it
         gr.Markdown("## Diffusion playground\nType a prompt, pick a model, scheduler and guidance, and watch the "
@@ -98,7 +108,9 @@ def build_demo(
                 live = LiveView(app)
         gr.Markdown("### History")
         history = HistoryView(app)
-        ApiView(app, gpu)
+        gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
+        explain = ExplainView(app, controls)
+        ApiView(app, gpu, concurrency_limit=concurrent_streams)
 
         run_ui = generate_handler(app, controls, live, gpu)
 
@@ -111,7 +123,8 @@ def build_demo(
                       show_progress_on=live.status, concurrency_id="generate", trigger_mode="always_last")
         then = dict(fn=after_run, inputs=[live.run_id], outputs=[*live.after_outputs, history.gallery, history.folders],
                     show_progress="hidden", api_visibility="private")
-        gen_event = controls.generate_btn.click(run_ui, api_name="generate_stream", concurrency_limit=1, **common)
+        gen_event = controls.generate_btn.click(run_ui, api_name="generate_stream", concurrency_limit=concurrent_streams,
+                                                **common)
         gen_event.then(**then)
         submit_event = controls.prompt.submit(run_ui, api_visibility="private", **common)
         submit_event.then(**then)
@@ -128,6 +141,7 @@ def build_demo(
                                 api_visibility="private")
         live.wire_scrub()
         controls.wire()
+        explain.wire()
         history.wire(demo, controls, live)
     return demo
 

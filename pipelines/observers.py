@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,20 @@ class TeeObserver(Observer):
 
     def is_cancelled(self) -> bool:
         return any(observer.is_cancelled() for observer in self.observers)
+
+
+class TimeLimit(Observer):
+    """Cancels the run at the first step boundary after `seconds` of wall-clock time from its creation."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._deadline = None if seconds is None else time.perf_counter() + seconds
+        self.expired = False  # set once the limit stopped the run
+
+    def is_cancelled(self) -> bool:
+        if self._deadline is not None and time.perf_counter() > self._deadline:
+            self.expired = True
+        return self.expired
 
 
 class LatestObserver(Observer):

@@ -128,3 +128,34 @@ def test_scrub_memory_stays_bounded_over_many_runs(tmp_path):
         assert "to bound memory" in playground.step_text(run, 37)
     finally:
         playground.worker.close()
+
+
+def test_one_client_cannot_fill_the_queue_and_a_run_has_a_time_limit(tmp_path):
+    """Through a real server: a client's third concurrent run is refused with the limit and its variable, its
+    first two finish; a run past the wall-clock limit stops at a step boundary and says why."""
+    import app
+
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, tiny_pipeline("sd"))
+    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=tmp_path, preview_interval=0.05,
+                          max_runs_per_client=2, max_run_seconds=1.5)
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        jobs = [client.submit(prompt="x", num_inference_steps=LONG, seed=i, api_name="/generate") for i in range(2)]
+        deadline = time.time() + 30
+        while len(demo.playground.pending) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(Exception, match="PLAYGROUND_MAX_RUNS_PER_CLIENT"):
+            client.predict(prompt="x", num_inference_steps=2, api_name="/generate")
+        for job in jobs:  # both stopped by the 1.5 s limit, long before their 900 steps
+            _, _, info = job.result(timeout=60)
+            assert 0 < info["steps_completed"] < LONG, info
+        run = demo.playground.runs[info["run"]]
+        assert run.time_limit.expired and run.result.cancelled
+        status = client.predict(prompt="x", num_inference_steps=LONG, seed=5, api_name="/generate_stream")[0]
+        assert "Stopped at step" in status and "at most 1.5 s" in status and "PLAYGROUND_MAX_RUN_SECONDS" in status
+        assert _quick(client) < 8  # and the server keeps serving
+    finally:
+        demo.close()

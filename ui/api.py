@@ -7,14 +7,14 @@ from typing import Callable
 
 import gradio as gr
 
-from ui.live import as_gr_error
+from ui.live import as_gr_error, client_of
 from ui.state import Playground
 
 
 class ApiView:
     """Hidden widgets that give /generate its parameter names, and the handler behind them."""
 
-    def __init__(self, app: Playground, gpu: Callable) -> None:
+    def __init__(self, app: Playground, gpu: Callable, concurrency_limit: int = 1) -> None:
         self.app = app
         default_model = app.default_model
         with gr.Group(visible=False):
@@ -57,7 +57,10 @@ class ApiView:
                 raise as_gr_error(e) from None
             # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this task,
             # and Run.wait stops the run at its next step, so the worker is free for the next caller.
-            run = app.start(request, "fast", getattr(http, "session_hash", None))
+            try:
+                run = app.start(request, "fast", getattr(http, "session_hash", None), client_of(http))
+            except ValueError as e:
+                raise as_gr_error(e) from None
             await run.wait()
             if run.error is not None:
                 raise as_gr_error(run.error) from None
@@ -68,4 +71,5 @@ class ApiView:
             return str(run.folder / "image.png"), result.seed, info
 
         self.button.click(run_api, inputs_kwargs=self.inputs, outputs=[self.image, self.seed, self.info],
-                          api_name="generate", concurrency_id="generate")
+                          api_name="generate", concurrency_id="generate",
+                          concurrency_limit=concurrency_limit)  # one group with the Generate stream: see build_demo

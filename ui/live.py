@@ -136,6 +136,9 @@ class LiveView:
         rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
         what = (f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled
                 else f"Done: {result.steps_completed} steps")
+        if result.cancelled and run.time_limit is not None and run.time_limit.expired:
+            what += (f" (runs here may take at most {run.time_limit.seconds:g} s; the server's "
+                     f"PLAYGROUND_MAX_RUN_SECONDS sets it)")
         return {
             self.status: f"{what} in {t.denoise:.2f} s ({rate:.1f} it/s), {result.width}×{result.height}, "
                          f"{result.scheduler}, seed {result.seed}. Saved as run `{run.run_id}`.",
@@ -199,8 +202,13 @@ class LiveView:
             yield show(cleared)
             next_at = 0.0
             captioned = False
+            ahead = 0
             while not run.done.is_set():
                 event = run.latest.take(timeout=0.25)
+                if event is None and run.thread is None and app.ahead_of(run) != ahead:  # still queued
+                    ahead = app.ahead_of(run)
+                    if ahead:
+                        yield show({self.status: f"Waiting: {ahead} run{'s' if ahead != 1 else ''} ahead of yours…"})
                 if event is None or event.step + 1 == event.num_steps:
                     continue  # the last step's previews come with the result, a moment later
                 now = time.perf_counter()
@@ -274,6 +282,12 @@ class LiveView:
                           show_progress="hidden", trigger_mode="always_last", api_visibility="private")
 
 
+def client_of(http: gr.Request | None) -> str | None:
+    """The caller's address, for the per-client limit (behind a proxy such as a Space, the proxy's view of it)."""
+    client = getattr(http, "client", None)
+    return getattr(client, "host", None) if client is not None else None
+
+
 def generate_handler(app: Playground, controls, live: LiveView, gpu: Callable) -> Callable:
     """The Generate button's streaming handler: widgets -> request -> worker -> previews. Its outputs are
     `[*live.live_outputs, controls.seed]`, all sent on every yield."""
@@ -289,7 +303,12 @@ def generate_handler(app: Playground, controls, live: LiveView, gpu: Callable) -
             return
         if request.seed is None:  # drawn here rather than in generate(), so the seed field shows it from the start
             request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
-        run = app.start(request, x0_choice, getattr(http, "session_hash", None))
+        try:
+            run = app.start(request, x0_choice, getattr(http, "session_hash", None), client_of(http))
+        except ValueError as e:  # this client has too many runs waiting
+            gr.Warning(str(e))
+            yield {c: v for c, v in live.error(e).items() if c in live.live_outputs} | {controls.seed: seed}
+            return
         for out in live.stream(run):
             yield out | {controls.seed: request.seed}
 

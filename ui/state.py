@@ -16,7 +16,7 @@ import torch
 
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
-from pipelines.observers import LatestObserver, StepRecord, StepRecorder, TeeObserver
+from pipelines.observers import LatestObserver, StepRecord, StepRecorder, TeeObserver, TimeLimit
 from pipelines.outputs import STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, save_png
 from pipelines.previews import Previewer
 from pipelines.registry import MODELS
@@ -56,6 +56,8 @@ class Run:
     renders: dict[tuple[int, str], str | None] = field(default_factory=dict)  # preview PNG paths by (step, name)
     heat_top: float = 0.0  # largest |x̂0_cond − x̂0_uncond| over the run, so heat maps compare across steps
     thread: threading.Thread | None = None  # the thread that ran generate() (the app's one worker)
+    client: str | None = None  # who asked (an IP address), for the per-client limit
+    time_limit: TimeLimit | None = None  # set when the run starts; `.expired` tells whether it stopped the run
     _on_done: list = field(default_factory=list)  # callables run (on the worker) once `done` is set
 
     async def wait(self) -> None:
@@ -121,7 +123,10 @@ class Playground:
 
     def __init__(self, loader: ModelLoader, models: list[str], default_model: str, outputs_dir: Path,
                  preview_interval: float, worker: GenerationWorker | None = None,
-                 scrub_bytes_per_run: int = SCRUB_BYTES_PER_RUN, scrub_bytes_total: int = SCRUB_BYTES_TOTAL) -> None:
+                 scrub_bytes_per_run: int = SCRUB_BYTES_PER_RUN, scrub_bytes_total: int = SCRUB_BYTES_TOTAL,
+                 max_runs_per_client: int | None = None, max_run_seconds: float | None = None) -> None:
+        """max_runs_per_client: runs one client (IP) may have waiting or running at once (None: no limit);
+        max_run_seconds: wall-clock limit of one run, past which it stops at the next step (None: none)."""
         self.loader = loader
         self.models = models
         self.default_model = default_model
@@ -129,6 +134,9 @@ class Playground:
         self.preview_interval = preview_interval
         self.worker = worker or GenerationWorker()
         self.scrub_bytes_per_run = scrub_bytes_per_run
+        self.max_runs_per_client = max_runs_per_client
+        self.max_run_seconds = max_run_seconds
+        self.pending: list[Run] = []  # queued or running, in the worker's order
         self.scrub_bytes_total = scrub_bytes_total
         self.runs: OrderedDict[str, Run] = OrderedDict()  # finished runs kept for scrubbing
         self.active: dict[str, Run] = {}  # session hash -> run in flight (for Stop)
@@ -159,16 +167,30 @@ class Playground:
 
     # -- running ---------------------------------------------------------------------------------------
 
-    def start(self, request: GenerationRequest, x0_choice: str, session: str | None) -> Run:
-        """Queue the run on the generation worker; its LatestObserver receives the steps."""
-        folder = self.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-        run = Run(request=request, folder=folder, x0_choice=x0_choice,
+    def start(self, request: GenerationRequest, x0_choice: str, session: str | None, client: str | None = None) -> Run:
+        """Queue the run on the generation worker; its LatestObserver receives the steps. Refuses (ValueError) a
+        client that already has max_runs_per_client runs waiting or running."""
+        # 96 random bits: a run's files are reachable by their path, so another client must not guess it.
+        folder = self.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(12)}"
+        run = Run(request=request, folder=folder, x0_choice=x0_choice, client=client,
                   recorder=StepRecorder(max_bytes=self.scrub_bytes_per_run))
-        if session:
-            with self._lock:
+        with self._lock:
+            mine = sum(1 for r in self.pending if client is not None and r.client == client)
+            if self.max_runs_per_client is not None and mine >= self.max_runs_per_client:
+                raise ValueError(
+                    f"You already have {mine} run{'s' if mine != 1 else ''} waiting or running, the most one client "
+                    f"may have at once here; wait for one to finish or press Stop (the server's "
+                    f"PLAYGROUND_MAX_RUNS_PER_CLIENT sets the limit).")
+            self.pending.append(run)
+            if session:
                 self.active[session] = run
         self.worker.submit(lambda: self._work(run, session))
         return run
+
+    def ahead_of(self, run: Run) -> int:
+        """How many runs the worker does before `run` starts (0 once it runs)."""
+        with self._lock:
+            return self.pending.index(run) if run in self.pending else 0
 
     def _work(self, run: Run, session: str | None) -> None:
         """The job on the worker thread: load, pick previews, generate, write the files."""
@@ -187,7 +209,9 @@ class Playground:
             # Numbers and step tensors (small runs) only: previews render on demand, and a restored run re-renders.
             writer = TraceWriter(run.folder, run.previewer, previews={}, tensors_limit_bytes=STEP_TENSORS_LIMIT)
             # The recorder sees each step before the UI can take it, so live previews come from the scrub cache.
-            result = generate(run.request, TeeObserver(run.recorder, writer, run.latest), loader=self.loader)
+            run.time_limit = TimeLimit(self.max_run_seconds)
+            result = generate(run.request, TeeObserver(run.recorder, writer, run.latest, run.time_limit),
+                              loader=self.loader)
             writer.finish(result)
             run.result = result
             tops = [guidance_map(s.denoised_cond, s.denoised_uncond).max() for s in run.steps
@@ -197,10 +221,11 @@ class Playground:
         except BaseException as e:  # handed to the UI thread, which reports it
             run.error = e
         finally:
-            if session:
-                with self._lock:
-                    if self.active.get(session) is run:
-                        del self.active[session]
+            with self._lock:
+                if session and self.active.get(session) is run:
+                    del self.active[session]
+                if run in self.pending:
+                    self.pending.remove(run)
             run.finish()
 
     def keep(self, run: Run) -> None:
