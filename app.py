@@ -30,7 +30,6 @@ from pipelines.types import DEFAULT_MODEL
 from pipelines.worker import GenerationWorker
 from ui.api import ApiView
 from ui.controls import Controls
-from ui.explain import ExplainView
 from ui.history import HistoryView
 from ui.live import LiveView, generate_handler
 from ui.state import Playground
@@ -76,6 +75,7 @@ def build_demo(
     max_runs_per_client: int | None = None,
     max_run_seconds: float | None = None,
     concurrent_streams: int = 16,
+    shared_history: bool = False,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
@@ -83,7 +83,8 @@ def build_demo(
     generation thread (default: a new one, started on the first run); `max_runs_per_client` how many runs one
     address may have waiting or running, `max_run_seconds` the wall-clock limit of a run (None: no limit; see
     `public_limits` for what `python app.py` uses); `concurrent_streams` how many Generate events Gradio lets in
-    at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue."""
+    at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue;
+    `shared_history` shows every visitor everyone's runs (default: each browser sees its own)."""
     if models is None:
         models = list(dict.fromkeys([DEFAULT_MODEL, *MODELS, *extra_models_from_env()]))
     default_model = default_model or os.environ.get("PLAYGROUND_DEFAULT_MODEL") or models[0]
@@ -107,21 +108,20 @@ def build_demo(
             with gr.Column(scale=5, elem_id="result-col"):
                 live = LiveView(app)
         gr.Markdown("### History")
-        history = HistoryView(app)
-        gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
-        explain = ExplainView(app, controls)
+        history = HistoryView(app, shared=shared_history)
         ApiView(app, gpu, concurrency_limit=concurrent_streams)
 
         run_ui = generate_handler(app, controls, live, gpu)
 
-        def after_run(rid: str):
-            return live.after_run(rid) | history.outputs(app)
+        def after_run(rid: str, mine: list[str]):
+            return live.after_run(rid) | history.outputs(mine, add=rid or None)
 
         # The stream sends only what changes while a run goes; the scrubber, code and history follow (ui/live.py).
         # always_last: a click while the previous run is still finishing runs next instead of being dropped.
         common = dict(inputs_kwargs=controls.inputs, outputs=[*live.live_outputs, controls.seed], show_progress="minimal",
                       show_progress_on=live.status, concurrency_id="generate", trigger_mode="always_last")
-        then = dict(fn=after_run, inputs=[live.run_id], outputs=[*live.after_outputs, history.gallery, history.folders],
+        then = dict(fn=after_run, inputs=[live.run_id, history.mine],
+                    outputs=[*live.after_outputs, history.gallery, history.folders, history.mine],
                     show_progress="hidden", api_visibility="private")
         gen_event = controls.generate_btn.click(run_ui, api_name="generate_stream", concurrency_limit=concurrent_streams,
                                                 **common)
@@ -131,17 +131,17 @@ def build_demo(
         for trigger in (controls.generate_btn.click, controls.prompt.submit):  # the last run's scrubber goes at once
             trigger(live.hide_scrubber, outputs=[live.scrub_group], queue=False, show_progress="hidden",
                     api_visibility="private")
-        outputs = [*live.outputs, controls.seed, history.gallery, history.folders]
+        outputs = [*live.outputs, controls.seed, history.gallery, history.folders, history.mine]
 
-        def stop_ui(http: gr.Request):
-            return live.stop(getattr(http, "session_hash", None)) | history.outputs(app)
+        def stop_ui(mine: list[str], http: gr.Request):
+            out = live.stop(getattr(http, "session_hash", None))
+            return out | history.outputs(mine, add=out.get(live.run_id))
 
         # Gradio stops streaming the run (cancels=); the observer's flag stops the loop itself within one step.
-        controls.stop_btn.click(stop_ui, outputs=outputs, cancels=[gen_event, submit_event], queue=False,
+        controls.stop_btn.click(stop_ui, inputs=[history.mine], outputs=outputs, cancels=[gen_event, submit_event], queue=False,
                                 api_visibility="private")
         live.wire_scrub()
         controls.wire()
-        explain.wire()
         history.wire(demo, controls, live)
     return demo
 

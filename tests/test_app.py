@@ -198,7 +198,7 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         # A run: the live x̂0 preview changes while it goes, then the scrubber appears.
         page, status = _open(browser, url, "a red circle", 250)
         page.get_by_label("Fast preview").check()  # cheap previews: their rate does not hang on CPU load
-        page.get_by_role("button", name="Generate").click()
+        page.locator("#prompt-block").get_by_role("button", name="Generate").click()
         seen: set[str] = set()
         deadline = time.time() + 60
         while time.time() < deadline and "Done" not in status.inner_text():
@@ -222,10 +222,10 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         # Stop a long run midway, then another run completes.
         _set_steps(page, 500)
         page.get_by_label("Auto").check()  # VAE-decoded x̂0 from here on
-        page.get_by_role("button", name="Generate").click()
+        page.locator("#prompt-block").get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Step')",
                                timeout=20000)
-        page.get_by_role("button", name="Stop").click()
+        page.locator("#prompt-block").get_by_role("button", name="Stop").click()
         deadline = time.time() + 20
         stopped = []
         while time.time() < deadline and not stopped:
@@ -236,15 +236,25 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Stopped at step')",
                                timeout=20000)
         _set_steps(page, 5)
-        page.get_by_role("button", name="Generate").click()
+        page.locator("#prompt-block").get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done: 6 steps')",
                                timeout=30000)
 
-        # The history (rebuilt from disk at page load) restores a past run's settings.
-        client.predict(prompt="history check", num_inference_steps=2, seed=11, api_name="/generate")
+        # The history (this browser's own runs, rebuilt from disk at page load) restores a past run's settings.
+        client.predict(prompt="made elsewhere", num_inference_steps=2, seed=12, api_name="/generate")
+        page.get_by_label("Prompt", exact=True).fill("history check")
+        page.get_by_label("Random seed").uncheck()
+        page.get_by_label("Seed", exact=True).fill("11")
+        _set_steps(page, 2)
+        page.locator("#prompt-block").get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done: 3 steps')",
+                               timeout=30000)
+        page.locator("#history button", has_text="history check").first.wait_for(timeout=20000)
         page.reload()
         page.wait_for_selector("#history")
         item = page.locator("#history button", has_text="history check").first
+        item.wait_for(timeout=20000)
+        assert page.locator("#history button", has_text="made elsewhere").count() == 0  # not this browser's run
         item.click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Restored')",
                                timeout=20000)
@@ -254,6 +264,14 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
             "() => { const e = document.querySelector('#diffusers-code'); return e && e.innerText.includes('seed(11)'); }",
             timeout=10000)
         assert "prompt='history check'" in page.locator("#diffusers-code").inner_text()
+
+        # Another visitor sees none of this browser's runs (private by default).
+        other = browser.new_context().new_page()
+        other.goto(url)
+        other.wait_for_selector("#history")
+        other.wait_for_timeout(1500)  # the history arrives with the page-load event
+        assert other.locator("#history button").count() == 0, other.locator("#history").inner_text()
+        assert page.locator("#history button").count() >= 4  # while this one keeps its own
         browser.close()
 
 
@@ -266,7 +284,7 @@ def test_browser_errors_captions_notes_and_phone_layout(server, client):
     with sync_api.sync_playwright() as p:
         browser = _browser(p)
         page, status = _open(browser, url, "a red circle", 3)
-        page.get_by_role("button", name="Generate").click()
+        page.locator("#prompt-block").get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done')",
                                timeout=30000)
         assert _src(page, "#final-image") and _src(page, "#live-x0")
@@ -280,7 +298,7 @@ def test_browser_errors_captions_notes_and_phone_layout(server, client):
         width = page.get_by_label("Width").first
         width.fill("36")
         width.press("Enter")
-        page.get_by_role("button", name="Generate").click()
+        page.locator("#prompt-block").get_by_role("button", name="Generate").click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.includes('Error')",
                                timeout=30000)
         assert "not a multiple of 8" in status.inner_text()
@@ -295,7 +313,7 @@ def test_browser_errors_captions_notes_and_phone_layout(server, client):
         phone = browser.new_page(viewport={"width": 390, "height": 844})
         phone.goto(url)
         phone.wait_for_selector("#history")
-        generate_y = phone.get_by_role("button", name="Generate").bounding_box()["y"]
+        generate_y = phone.locator("#prompt-block").get_by_role("button", name="Generate").bounding_box()["y"]
         result_y = phone.locator("#live-status").bounding_box()["y"]
         settings_y = phone.locator("#model-note").bounding_box()["y"]
         assert generate_y < result_y < settings_y, (generate_y, result_y, settings_y)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +71,77 @@ def history(outputs_dir: Path, limit: int = HISTORY_LIMIT) -> list[tuple[str, st
     return items
 
 
-class HistoryView:
-    """A gallery of past runs; its folders are kept in a State so a click maps back to a run."""
+RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8,32}$")  # what Playground.start names a run folder
+MAX_OWN_RUNS = 200  # run ids a browser remembers
 
-    def __init__(self, app: Playground) -> None:
+
+def own_history(outputs_dir: Path, run_ids: list[str], limit: int = HISTORY_LIMIT) -> list[tuple[str, str]]:
+    """The runs among `run_ids` (a browser's own, oldest first) still on disk and readable, newest first."""
+    items = []
+    for rid in reversed(run_ids if isinstance(run_ids, list) else []):
+        if len(items) >= limit:
+            break
+        if not isinstance(rid, str) or not RUN_ID.match(rid):
+            continue  # the list comes from the browser: only a run folder's own name is looked up
+        folder = outputs_dir / rid
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            items.append((str(folder), caption(Trace.read(folder))))
+        except Exception as e:  # removed by retention, half-written, malformed: skip it, never break the page
+            log.info("history skips %s: %s", rid, e)
+    return items
+
+
+def browser_secret(outputs_dir: Path) -> str:
+    """The key the browser's list of own runs is encrypted with: PLAYGROUND_SECRET, else one kept beside the
+    outputs (created once), so the list survives a restart."""
+    if os.environ.get("PLAYGROUND_SECRET"):
+        return os.environ["PLAYGROUND_SECRET"]
+    path = outputs_dir / ".browser-secret"
+    try:
+        return path.read_text().strip() or _new_secret(path)
+    except OSError:
+        return _new_secret(path)
+
+
+def _new_secret(path: Path) -> str:
+    value = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+    except OSError as e:  # read-only outputs: the list then lasts until the server restarts
+        log.warning("cannot keep the browser secret in %s: %s", path.parent, e)
+    return value
+
+
+class HistoryView:
+    """A gallery of past runs; its folders are kept in a State so a click maps back to a run.
+
+    Private by default: each browser sees only the runs it made (their ids live in its own encrypted
+    BrowserState, and run ids are 96 random bits that no other client is sent); `shared` shows everyone's newest
+    runs (PLAYGROUND_SHARED_HISTORY=1, for a private machine)."""
+
+    def __init__(self, app: Playground, shared: bool = False) -> None:
         self.app = app
+        self.shared = shared
+        self.mine = gr.BrowserState([], storage_key="diffusion-playground-runs",
+                                    secret=browser_secret(app.outputs_dir))
         self.folders = gr.State([])
         self.gallery = gr.Gallery(label="Past runs (click one to restore its settings)", columns=8, height=260,
                                   fit_columns=False, object_fit="contain", allow_preview=False, elem_id="history",
                                   elem_classes="pixelated", show_label=True)
 
-    def outputs(self, app: Playground | None = None) -> dict:
-        items = history((app or self.app).outputs_dir)
-        return {self.gallery: [(str(Path(f) / "image.png"), c) for f, c in items], self.folders: [f for f, _ in items]}
+    def outputs(self, mine: list[str] | None = None, add: str | None = None) -> dict:
+        """Gallery and folders (and this browser's run ids, with `add` appended when given)."""
+        mine = [r for r in (mine if isinstance(mine, list) else []) if isinstance(r, str)]
+        if add and add not in mine:
+            mine = [*mine, add][-MAX_OWN_RUNS:]
+        outputs_dir = self.app.outputs_dir
+        items = history(outputs_dir) if self.shared else own_history(outputs_dir, mine)
+        return {self.gallery: [(str(Path(f) / "image.png"), c) for f, c in items], self.folders: [f for f, _ in items],
+                self.mine: mine}
 
     def on_select(self, controls, live, folders: list[str], evt: gr.SelectData) -> dict:
         """Restore a past run's settings, image, code and (where its steps were kept) its scrubber."""
@@ -114,4 +174,5 @@ class HistoryView:
 
         self.gallery.select(select, inputs=[self.folders],
                             outputs=[*controls.restore_outputs, *live.outputs], api_visibility="private")
-        demo.load(self.outputs, outputs=[self.gallery, self.folders], api_visibility="private")
+        demo.load(self.outputs, inputs=[self.mine], outputs=[self.gallery, self.folders, self.mine],
+                  api_visibility="private")
