@@ -101,7 +101,7 @@ def diversity(images: Sequence[Image.Image | np.ndarray]) -> float:
     return float(np.mean(pairs)) if pairs else 0.0
 
 
-def _seeded(request: GenerationRequest) -> GenerationRequest:
+def seeded(request: GenerationRequest) -> GenerationRequest:
     """The request with its seed fixed (a random one drawn once), so every run of an experiment shares it."""
     return request if request.seed is not None else dataclasses.replace(request, seed=random.randrange(2**32))
 
@@ -172,7 +172,7 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
 
     short_steps: the k of the k-step runs (default: the 1-based steps of `frames` evenly spaced frames, below N).
     """
-    request = _seeded(request)
+    request = seeded(request)
     n = request.num_inference_steps
     if short_steps is None:
         short_steps = [k + 1 for k in frame_steps(n, frames) if k + 1 < n]
@@ -246,7 +246,7 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
     """
     from pipelines.schedulers import is_stochastic
 
-    request = _seeded(request)
+    request = seeded(request)
     at = tuple(float(f) for f in at)
     if not at:
         raise ValueError("give at least one branch point (--at), e.g. 0.1,0.5,0.9")
@@ -391,7 +391,7 @@ def sweep(request: GenerationRequest, x: Axis, y: Axis | None = None, *, loader:
 
     Every cell is validated before the first run, so a bad value fails at once with the cell it belongs to.
     """
-    request = _seeded(request)
+    request = seeded(request)
     if y is not None and y.name == x.name:
         raise ValueError(f"the x and y axes are both {x.name}; pick two different settings")
     total = len(x.values) * (len(y.values) if y else 1)
@@ -450,7 +450,7 @@ class DissectReport:
 def dissect(request: GenerationRequest, *, loader: ModelLoader,
             cancelled: Cancelled | None = None) -> Iterator[DissectReport]:
     """Per step of one run: the conditional, unconditional and guided x̂0 and the guidance numbers."""
-    request = _seeded(request)
+    request = seeded(request)
     watch = _Watch(cancelled)
     result = generate(request, watch, loader=loader)
     if result.cancelled:
@@ -528,7 +528,7 @@ def judge_targets(prompt: str) -> dict[str, str]:
     return out
 
 
-def _check_judge_model(request: GenerationRequest) -> None:
+def check_judge_model(request: GenerationRequest) -> None:
     from pipelines.registry import resolve
 
     embedded = Path(resolve(DEFAULT_MODEL)).resolve()
@@ -540,9 +540,9 @@ def _check_judge_model(request: GenerationRequest) -> None:
 def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *, loader: ModelLoader,
              cancelled: Cancelled | None = None) -> Iterator[TradeoffReport]:
     """For each guidance scale, `seeds` images (seeds s, s+1, ...): the judge's adherence and the diversity."""
-    _check_judge_model(request)
+    check_judge_model(request)
     targets = judge_targets(request.prompt)
-    request = _seeded(request)
+    request = seeded(request)
     scales = tuple(float(s) for s in scales)
     if not scales:
         raise ValueError("give at least one guidance scale, e.g. 1,3,7.5")

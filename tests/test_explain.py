@@ -1,0 +1,258 @@
+"""The Explain lab's experiments on the embedded model (tiny-shapes, 64×64), with fixed seeds: the trends the lab
+shows a user are the trends this model really has. Few steps and few branches keep it fast."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import explain
+from pipelines.generate import generate
+from pipelines.loading import ModelLoader
+from pipelines.observers import CollectingObserver
+from pipelines.requests import build_request, missing_embedded
+from pipelines.types import DEFAULT_MODEL, GenerationRequest
+
+pytestmark = pytest.mark.skipif(missing_embedded(DEFAULT_MODEL) is not None, reason="embedded model not installed")
+
+PROMPTS = [("a large red circle in the center", 1), ("a small blue star in the top left", 3),
+           ("a yellow heart at the bottom", 7)]
+
+
+@pytest.fixture(scope="module")
+def loader() -> ModelLoader:
+    return ModelLoader(device="cpu")
+
+
+def request(loader, prompt="a large red circle in the center", seed=1, **kw) -> GenerationRequest:
+    return build_request(prompt=prompt, model=DEFAULT_MODEL, loader=loader, seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def jumps(loader):
+    """Jump vs walk at the model's recommended 20 steps (its own DPM++ 2M, CFG 5), one 5-step short run each."""
+    return [explain.finish(explain.jump(request(loader, p, s), loader=loader, short_steps=[5])) for p, s in PROMPTS]
+
+
+def test_jump_distance_to_final_falls_over_the_steps(jumps):
+    for report in jumps:
+        d = [s.distance_to_final for s in report.steps]
+        assert len(d) == 20 and d[-1] < 1e-3  # the last x̂0 is the final image (up to uint8 rounding)
+        assert d[0] > d[5] > d[10] > d[15] > d[-1], d
+        assert all(b <= a + 0.005 for a, b in zip(d, d[1:])), d  # monotone up to a rounding-sized wobble
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "finding: on tiny-shapes, x̂0's high-frequency energy does not rise over the steps. Early x̂0 is not a blurry "
+    "average here but a speckled texture (the VAE decodes the off-manifold early x̂0 into noise-like detail); "
+    "mean squared Laplacian ×1e3 at steps 1/10/20: red circle 0.67/0.90/0.67, blue star 1.02/0.35/0.29, "
+    "yellow heart 3.15/3.43/3.58"))
+def test_jump_sharpness_rises_over_the_steps(jumps):
+    for report in jumps:
+        s = [x.sharpness for x in report.steps]
+        assert s[0] < s[len(s) // 2] < s[-1], s
+
+
+def test_a_k_step_run_is_not_step_k_of_a_long_run(jumps):
+    for report in jumps:
+        (short,) = report.short_runs
+        assert short.steps == 5
+        assert short.distance_to_jump > 0.01  # not x̂0 after 5 of 20 steps
+        assert short.distance_to_final > 0.0  # nor the 20-step image
+
+
+def test_a_one_step_run_is_exactly_the_first_jump(loader):
+    """The first step's x̂0 is what a 1-step run returns: same noise, same σ_max, one model call."""
+    req = request(loader, "a small blue star in the top left", 3, num_inference_steps=8)
+    report = explain.finish(explain.jump(req, loader=loader, short_steps=[1]))
+    assert report.short_runs[0].distance_to_jump < 0.005
+
+
+def test_branch_shares_the_trunk_before_its_step_and_leaves_it_after(loader):
+    base = request(loader, scheduler="euler_a", num_inference_steps=8)
+    trunk, branched = CollectingObserver(), CollectingObserver()
+    generate(base, trunk, loader=loader)
+    generate(dataclasses.replace(base, branch=(4, 99)), branched, loader=loader)
+    for a, b in zip(trunk.events, branched.events):
+        same = torch.equal(a.latents, b.latents)
+        assert same == (a.step < 4), a.step  # step 4 draws the branch's noise: its x_{t-1} differs
+
+
+def test_branch_diversity_falls_as_the_branch_point_moves_later(loader):
+    for prompt, seed in PROMPTS[:2]:
+        req = request(loader, prompt, seed, scheduler="euler_a", num_inference_steps=10)
+        report = explain.finish(explain.branch(req, [0.1, 0.4, 0.7], 3, loader=loader))
+        d = [p.diversity for p in report.points]
+        assert report.stochastic and d[0] > d[1] > d[2] > 0, d
+        assert [p.step for p in report.points] == [1, 4, 7]
+
+
+def test_branching_at_the_last_step_changes_nothing_for_euler_a(loader):
+    """Euler ancestral's last step goes to σ = 0 and adds no noise, so a branch there is the trunk."""
+    report = explain.finish(explain.branch(request(loader, scheduler="euler_a", num_inference_steps=6), [0.99], 2,
+                                           loader=loader))
+    assert report.points[0].step == 5 and report.points[0].diversity == 0.0
+
+
+def test_branches_of_a_deterministic_sampler_are_identical(loader):
+    report = explain.finish(explain.branch(request(loader, scheduler="ddim", num_inference_steps=6), [0.0, 0.5], 2,
+                                           loader=loader))
+    assert not report.stochastic
+    assert [p.diversity for p in report.points] == [0.0, 0.0]
+    for p in report.points:
+        assert all(np.array_equal(np.asarray(i), np.asarray(report.trunk)) for i in p.images)
+
+
+def test_sweep_has_exactly_the_requested_cells_in_order_with_matched_seeds(loader):
+    x, y = explain.parse_axis("guidance_scale=1,5"), explain.parse_axis("steps=2,4")
+    reports = list(explain.sweep(request(loader, seed=11), x, y, loader=loader))
+    assert [len(r.cells) for r in reports] == [1, 2, 3, 4] and reports[-1].done  # one partial result per cell
+    cells = reports[-1].cells
+    assert [(c.x, c.y) for c in cells] == [(1.0, 2), (5.0, 2), (1.0, 4), (5.0, 4)]  # row-major: x varies fastest
+    assert [(c.row, c.col) for c in cells] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(c.request.guidance_scale, c.request.num_inference_steps) for c in cells] == [(1, 2), (5, 2), (1, 4), (5, 4)]
+    assert {c.result.seed for c in cells} == {11}
+    assert [c.result.steps_completed for c in cells] == [2, 2, 4, 4]
+    assert len({np.asarray(c.image).tobytes() for c in cells}) == 4
+
+
+def test_sweep_over_seeds_and_methods(loader):
+    report = explain.finish(explain.sweep(request(loader, num_inference_steps=3), explain.parse_axis("seed=5,6"),
+                                          explain.parse_axis("guidance=cfg,apg"), loader=loader))
+    assert [(c.result.seed, c.request.guidance) for c in report.cells] == [(5, "cfg"), (6, "cfg"), (5, "apg"), (6, "apg")]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colour=1,2", "NAME one of guidance_scale, steps"),
+    ("steps=2,2.5", "whole numbers"),
+    ("steps=", "has no values"),
+    ("guidance_scale=1,1", "repeats a value"),
+])
+def test_bad_axes_say_what_is_allowed(text, message):
+    with pytest.raises(ValueError, match=message):
+        explain.parse_axis(text)
+
+
+def test_sweep_refuses_a_bad_cell_before_running(loader):
+    with pytest.raises(ValueError, match="sweep cell guidance_scale=200.0: guidance_scale must be from 0 to 100"):
+        next(explain.sweep(request(loader), explain.parse_axis("guidance_scale=1,200"), loader=loader))
+    with pytest.raises(ValueError, match="both steps"):
+        next(explain.sweep(request(loader), explain.parse_axis("steps=1"), explain.parse_axis("steps=2"), loader=loader))
+
+
+def test_dissect_marks_the_guidance_interval(loader):
+    req = request(loader, "a large green triangle on the right", 5, guidance="interval", num_inference_steps=10)
+    report = explain.finish(explain.dissect(req, loader=loader))
+    on = [s.step for s in report.steps if s.guided]
+    assert report.interval == (on[0], on[-1]) and 0 < on[0] and len(on) < 10
+    for s in report.steps:
+        assert (s.x0_cond is not None) == s.guided == (s.guidance_delta_norm is not None)
+        assert s.effective_scale == (5.0 if s.guided else 1.0)
+    assert report.steps[0].x0_change is None and all(s.x0_change > 0 for s in report.steps[1:])
+    plain = explain.finish(explain.dissect(request(loader, num_inference_steps=4), loader=loader))
+    assert plain.interval is None and all(s.guided for s in plain.steps)
+
+
+def test_tradeoff_scores_adherence_and_diversity_with_the_judge(loader):
+    report = explain.finish(explain.tradeoff(request(loader, "a large red circle in the center", 10,
+                                                     num_inference_steps=10), [1.0, 5.0], 3, loader=loader))
+    assert report.targets == {"shape": "circle", "color": "red", "size": "large", "position": "center"}
+    assert [p.guidance_scale for p in report.points] == [1.0, 5.0]
+    for p in report.points:
+        assert p.seeds == (10, 11, 12) and len(p.images) == 3
+        assert 0 <= p.adherence <= 1 and p.diversity > 0
+    assert report.points[1].adherence >= 0.75  # the recommended scale draws what was asked
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("a small blue star in the top-left corner", {"shape": "star", "color": "blue", "size": "small", "position": "top left"}),
+    ("A heart in the middle on a green background.", {"shape": "heart", "position": "center", "background": "green"}),
+])
+def test_judge_targets_read_one_object_prompts(prompt, expected):
+    assert explain.judge_targets(prompt) == expected
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("a red circle above a blue square", "relates two objects"),
+    ("a photo of a cat", "name one shape"),
+    ("a red blue circle", "several colours"),
+])
+def test_judge_targets_refuse_what_the_judge_cannot_score(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        explain.judge_targets(prompt)
+
+
+def test_stopping_ends_an_experiment_between_and_inside_runs(loader):
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 12  # a few steps into the third run
+
+    reports = list(explain.sweep(request(loader, num_inference_steps=5), explain.parse_axis("seed=1,2,3,4"),
+                                 loader=loader, cancelled=cancelled))
+    assert [len(r.cells) for r in reports] == [1, 2] and not reports[-1].done
+
+
+# ---- the Explain lab in the real app, through its named API endpoints ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explain_server(tmp_path_factory, loader):
+    """The real app around the embedded model on a free port (the pattern of tests/test_app.py's `server`)."""
+    import socket
+
+    import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outputs = tmp_path_factory.mktemp("outputs")
+    demo = app.build_demo(loader=loader, models=[DEFAULT_MODEL], outputs_dir=outputs)
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield f"http://127.0.0.1:{port}/", outputs, demo.playground
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def explain_client(explain_server):
+    gradio_client = pytest.importorskip("gradio_client")
+    return gradio_client.Client(explain_server[0], verbose=False)
+
+
+MAIN = dict(prompt="a small blue star in the top left", seed=3, randomize_seed=False, num_inference_steps=6)
+
+
+def test_every_explain_view_is_a_named_endpoint_that_runs_on_the_worker(explain_client, explain_server):
+    *_, playground = explain_server
+    jump = explain_client.predict(**MAIN, api_name="/explain_jump")
+    assert jump[0].startswith("Done: seed 3") and [s["step"] for s in jump[-1]["steps"]] == list(range(6))
+    branch = explain_client.predict(**MAIN, branch_at="0,0.5", branch_n=2, branch_scheduler="ddim",
+                                    api_name="/explain_branch")
+    assert branch[-1]["diversity"] == [0.0, 0.0] and "deterministic" in branch[0]
+    sweep = explain_client.predict(**MAIN, sweep_x="guidance_scale", sweep_x_values="1,5", sweep_y="steps",
+                                   sweep_y_values="2,3", api_name="/explain_sweep")
+    cells = sweep[-1]["cells"]
+    assert [(c["x"], c["y"], c["seed"]) for c in cells] == [(1.0, 2, 3), (5.0, 2, 3), (1.0, 3, 3), (5.0, 3, 3)]
+    gallery = sweep[1]["value"] if isinstance(sweep[1], dict) else sweep[1]  # gr.State outputs are not in the API
+    assert [g["caption"] for g in gallery] == ["guidance_scale 1 · steps 2", "guidance_scale 5 · steps 2",
+                                               "guidance_scale 1 · steps 3", "guidance_scale 5 · steps 3"]
+    dissect = explain_client.predict(**MAIN, guidance="interval", api_name="/explain_dissect")
+    assert dissect[0].startswith("Done") and len(dissect[-1]["steps"]) == 6
+    tradeoff = explain_client.predict(**MAIN, tradeoff_scales="1,5", tradeoff_seeds=2, api_name="/explain_tradeoff")
+    assert [p["guidance_scale"] for p in tradeoff[-1]["points"]] == [1.0, 5.0]
+    assert playground.worker.thread is not None and playground.worker.thread.is_alive()
+
+
+def test_explain_bad_input_is_a_clear_error(explain_client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="guidance_scale values must be numbers, got .x."):
+        explain_client.predict(**MAIN, sweep_x="guidance_scale", sweep_x_values="1,x", api_name="/explain_sweep")
+    with pytest.raises(AppError, match="relates two objects"):
+        explain_client.predict(**(MAIN | {"prompt": "a red circle above a blue star"}), api_name="/explain_tradeoff")
+    with pytest.raises(AppError, match="fractions of the schedule"):
+        explain_client.predict(**MAIN, branch_at="0.5,1.5", api_name="/explain_branch")

@@ -1,0 +1,535 @@
+"""The Explain lab view: five experiments from pipelines/explain.py on the main tab's prompt, model, scheduler,
+guidance and seed, one sub-tab each, each with a few sentences saying what to look at and why.
+
+Every experiment is a generator of growing reports (pipelines/explain.py). The handlers advance it one step at a
+time as jobs on the app's one generation worker (so it never runs beside a main-tab run, with the torch thread
+count the model wants) and yield each partial result to the browser; Stop ends it between runs and, through the
+experiment's `cancelled` check, inside a run at the next step boundary. Each experiment is also a named API
+endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /explain_tradeoff).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines import explain
+from pipelines.generate import generate
+from pipelines.outputs import save_png
+from pipelines.worker import threads_for
+from ui.live import as_gr_error
+from ui.render import upscale
+from ui.state import Playground
+
+SHOW_SIDE = 192  # gallery images are enlarged (nearest neighbour) to at least this many pixels on the server
+
+# Gallery captions below the thumbnails (as the history does), never over a small object in a corner.
+STYLE = """<style>
+.explain-gallery .caption-label { position: static !important; background: none !important; color: inherit !important;
+  white-space: normal !important; font-size: 0.75em; padding: 2px 0 0 0 !important; max-width: 100% !important; }
+.explain-gallery .thumbnail-item { flex-direction: column; height: auto !important; }
+.explain-gallery img { image-rendering: pixelated; }
+</style>"""
+
+TEXT = {
+    "jump": "**Jump vs walk.** At every step the model predicts the clean image x̂0; *jump now* decodes that "
+            "prediction, *keep walking* is where the full run ends, and *take k big steps* is a separate run of only "
+            "k steps. Watch the distance to the final image fall step by step: early predictions are a rough guess "
+            "that still has to commit to a background and an outline. A k-step run is not step k of a long run: "
+            "with so few steps the sampler's small-step assumption breaks and it can land on a different image.",
+    "branch": "**Branching.** The trunk runs to a fraction f of the schedule, then finishes several times from the "
+              "same x_t with different noise draws. Early branches still end far apart; late ones have already "
+              "committed, so diversity (mean pairwise distance of the endings) falls as f grows. A deterministic "
+              "sampler (DDIM, DPM++ 2M) adds no noise after the start, so all its branches are the same image: "
+              "only the starting noise is random there.",
+    "sweep": "**Sweep grid.** The same seed in every cell (unless the seed is an axis), so each difference comes "
+             "from the setting on the axis alone. Try steps against guidance scale: few steps with high guidance "
+             "overshoot into noisy colour, many steps settle. Click a cell to load its settings into the main "
+             "controls above.",
+    "dissect": "**Guidance dissection.** Classifier-free guidance runs the model with and without the prompt and "
+               "pushes the result away from the unconditional guess by the scale. Compare the conditional, "
+               "unconditional and guided x̂0 at a step, and see on the plots how large that push is "
+               "(‖ε_c − ε_u‖), which scale was applied and how much x̂0 still moves; a guidance interval shows as "
+               "steps at scale 1.",
+    "tradeoff": "**Diversity vs adherence.** For each guidance scale the same seeds are run and the shapes-world "
+                "judge checks each image against the prompt (colour, shape, size, position). Higher guidance "
+                "usually follows the prompt more closely and makes the images more alike; the plot shows how far "
+                "that holds on your prompt. Embedded model only: the judge knows only its world.",
+}
+
+
+def _frame(rows: list[dict], x: str) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=[x, "value", "series"])
+
+
+class _Files:
+    """PNGs of one experiment under outputs/explain/<id>/, written once each and served from there."""
+
+    def __init__(self, app: Playground) -> None:
+        self.folder = app.outputs_dir / "explain" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        self.paths: dict[str, str] = {}
+
+    def __call__(self, name: str, image) -> str:
+        if name not in self.paths:
+            array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else image
+            self.paths[name] = str(save_png(self.folder / f"{name}.png", upscale(array, SHOW_SIDE)))
+        return self.paths[name]
+
+
+class ExplainView:
+    """The Explain lab: one sub-tab per experiment, each reading the main controls."""
+
+    def __init__(self, app: Playground, controls) -> None:
+        self.app = app
+        self.controls = controls
+        self._cancel: dict[str, threading.Event] = {}  # session -> the running experiment's stop flag
+        self._lock = threading.Lock()
+        gr.HTML(STYLE, padding=False)
+        gr.Markdown("The lab runs its experiments on the prompt, model, scheduler, steps, guidance and seed set "
+                    "above (tick off *Random seed* to repeat one). Each experiment makes many images: watch them "
+                    "arrive, or press Stop.", elem_classes="step-note")
+        with gr.Tabs(elem_id="explain-tabs"):
+            with gr.Tab("Jump vs walk", elem_id="explain-jump-tab"):
+                gr.Markdown(TEXT["jump"], elem_classes="step-note")
+                with gr.Row():
+                    self.jump_btn = gr.Button("Run jump vs walk", variant="primary", scale=3)
+                    self.jump_stop = gr.Button("Stop", variant="stop", scale=1)
+                self.jump_status = gr.Markdown("", elem_id="explain-jump-status")
+                self.jump_state = gr.State(None)
+                with gr.Row():
+                    self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="RMS distance to the final image",
+                                                     x_title="step", y_title="RMS distance", height=240)
+                    self.jump_sharpness = gr.LinePlot(x="step", y="value", color="series", title="x̂0 sharpness (high-frequency energy)",
+                                                      x_title="step", y_title="mean squared Laplacian", height=240)
+                self.jump_k = gr.Slider(1, 20, value=5, step=1, label="Compare at step k", elem_id="explain-jump-k")
+                with gr.Row():
+                    with gr.Column():
+                        self.jump_compare = gr.ImageSlider(label="jump now | keep walking", show_label=False,
+                                                           type="filepath", height=260, elem_classes="pixelated",
+                                                           elem_id="explain-jump-slider")
+                        gr.Markdown("left: **jump now** (x̂0 at step k) · right: **keep walking** (the final image); "
+                                    "drag the handle", elem_classes="caption")
+                    with gr.Column():
+                        self.jump_short = gr.Image(label="take k big steps", show_label=False, type="filepath",
+                                                   height=260, interactive=False, elem_classes="pixelated")
+                        gr.Markdown("**take k big steps**: a separate run of only k steps", elem_classes="caption")
+                self.jump_note = gr.Markdown("", elem_classes="step-note")
+                gr.Markdown("x̂0 at every step of the full run, with its RMS distance d to the final image:",
+                            elem_classes="step-note")
+                self.jump_gallery = gr.Gallery(label="x̂0 at every step", show_label=False, columns=10, height="auto",
+                                               elem_classes="explain-gallery", allow_preview=False)
+            with gr.Tab("Branching", elem_id="explain-branch-tab"):
+                gr.Markdown(TEXT["branch"], elem_classes="step-note")
+                with gr.Row():
+                    self.branch_at = gr.Textbox("0.1,0.3,0.5,0.7,0.9", label="Branch points f (fractions of the schedule)")
+                    self.branch_n = gr.Slider(2, 8, value=4, step=1, label="Branches per point")
+                    self.branch_scheduler = gr.Radio([("euler_a (stochastic)", "euler_a"), ("ddim (deterministic)", "ddim"),
+                                                      ("the main scheduler", "main")], value="euler_a", label="Sampler")
+                with gr.Row():
+                    self.branch_btn = gr.Button("Run branching", variant="primary", scale=3)
+                    self.branch_stop = gr.Button("Stop", variant="stop", scale=1)
+                self.branch_status = gr.Markdown("", elem_id="explain-branch-status")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        gr.Markdown("The endings: a row per branch point, the unbranched run first.", elem_classes="step-note")
+                        self.branch_gallery = gr.Gallery(label="endings: a row per branch point", show_label=False, columns=5, height="auto",
+                                                         elem_classes="explain-gallery", allow_preview=False)
+                    with gr.Column(scale=2):
+                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity of the endings",
+                                                       x_title="branch point f", y_title="mean pairwise RMS distance",
+                                                       height=260)
+            with gr.Tab("Sweep grid", elem_id="explain-sweep-tab"):
+                gr.Markdown(TEXT["sweep"], elem_classes="step-note")
+                axes = list(explain.AXES)
+                with gr.Row():
+                    self.sweep_x = gr.Dropdown(axes, value="guidance_scale", label="x axis")
+                    self.sweep_x_values = gr.Textbox("1,3,7.5,12", label="x values")
+                    self.sweep_y = gr.Dropdown([("none", ""), *((a, a) for a in axes)], value="steps", label="y axis")
+                    self.sweep_y_values = gr.Textbox("2,5,20", label="y values")
+                with gr.Row():
+                    self.sweep_btn = gr.Button("Run sweep", variant="primary", scale=3)
+                    self.sweep_stop = gr.Button("Stop", variant="stop", scale=1)
+                self.sweep_status = gr.Markdown("", elem_id="explain-sweep-status")
+                self.sweep_state = gr.State([])
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        gr.Markdown("The grid: x changes from left to right, y from top to bottom; click a cell to load its "
+                                    "settings.", elem_classes="step-note")
+                        self.sweep_gallery = gr.Gallery(label="grid (click a cell to load its settings)", show_label=False, columns=4,
+                                                    height="auto", elem_classes="explain-gallery", allow_preview=False,
+                                                    elem_id="explain-sweep-gallery")
+                    with gr.Column(scale=1, min_width=160):
+                        gr.Markdown("Every cell is a full run of `generate()` with the main settings except the two on the "
+                                    "axes. The guidance method comparison is an x axis `guidance` with values such as "
+                                    "`cfg,rescale,apg,pag`.", elem_classes="step-note")
+            with gr.Tab("Guidance dissection", elem_id="explain-dissect-tab"):
+                gr.Markdown(TEXT["dissect"], elem_classes="step-note")
+                with gr.Row():
+                    self.dissect_btn = gr.Button("Run dissection", variant="primary", scale=3)
+                    self.dissect_stop = gr.Button("Stop", variant="stop", scale=1)
+                self.dissect_status = gr.Markdown("", elem_id="explain-dissect-status")
+                self.dissect_state = gr.State(None)
+                with gr.Row():
+                    self.dissect_push = gr.LinePlot(x="step", y="value", color="series", title="guidance per step",
+                                                    x_title="step", y_title="value", height=240)
+                    self.dissect_move = gr.LinePlot(x="step", y="value", color="series", title="how much x̂0 still moves",
+                                                    x_title="step", y_title="‖x̂0_k − x̂0_k−1‖", height=240)
+                self.dissect_k = gr.Slider(1, 20, value=5, step=1, label="Show step k", elem_id="explain-dissect-k")
+                with gr.Row():
+                    images = []
+                    for caption in ("conditional x̂0 (with the prompt)", "unconditional x̂0 (without it)",
+                                    "guided x̂0 (what the sampler uses)"):
+                        with gr.Column(min_width=120):
+                            images.append(gr.Image(label=caption, show_label=False, type="filepath", height=200,
+                                                   interactive=False, elem_classes="pixelated"))
+                            gr.Markdown(caption, elem_classes="caption")
+                    self.dissect_cond, self.dissect_uncond, self.dissect_x0 = images
+                self.dissect_note = gr.Markdown("", elem_classes="step-note")
+            with gr.Tab("Diversity vs adherence", elem_id="explain-tradeoff-tab"):
+                gr.Markdown(TEXT["tradeoff"], elem_classes="step-note")
+                with gr.Row():
+                    self.tradeoff_scales = gr.Textbox("1,2,3,5,7.5,12", label="Guidance scales")
+                    self.tradeoff_seeds = gr.Slider(2, 12, value=6, step=1, label="Seeds per scale")
+                with gr.Row():
+                    self.tradeoff_btn = gr.Button("Run trade-off", variant="primary", scale=3)
+                    self.tradeoff_stop = gr.Button("Stop", variant="stop", scale=1)
+                self.tradeoff_status = gr.Markdown("", elem_id="explain-tradeoff-status")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        gr.Markdown("The images: a row per guidance scale, the same seeds in every row.", elem_classes="step-note")
+                        self.tradeoff_gallery = gr.Gallery(label="a row per guidance scale", show_label=False, columns=6, height="auto",
+                                                           elem_classes="explain-gallery", allow_preview=False)
+                    with gr.Column(scale=2):
+                        self.tradeoff_plot = gr.LinePlot(x="guidance_scale", y="value", color="series",
+                                                         title="adherence (judge) and diversity", x_title="guidance scale",
+                                                         y_title="value", y_lim=[0, 1], height=260)
+        with gr.Accordion("Numbers of the last experiment (JSON)", open=False):
+            self.numbers = gr.JSON(label="numbers")
+
+    # -- running on the worker -----------------------------------------------------------------------------------
+
+    def _stream(self, request, make: Callable[[explain.Cancelled], Iterator[Any]], http: gr.Request | None) -> Iterator[Any]:
+        """Reports of `make(cancelled)`, each computed as one job on the generation worker."""
+        session = getattr(http, "session_hash", None) or secrets.token_hex(4)
+        cancel = threading.Event()
+        with self._lock:
+            old = self._cancel.get(session)
+            if old is not None:
+                old.set()  # a new experiment replaces the session's running one
+            self._cancel[session] = cancel
+        app, box = self.app, {}
+
+        def step():
+            if "gen" not in box:
+                box["gen"] = make(cancel.is_set)
+            return next(box["gen"], None)
+
+        try:
+            while not cancel.is_set():
+                report = self._job(request, step)
+                if report is None:
+                    return
+                yield report
+        except ValueError as e:
+            raise as_gr_error(e) from None
+        finally:
+            cancel.set()
+            if "gen" in box:
+                app.worker.submit(box["gen"].close)
+            with self._lock:
+                if self._cancel.get(session) is cancel:
+                    del self._cancel[session]
+
+    def _job(self, request, fn: Callable[[], Any]) -> Any:
+        """fn() on the generation worker with the model's torch thread count."""
+        def job():
+            pipe = self.app.loader.get(request.model)
+            torch.set_num_threads(threads_for(pipe, self.app.loader.device, self.app.worker.default_threads))
+            return fn()
+
+        return self.app.worker.run(job)
+
+    def stop(self, http: gr.Request) -> None:
+        with self._lock:
+            cancel = self._cancel.get(getattr(http, "session_hash", None) or "")
+        if cancel is not None:
+            cancel.set()
+
+    def _request(self, values: dict[str, Any]):
+        try:
+            request, _ = self.controls.request(values)
+        except ValueError as e:
+            raise as_gr_error(e) from None
+        return explain.seeded(request)  # the seed is fixed here, so the status can report it before the first result
+
+    # -- jump ----------------------------------------------------------------------------------------------------
+
+    def run_jump(self, http: gr.Request, **values):
+        request = self._request(values)
+        files = _Files(self.app)
+        n = request.num_inference_steps
+        yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
+               self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4))}
+        for report in self._stream(request, lambda c: explain.jump(request, loader=self.app.loader, cancelled=c), http):
+            dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": "x̂0 at step k (jump now)"}
+                    for s in report.steps]
+            dist += [{"step": r.steps, "value": r.distance_to_final, "series": "a k-step run"} for r in report.short_runs]
+            sharp = [{"step": s.step + 1, "value": s.sharpness, "series": "x̂0 at step k"} for s in report.steps]
+            sharp += [{"step": r.steps, "value": r.sharpness, "series": "a k-step run"} for r in report.short_runs]
+            out = {self.jump_distance: _frame(dist, "step"), self.jump_sharpness: _frame(sharp, "step"),
+                   self.jump_state: report, self.numbers: _jump_numbers(report)}
+            if not report.short_runs:
+                out[self.jump_gallery] = [(files(f"x0_{s.step:03d}", s.image),
+                                           f"step {s.step + 1}: d={s.distance_to_final:.3f}") for s in report.steps]
+            done = "Done" if report.done else "Running"
+            out[self.jump_status] = (f"{done}: seed {report.request.seed}, k-step runs "
+                                     f"{len(report.short_runs)}/{len(report.short_steps)} "
+                                     f"({', '.join(str(k) for k in report.short_steps)} steps).")
+            k0 = report.short_steps[min(1, len(report.short_steps) - 1)] if report.short_steps else n
+            if report.done or any(r.steps == k0 for r in report.short_runs):
+                out |= self._jump_at(report, k0, files)
+            yield out
+
+    def _jump_at(self, report: explain.JumpReport, k: int, files: _Files | None = None) -> dict:
+        """The three images at step k; runs the k-step run when the report has none for this k."""
+        files = files or _Files(self.app)
+        k = max(1, min(int(k), len(report.steps)))
+        jumped = report.steps[k - 1]
+        short = next((r for r in report.short_runs if r.steps == k), None)
+        if short is None and k <= report.request.num_inference_steps:
+            result = self._job(report.request, lambda: generate(
+                dataclasses.replace(report.request, num_inference_steps=k), loader=self.app.loader))
+            short_image, short_d = result.image, explain.rms(result.image, report.final)
+        elif short is not None:
+            short_image, short_d = short.image, short.distance_to_final
+        else:
+            short_image, short_d = None, None
+        note = (f"Step {k} of {len(report.steps)}: x̂0 is {jumped.distance_to_final:.3f} from the final image (RMS, 0–1)"
+                + ("" if short_d is None else f"; the {k}-step run ends {short_d:.3f} from it") + ".")
+        if k == 1:
+            note += " A 1-step run is exactly the jump from step 1: the same noise and one model call."
+        return {self.jump_compare: (files(f"x0_{jumped.step:03d}", jumped.image), files("final", report.final)),
+                self.jump_short: None if short_image is None else files(f"short_{k}", short_image),
+                self.jump_note: note, self.jump_k: gr.Slider(1, len(report.steps), value=k)}
+
+    def on_jump_k(self, report, k):
+        if report is None:
+            return {self.jump_note: "Run the experiment first."}
+        return self._jump_at(report, k)
+
+    # -- branch --------------------------------------------------------------------------------------------------
+
+    def run_branch(self, http: gr.Request, branch_at: str, branch_n: float, branch_scheduler: str, **values):
+        request = self._request(values)
+        try:
+            at = [float(v) for v in str(branch_at).split(",") if v.strip()]
+        except ValueError:
+            raise gr.Error(f"branch points must be comma-separated fractions such as 0.1,0.5,0.9; got {branch_at!r}",
+                           print_exception=False) from None
+        if branch_scheduler != "main":
+            request = dataclasses.replace(request, scheduler=branch_scheduler)
+        n = int(branch_n)
+        files = _Files(self.app)
+        yield {self.branch_status: f"Running the trunk (seed {request.seed}, {request.scheduler or 'the model’s own scheduler'})…",
+               self.branch_gallery: gr.Gallery(value=[], columns=n + 1)}
+        stream = self._stream(request, lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c), http)
+        for report in stream:
+            items = []
+            for i, p in enumerate(report.points):
+                items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
+                items += [(files(f"b{i}_{j}", im), f"f={p.fraction:g} · noise {j + 1}") for j, im in enumerate(p.images)]
+            rows = [{"f": p.fraction, "value": p.diversity, "series": f"{report.scheduler}"} for p in report.points]
+            kind = ("stochastic: each branch draws its own noise" if report.stochastic else
+                    "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
+            last = report.points[-1]
+            yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f"),
+                   self.numbers: _branch_numbers(report),
+                   self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
+                                       f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "
+                                       f"Last: f={last.fraction:g} (from step {last.step + 1}), diversity {last.diversity:.4f}."}
+
+    # -- sweep ---------------------------------------------------------------------------------------------------
+
+    def run_sweep(self, http: gr.Request, sweep_x: str, sweep_x_values: str, sweep_y: str, sweep_y_values: str, **values):
+        request = self._request(values)
+        try:
+            x = explain.parse_axis(f"{sweep_x}={sweep_x_values}")
+            y = explain.parse_axis(f"{sweep_y}={sweep_y_values}") if sweep_y else None
+        except ValueError as e:
+            raise as_gr_error(e) from None
+        files = _Files(self.app)
+        total = len(x.values) * (len(y.values) if y else 1)
+        yield {self.sweep_status: f"Running {total} cells (seed {request.seed})…", self.sweep_state: [],
+               self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values))}
+        for report in self._stream(request, lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c), http):
+            items = [(files(f"c{c.row}_{c.col}", c.image),
+                      x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
+            cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
+            yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
+                   self.numbers: _sweep_numbers(report),
+                   self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} "
+                                      f"cells, seed {report.request.seed}"
+                                      + ("" if "seed" in (x.name, y.name if y else "") else " in every cell") + "."}
+
+    def on_cell(self, cells: list[dict], evt: gr.SelectData) -> dict:
+        if not cells or evt.index is None or evt.index >= len(cells):
+            return {}
+        cell = cells[evt.index]
+        return self.controls.restore(cell["request"], cell["seed"]) | {
+            self.sweep_status: f"Loaded cell {evt.index + 1} into the controls above (seed {cell['seed']}); "
+                               "press Generate there to watch it form."}
+
+    # -- dissect -------------------------------------------------------------------------------------------------
+
+    def run_dissect(self, http: gr.Request, **values):
+        request = self._request(values)
+        yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
+        for report in self._stream(request, lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c), http):
+            push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": "‖ε_c − ε_u‖"}
+                    for s in report.steps if s.guidance_delta_norm is not None]
+            push += [{"step": s.step + 1, "value": s.effective_scale, "series": "effective scale"} for s in report.steps]
+            move = [{"step": s.step + 1, "value": s.x0_change, "series": "guided x̂0"} for s in report.steps
+                    if s.x0_change is not None]
+            n = len(report.steps)
+            if report.interval is not None:
+                where = (f"Guidance is on at steps {report.interval[0] + 1}–{report.interval[1] + 1} of {n} only: "
+                         "outside them the model runs without the unconditional pass (scale 1).")
+            elif not any(s.guided for s in report.steps):
+                where = "No step ran the unconditional pass (guidance scale ≤ 1): conditional x̂0 only."
+            else:
+                where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
+            yield {self.dissect_push: _frame(push, "step"), self.dissect_move: _frame(move, "step"),
+                   self.dissect_state: report, self.numbers: _dissect_numbers(report),
+                   self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4))
+
+    def _dissect_at(self, report: explain.DissectReport, k: int) -> dict:
+        files = _Files(self.app)
+        k = max(1, min(int(k), len(report.steps)))
+        s = report.steps[k - 1]
+        note = (f"Step {k} of {len(report.steps)}, σ = {s.sigma:.3g}: " if s.sigma is not None else f"Step {k}: ")
+        note += (f"‖ε_c − ε_u‖ = {s.guidance_delta_norm:.3g}, scale {s.effective_scale:g}." if s.guided else
+                 "no unconditional pass at this step (scale 1).")
+        return {self.dissect_cond: None if s.x0_cond is None else files("cond", s.x0_cond),
+                self.dissect_uncond: None if s.x0_uncond is None else files("uncond", s.x0_uncond),
+                self.dissect_x0: files("x0", s.x0), self.dissect_note: note,
+                self.dissect_k: gr.Slider(1, len(report.steps), value=k)}
+
+    def on_dissect_k(self, report, k):
+        if report is None:
+            return {self.dissect_note: "Run the experiment first."}
+        return self._dissect_at(report, k)
+
+    # -- tradeoff ------------------------------------------------------------------------------------------------
+
+    def run_tradeoff(self, http: gr.Request, tradeoff_scales: str, tradeoff_seeds: float, **values):
+        request = self._request(values)
+        try:
+            scales = [float(v) for v in str(tradeoff_scales).split(",") if v.strip()]
+            explain.check_judge_model(request)
+            explain.judge_targets(request.prompt)
+        except ValueError as e:
+            raise gr.Error(str(e) if "could not convert" not in str(e) else
+                           f"guidance scales must be comma-separated numbers, got {tradeoff_scales!r}",
+                           print_exception=False) from None
+        seeds = int(tradeoff_seeds)
+        files = _Files(self.app)
+        yield {self.tradeoff_status: f"Running {len(scales)} scales × {seeds} seeds (from seed {request.seed})…",
+               self.tradeoff_gallery: gr.Gallery(value=[], columns=seeds)}
+        make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c)  # noqa: E731
+        for report in self._stream(request, make, http):
+            items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
+                     for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
+            rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": "adherence (judge)"}
+                    for p in report.points]
+            rows += [{"guidance_scale": p.guidance_scale, "value": p.diversity, "series": "diversity"} for p in report.points]
+            wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
+            yield {self.tradeoff_gallery: gr.Gallery(value=items, columns=seeds),
+                   self.tradeoff_plot: _frame(rows, "guidance_scale"), self.numbers: _tradeoff_numbers(report),
+                   self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
+                                         f"{len(report.scales)} scales; the judge checks {wanted}."}
+
+    # -- wiring --------------------------------------------------------------------------------------------------
+
+    def wire(self) -> None:
+        inputs = self.controls.inputs
+        common = dict(show_progress="minimal", concurrency_id="explain", concurrency_limit=1, trigger_mode="once")
+        runs = [
+            ("explain_jump", self.jump_btn, self.jump_stop, self.run_jump, {}, self.jump_status,
+             [self.jump_status, self.jump_state, self.jump_gallery, self.jump_k, self.jump_distance,
+              self.jump_sharpness, self.jump_compare, self.jump_short, self.jump_note, self.numbers]),
+            ("explain_branch", self.branch_btn, self.branch_stop, self.run_branch,
+             dict(branch_at=self.branch_at, branch_n=self.branch_n, branch_scheduler=self.branch_scheduler),
+             self.branch_status, [self.branch_status, self.branch_gallery, self.branch_plot, self.numbers]),
+            ("explain_sweep", self.sweep_btn, self.sweep_stop, self.run_sweep,
+             dict(sweep_x=self.sweep_x, sweep_x_values=self.sweep_x_values, sweep_y=self.sweep_y,
+                  sweep_y_values=self.sweep_y_values),
+             self.sweep_status, [self.sweep_status, self.sweep_state, self.sweep_gallery, self.numbers]),
+            ("explain_dissect", self.dissect_btn, self.dissect_stop, self.run_dissect, {}, self.dissect_status,
+             [self.dissect_status, self.dissect_state, self.dissect_push, self.dissect_move, self.dissect_k,
+              self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note, self.numbers]),
+            ("explain_tradeoff", self.tradeoff_btn, self.tradeoff_stop, self.run_tradeoff,
+             dict(tradeoff_scales=self.tradeoff_scales, tradeoff_seeds=self.tradeoff_seeds), self.tradeoff_status,
+             [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.numbers]),
+        ]
+        for name, button, stop, fn, extra, status, outputs in runs:
+            event = button.click(fn, inputs_kwargs=extra | inputs, outputs=outputs, api_name=name,
+                                 show_progress_on=status, **common)
+            stop.click(self.stop, cancels=[event], queue=False, api_visibility="private")
+        self.jump_k.release(self.on_jump_k, inputs_kwargs=dict(report=self.jump_state, k=self.jump_k),
+                            outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k],
+                            api_visibility="private", trigger_mode="always_last")
+        self.dissect_k.release(self.on_dissect_k, inputs_kwargs=dict(report=self.dissect_state, k=self.dissect_k),
+                               outputs=[self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note,
+                                        self.dissect_k], api_visibility="private", trigger_mode="always_last")
+        self.sweep_gallery.select(self.on_cell, inputs=[self.sweep_state],
+                                  outputs=[*self.controls.restore_outputs, self.sweep_status], api_visibility="private")
+
+
+# -- numbers for the JSON panel and the API -------------------------------------------------------------------------
+
+
+def _r(x):
+    return None if x is None else round(float(x), 6)
+
+
+def _jump_numbers(r: explain.JumpReport) -> dict:
+    return {"experiment": "jump", "seed": r.request.seed, "done": r.done,
+            "steps": [{"step": s.step, "sigma": _r(s.sigma), "sharpness": _r(s.sharpness),
+                       "distance_to_final": _r(s.distance_to_final)} for s in r.steps],
+            "short_runs": [{"steps": s.steps, "sharpness": _r(s.sharpness), "distance_to_final": _r(s.distance_to_final),
+                            "distance_to_jump": _r(s.distance_to_jump)} for s in r.short_runs]}
+
+
+def _branch_numbers(r: explain.BranchReport) -> dict:
+    return {"experiment": "branch", "seed": r.request.seed, "scheduler": r.scheduler, "stochastic": r.stochastic,
+            "done": r.done, "at": [p.fraction for p in r.points], "steps": [p.step for p in r.points],
+            "diversity": [_r(p.diversity) for p in r.points]}
+
+
+def _sweep_numbers(r: explain.SweepReport) -> dict:
+    return {"experiment": "sweep", "seed": r.request.seed, "done": r.done,
+            "x": {"name": r.x.name, "values": list(r.x.values)},
+            "y": None if r.y is None else {"name": r.y.name, "values": list(r.y.values)},
+            "cells": [{"x": c.x, "y": c.y, "settings": dict(c.settings), "seed": c.result.seed} for c in r.cells]}
+
+
+def _dissect_numbers(r: explain.DissectReport) -> dict:
+    return {"experiment": "dissect", "seed": r.request.seed, "interval": None if r.interval is None else list(r.interval),
+            "steps": [{"step": s.step, "sigma": _r(s.sigma), "guided": s.guided,
+                       "guidance_delta_norm": _r(s.guidance_delta_norm), "effective_scale": _r(s.effective_scale),
+                       "x0_change": _r(s.x0_change)} for s in r.steps]}
+
+
+def _tradeoff_numbers(r: explain.TradeoffReport) -> dict:
+    return {"experiment": "tradeoff", "targets": r.targets, "done": r.done,
+            "points": [{"guidance_scale": p.guidance_scale, "adherence": _r(p.adherence), "all_right": _r(p.all_right),
+                        "diversity": _r(p.diversity), "seeds": list(p.seeds)} for p in r.points]}
