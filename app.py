@@ -24,13 +24,14 @@ from typing import Any
 import gradio as gr
 import torch
 
+from pipelines.limits import Limits
 from pipelines.loading import ModelLoader
-from pipelines.registry import MODELS, extra_models_from_env
+from pipelines.outputs import clean_orphans
+from pipelines.registry import extra_models_from_env, offered_models
 from pipelines.types import DEFAULT_MODEL
 from pipelines.worker import GenerationWorker
 from ui.api import ApiView
 from ui.controls import Controls
-from ui.explain import ExplainView
 from ui.history import HistoryView
 from ui.live import LiveView, generate_handler
 from ui.state import Playground
@@ -56,14 +57,16 @@ class _Blocks(gr.Blocks):
         return super().launch(*args, **kwargs)
 
 
-def default_loader(models: list[str]) -> ModelLoader:
-    """CUDA (fp16, or PLAYGROUND_DTYPE=bf16/fp32) when there is one, else CPU fp32; PLAYGROUND_CPU_OFFLOAD=1 offloads."""
+def default_loader(models: list[str], limits: Limits | None = None) -> ModelLoader:
+    """CUDA (fp16, or PLAYGROUND_DTYPE=bf16/fp32) when there is one, else CPU fp32; PLAYGROUND_CPU_OFFLOAD=1 offloads;
+    a loaded model is held Limits.model_switch_seconds before another may replace it (no reload thrashing)."""
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     name = os.environ.get("PLAYGROUND_DTYPE")
     if name is not None and name not in dtypes:
         raise ValueError(f"PLAYGROUND_DTYPE must be one of: {', '.join(dtypes)}; got {name!r}")
     return ModelLoader(dtype=dtypes[name] if name else None, allowed=models,
-                       offload=os.environ.get("PLAYGROUND_CPU_OFFLOAD") == "1")
+                       offload=os.environ.get("PLAYGROUND_CPU_OFFLOAD") == "1",
+                       switch_cooldown=(limits or Limits()).model_switch_seconds)
 
 
 def build_demo(
@@ -74,7 +77,7 @@ def build_demo(
     preview_interval: float = 0.25,
     worker: GenerationWorker | None = None,
     max_runs_per_client: int | None = None,
-    max_run_seconds: float | None = None,
+    limits: Limits | None = None,
     concurrent_streams: int = 16,
     shared_history: bool = False,
 ) -> gr.Blocks:
@@ -82,20 +85,24 @@ def build_demo(
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
     first model); `preview_interval` the shortest time between two live previews, in seconds; `worker` the
     generation thread (default: a new one, started on the first run); `max_runs_per_client` how many runs one
-    address may have waiting or running, `max_run_seconds` the wall-clock limit of a run (None: no limit; see
-    `public_limits` for what `python app.py` uses); `concurrent_streams` how many Generate events Gradio lets in
+    address may have waiting or running (None: no limit); `limits` the work budget, run time limit and
+    retention (default: the built-in Limits(); `python app.py` reads PLAYGROUND_* variables); `concurrent_streams` how many Generate events Gradio lets in
     at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue;
     `shared_history` shows every visitor everyone's runs (default: each browser sees its own)."""
-    if models is None:
-        models = list(dict.fromkeys([DEFAULT_MODEL, *MODELS, *extra_models_from_env()]))
+    limits = limits or Limits()
+    if models is None:  # heavy hub models only where the hardware can run them (Limits.heavy_allowed)
+        device = loader.device.type if loader is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        models = list(dict.fromkeys([DEFAULT_MODEL, *offered_models(device, limits.heavy_allowed(device),
+                                                                    extra_models_from_env())]))
     default_model = default_model or os.environ.get("PLAYGROUND_DEFAULT_MODEL") or models[0]
     if default_model not in models:
         raise ValueError(f"default model {default_model!r} is not offered; choose one of: {', '.join(models)}")
-    loader = loader or default_loader(models)
+    loader = loader or default_loader(models, limits)
     outputs_dir = Path(outputs_dir)
     outputs_dir.mkdir(parents=True, exist_ok=True)
+    clean_orphans(outputs_dir)  # what a killed process left; before any run of this one
     app = Playground(loader, models, default_model, outputs_dir, preview_interval, worker,
-                     max_runs_per_client=max_runs_per_client, max_run_seconds=max_run_seconds)
+                     max_runs_per_client=max_runs_per_client, limits=limits)
 
     # Gradio's own cache (the API's returned files, anything uploaded) is swept hourly of files older than a day.
     with _Blocks(title="Diffusion playground", delete_cache=(3600, 86400)) as demo:
@@ -110,8 +117,6 @@ def build_demo(
                 live = LiveView(app)
         gr.Markdown("### History")
         history = HistoryView(app, shared=shared_history)
-        gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
-        explain = ExplainView(app, controls)
         ApiView(app, gpu, concurrency_limit=concurrent_streams)
 
         run_ui = generate_handler(app, controls, live, gpu)
@@ -145,7 +150,6 @@ def build_demo(
                                 api_visibility="private")
         live.wire_scrub()
         controls.wire()
-        explain.wire()
         history.wire(demo, controls, live)
     return demo
 
@@ -153,5 +157,14 @@ def build_demo(
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself when server_name/server_port are not given.
-    demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs")
-    demo.queue(max_size=32).launch(show_error=True)
+    try:
+        limits = Limits.from_env(os.environ)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    per_client = os.environ.get("PLAYGROUND_MAX_RUNS_PER_CLIENT") or "4"
+    if not per_client.isdigit() or int(per_client) < 1:
+        raise SystemExit(f"error: PLAYGROUND_MAX_RUNS_PER_CLIENT must be a whole number >= 1, got {per_client!r}")
+    per_client = int(per_client)
+    demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs", limits=limits,
+                      max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1")
+    demo.queue(max_size=int(os.environ.get("PLAYGROUND_QUEUE_SIZE") or 64)).launch(show_error=True)

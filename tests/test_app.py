@@ -148,11 +148,14 @@ def test_missing_embedded_model_says_so(tmp_path, monkeypatch):
         build_request(prompt="x", model=DEFAULT_MODEL, loader=ModelLoader(device="cpu"), num_inference_steps=2)
 
 
-def test_unexpected_errors_name_their_type_and_bad_input_stays_as_is():
+def test_unexpected_errors_name_only_their_type_and_bad_input_stays_as_is(tmp_path):
+    """A client is told what was wrong with its input, but never a server path or a library's internals."""
     from ui.live import error_text
 
-    assert error_text(RuntimeError("CUDA out of memory")) == "Generation failed with RuntimeError: CUDA out of memory"
+    internal = RuntimeError(f"cannot open {tmp_path}/x/unet/config.json: diffusers.models.unet_2d_condition")
+    assert error_text(internal) == "Generation failed with an internal error (RuntimeError); the server has logged it."
     assert error_text(ValueError("steps must be 1..1000")) == "steps must be 1..1000"
+    assert str(tmp_path) not in error_text(ValueError(f"[Errno 30] Read-only file system: '{tmp_path}/run'"), tmp_path)
 
 
 def test_runs_share_one_long_lived_worker_thread(server, client):

@@ -52,18 +52,18 @@ class ApiView:
                 request = build_request(
                     prompt=prompt, negative_prompt=negative_prompt, model=model, loader=app.loader, scheduler=scheduler,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, width=width,
-                    height=height, guidance=guidance, guidance_params=guidance_params)
+                    height=height, guidance=guidance, guidance_params=guidance_params, limits=app.limits)
             except ValueError as e:
-                raise as_gr_error(e) from None
+                raise as_gr_error(e, app.outputs_dir) from None
             # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this task,
             # and Run.wait stops the run at its next step, so the worker is free for the next caller.
             try:
                 run = app.start(request, "fast", getattr(http, "session_hash", None), client_of(http))
             except ValueError as e:
-                raise as_gr_error(e) from None
+                raise as_gr_error(e, app.outputs_dir) from None
             await run.wait()
             if run.error is not None:
-                raise as_gr_error(run.error) from None
+                raise as_gr_error(run.error, app.outputs_dir) from None
             result = run.result
             info = {"run": run.run_id, "scheduler": result.scheduler, "family": result.family,
                     "width": result.width, "height": result.height, "steps_completed": result.steps_completed,

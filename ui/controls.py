@@ -126,7 +126,7 @@ class Controls:
             guidance_scale=values["guidance_scale"],
             seed=None if values["randomize_seed"] or values["seed"] is None else values["seed"],
             width=values["width"], height=values["height"], guidance=method,
-            guidance_params=self.changed_params(method, values),
+            guidance_params=self.changed_params(method, values), limits=self.app.limits,
         )
         return request, values.get("x0_preview") or "auto"
 

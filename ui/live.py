@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from pipelines.errors import client_message
 from pipelines.types import GenerationResult
 from ui.render import diffusers_code
 from ui.state import Playground, Run, kind_label
@@ -40,18 +41,18 @@ WHY = ("**Why many small steps?** Early on, x̂0 is the model's best guess from 
        "(brighter = larger cond − uncond difference, on one scale for the whole run).")
 
 
-def error_text(error: BaseException) -> str:
-    """ValueErrors (bad input) are shown as they are; anything else is logged and shown with its type."""
+def error_text(error: BaseException, outputs_dir=None) -> str:
+    """One client-safe line: a ValueError (bad input) says what is allowed; anything else is logged here and shown
+    only by its kind, never with server paths or library internals (pipelines.errors.client_message)."""
     if isinstance(error, gr.Error):
         return str(error.message)
-    if isinstance(error, ValueError):
-        return str(error)
-    log.error("generation failed", exc_info=error)
-    return f"Generation failed with {type(error).__name__}: {error}"
+    if not isinstance(error, ValueError):
+        log.error("generation failed", exc_info=error)
+    return client_message(error, outputs_dir)
 
 
-def as_gr_error(error: BaseException) -> gr.Error:
-    return error if isinstance(error, gr.Error) else gr.Error(error_text(error), print_exception=False)
+def as_gr_error(error: BaseException, outputs_dir=None) -> gr.Error:
+    return error if isinstance(error, gr.Error) else gr.Error(error_text(error, outputs_dir), print_exception=False)
 
 
 class LiveView:
@@ -118,7 +119,7 @@ class LiveView:
                 self.cap_latents: "Latents x_t", self.cap_x0: "Predicted x̂0"}
 
     def error(self, error: BaseException) -> dict:
-        return self.cleared(f"⚠️ **Error:** {error_text(error)}")
+        return self.cleared(f"⚠️ **Error:** {error_text(error, self.app.outputs_dir)}")
 
     def captions(self, run: Run) -> dict:
         p = run.previewer
@@ -229,7 +230,7 @@ class LiveView:
                 next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
             run.done.wait()
             if run.error is not None:
-                gr.Warning(error_text(run.error))
+                gr.Warning(error_text(run.error, app.outputs_dir))
                 yield show(self.error(run.error))
                 return
             assert run.result is not None
@@ -265,7 +266,7 @@ class LiveView:
         if not run.done.wait(STOP_WAIT):
             return {self.status: "Stopping… (the model is still loading; the run stops before its first step)"}
         if run.error is not None or run.result is None:
-            return self.cleared(f"Stopped. {error_text(run.error) if run.error else ''}".strip())
+            return self.cleared(f"Stopped. {error_text(run.error, self.app.outputs_dir) if run.error else ''}".strip())
         return self.finished(run, run.result) | self.scrubber(run) | {
             self.code: diffusers_code(run.result, run.previewer.pipe.dtype, self.app.loader.device.type)}
 

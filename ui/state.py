@@ -4,6 +4,7 @@ and the per-step preview PNGs rendered once and reused by the live view, the scr
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -17,7 +18,9 @@ import torch
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.observers import LatestObserver, StepRecord, StepRecorder, TeeObserver, TimeLimit
-from pipelines.outputs import STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, save_png
+from pipelines.limits import Limits
+from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, prune_outputs,
+                               save_png)
 from pipelines.previews import Previewer
 from pipelines.registry import MODELS
 from pipelines.requests import OWN_SCHEDULER, missing_embedded
@@ -25,6 +28,8 @@ from pipelines.schedulers import SCHEDULERS, compatible_keys
 from pipelines.types import GenerationRequest, GenerationResult
 from pipelines.worker import GenerationWorker, threads_for
 from ui.render import guidance_map, heat, upscale
+
+log = logging.getLogger("playground")
 
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 # Step tensors held for scrubbing: per run (past it a run keeps every 2nd, 4th, ... step; the embedded model's
@@ -124,9 +129,10 @@ class Playground:
     def __init__(self, loader: ModelLoader, models: list[str], default_model: str, outputs_dir: Path,
                  preview_interval: float, worker: GenerationWorker | None = None,
                  scrub_bytes_per_run: int = SCRUB_BYTES_PER_RUN, scrub_bytes_total: int = SCRUB_BYTES_TOTAL,
-                 max_runs_per_client: int | None = None, max_run_seconds: float | None = None) -> None:
+                 max_runs_per_client: int | None = None, limits: Limits | None = None) -> None:
         """max_runs_per_client: runs one client (IP) may have waiting or running at once (None: no limit);
-        max_run_seconds: wall-clock limit of one run, past which it stops at the next step (None: none)."""
+        limits: the work budget every request is built under, the wall-clock limit of a run and what the outputs
+        folder keeps (default: Limits(), the built-in defaults)."""
         self.loader = loader
         self.models = models
         self.default_model = default_model
@@ -135,7 +141,7 @@ class Playground:
         self.worker = worker or GenerationWorker()
         self.scrub_bytes_per_run = scrub_bytes_per_run
         self.max_runs_per_client = max_runs_per_client
-        self.max_run_seconds = max_run_seconds
+        self.limits = limits or Limits()
         self.pending: list[Run] = []  # queued or running, in the worker's order
         self.scrub_bytes_total = scrub_bytes_total
         self.runs: OrderedDict[str, Run] = OrderedDict()  # finished runs kept for scrubbing
@@ -209,7 +215,7 @@ class Playground:
             # Numbers and step tensors (small runs) only: previews render on demand, and a restored run re-renders.
             writer = TraceWriter(run.folder, run.previewer, previews={}, tensors_limit_bytes=STEP_TENSORS_LIMIT)
             # The recorder sees each step before the UI can take it, so live previews come from the scrub cache.
-            run.time_limit = TimeLimit(self.max_run_seconds)
+            run.time_limit = TimeLimit(self.limits.max_run_seconds)
             result = generate(run.request, TeeObserver(run.recorder, writer, run.latest, run.time_limit),
                               loader=self.loader)
             writer.finish(result)
@@ -218,6 +224,7 @@ class Playground:
                     if s.denoised_cond is not None and s.denoised_uncond is not None]
             run.heat_top = float(max(tops, default=0.0))
             self.keep(run)
+            self.prune()
         except BaseException as e:  # handed to the UI thread, which reports it
             run.error = e
         finally:
@@ -236,6 +243,19 @@ class Playground:
             while len(self.runs) > 1 and (len(self.runs) > MAX_RUNS_IN_MEMORY or sum(
                     r.recorder.nbytes for r in self.runs.values()) > self.scrub_bytes_total):
                 self.runs.popitem(last=False)
+
+    def prune(self) -> None:
+        """Retention: the oldest finished runs go past Limits.max_runs_kept / max_output_mb, except the runs in
+        flight or held in memory (they may still be on someone's screen)."""
+        with self._lock:
+            keep = [r.folder for r in (*self.pending, *self.runs.values())]
+        try:
+            removed = prune_outputs(self.outputs_dir, self.limits, keep=keep)
+        except OSError as e:  # retention must never fail a run
+            log.warning("retention: %s", e)
+            return
+        if removed:
+            log.info("retention removed %d old run(s)", len(removed))
 
     def restore(self, folder: Path, trace: Trace) -> Run | None:
         """A finished run rebuilt from its folder (after a restart): its step tensors, re-rendered with the model's
