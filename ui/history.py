@@ -12,6 +12,7 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.errors import client_message
 from pipelines.outputs import Trace
 from pipelines.types import GenerationRequest
 from ui.render import diffusers_script
@@ -151,7 +152,8 @@ class HistoryView:
         try:
             trace = Trace.read(folder)
         except (OSError, ValueError) as e:
-            return live.cleared(f"⚠️ **Error:** cannot restore run `{folder.name}`: {e}")
+            return live.cleared(f"⚠️ **Error:** cannot restore run `{folder.name}`: "
+                                f"{client_message(e, self.app.outputs_dir)}")
         req = request_dict(trace)
         out = controls.restore(req, trace.seed)
         out |= {live.final_image: str(folder / "image.png"), live.run_id: folder.name,
