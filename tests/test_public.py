@@ -173,3 +173,47 @@ def test_one_client_cannot_fill_the_queue_and_a_run_has_a_time_limit(tmp_path):
         assert _quick(client) < 8  # and the server keeps serving
     finally:
         demo.close()
+
+
+def _api_value(value) -> bool:
+    """Whether `value` can be sent to /generate's widgets as is (finite JSON numbers for Number fields)."""
+    import math
+
+    return value is None or isinstance(value, str) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and abs(value) < 2**53)
+
+
+@pytest.fixture(scope="module")
+def embedded_client(tmp_path_factory):
+    """The app on the embedded model only, as `python app.py` serves it (built-in limits)."""
+    import app
+    from pipelines.types import DEFAULT_MODEL
+
+    demo = app.build_demo(loader=ModelLoader(device="cpu", allowed=[DEFAULT_MODEL]), models=[DEFAULT_MODEL],
+                          outputs_dir=tmp_path_factory.mktemp("outputs"))
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
+    """tests/test_limits.py's table, through HTTP: every row whose values /generate's fields can carry (and whose
+    model is this server's) is refused with the same message, in one line without server paths."""
+    import re
+
+    from tests.test_limits import BAD_INPUTS
+
+    numeric = {"num_inference_steps", "guidance_scale", "seed", "width", "height"}
+    rows = [(kw, msg) for kw, msg in BAD_INPUTS if "model" not in kw and "sd-turbo" not in msg
+            and all(_api_value(v) and (k not in numeric or not isinstance(v, str)) for k, v in kw.items())
+            and all(isinstance(v, str) for k, v in kw.items() if k not in numeric)]
+    assert len(rows) >= 25, len(rows)  # 29 of the 56 today
+    for kwargs, message in rows:
+        with pytest.raises(gradio_client.exceptions.AppError) as e:
+            embedded_client.predict(**({"prompt": "a red circle"} | kwargs), api_name="/generate")
+        text = str(e.value)
+        assert re.search(message, text), (kwargs, text[:300])
+        assert str(ROOT) not in text and "Traceback" not in text
+    _, seed, info = embedded_client.predict(prompt="a red circle", num_inference_steps=3, seed=4, api_name="/generate")
+    assert seed == 4 and info["steps_completed"] == 3
