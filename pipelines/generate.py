@@ -32,6 +32,23 @@ def resolve_size(request: GenerationRequest, pipe, family) -> tuple[int, int]:
     return height, width
 
 
+def check_timesteps(scheduler, timesteps: torch.Tensor, num_inference_steps: int) -> None:
+    """Refuse a schedule that indexes past the training timesteps: 'leading' spacing with steps_offset=1 (PNDM's
+    default config) at 1000 steps starts at t=1000, and the scheduler (stock diffusers too) then reads
+    alphas_cumprod[1000] of 1000. Schedulers that keep their own sigmas never index by t."""
+    train = getattr(scheduler.config, "num_train_timesteps", None)
+    if getattr(scheduler, "sigmas", None) is not None or train is None or not len(timesteps):
+        return
+    first = int(timesteps.max())
+    if first >= train:
+        config = scheduler.config
+        raise ValueError(
+            f"{type(scheduler).__name__} (timestep_spacing={config.get('timestep_spacing')!r}, steps_offset="
+            f"{config.get('steps_offset')}) cannot take {num_inference_steps} steps: its first timestep would be "
+            f"{first}, past the {train} it was trained on; use at most {num_inference_steps - (first - train + 1)} "
+            f"steps or another scheduler")
+
+
 def apply_guidance(
     method: GuidanceMethod, output: torch.Tensor, with_uncond: bool, perturbed: bool, ctx: GuidanceContext
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
@@ -93,6 +110,7 @@ def generate(
         # 4. Timesteps, then initial latents (scaled by the scheduler's init_noise_sigma)
         latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         timesteps = family.timesteps(pipe, request.num_inference_steps, device, latent_hw)
+        check_timesteps(scheduler, timesteps, request.num_inference_steps)
         latents = pipe.prepare_latents(1, family.latent_channels(pipe), height, width, cond.embeds.dtype, device, generator)
         step_kwargs = family.step_kwargs(pipe, generator)
         num_steps = len(timesteps)

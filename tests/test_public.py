@@ -217,3 +217,17 @@ def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
         assert str(ROOT) not in text and "Traceback" not in text
     _, seed, info = embedded_client.predict(prompt="a red circle", num_inference_steps=3, seed=4, api_name="/generate")
     assert seed == 4 and info["steps_completed"] == 3
+
+
+def test_a_schedule_past_the_training_timesteps_is_refused_not_crashed():
+    """PNDM's default config ('leading', steps_offset=1) at 1000 steps starts at t=1000 of 1000: an IndexError
+    deep in the loop (stock diffusers too). It is refused up front with what works; 999 steps run."""
+    from pipelines.generate import generate
+    from pipelines.types import GenerationRequest
+
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, tiny_pipeline("sd"))
+    with pytest.raises(ValueError, match=r"cannot take 1000 steps: its first timestep would be 1000, past the 1000 it "
+                                         r"was trained on; use at most 999 steps or another scheduler"):
+        generate(GenerationRequest("x", model=MODEL, num_inference_steps=1000, seed=0), loader=loader)
+    assert generate(GenerationRequest("x", model=MODEL, num_inference_steps=999, seed=0), loader=loader).steps_completed
