@@ -234,8 +234,9 @@ class LiveView:
                 yield show(self.error(run.error))
                 return
             assert run.result is not None
-            final = self.finished(run, run.result)
-            yield show(final | self.captions(run) | (self.previews(run, len(run.steps) - 1) if run.steps else {}))
+            yield show(self.finished(run, run.result) | self.captions(run))  # the image first, as soon as it exists
+            if run.steps:  # then the live panels end on the last step
+                yield show(self.previews(run, len(run.steps) - 1))
         finally:  # the browser left or Stop cancelled this generator: stop the worker at the next step
             if not run.done.is_set():
                 run.latest.cancel()
