@@ -30,6 +30,7 @@ from ui.live import as_gr_error
 from ui.render import upscale
 from ui.state import Playground
 
+JUMP_COLOURS = {"x̂0 at step k (jump now)": "#1f77b4", "x̂0 at step k": "#1f77b4", "a k-step run": "#ff7f0e"}
 SHOW_SIDE = 192  # gallery images are enlarged (nearest neighbour) to at least this many pixels on the server
 
 # Gallery captions below the thumbnails (as the history does), never over a small object in a corner.
@@ -106,10 +107,10 @@ class ExplainView:
                 self.jump_status = gr.Markdown("", elem_id="explain-jump-status")
                 self.jump_state = gr.State(None)
                 with gr.Row():
-                    self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="RMS distance to the final image",
+                    self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="distance to final", color_map=JUMP_COLOURS,
                                                      x_title="step", y_title="RMS distance", height=240)
-                    self.jump_sharpness = gr.LinePlot(x="step", y="value", color="series", title="x̂0 sharpness (high-frequency energy)",
-                                                      x_title="step", y_title="mean squared Laplacian", height=240)
+                    self.jump_sharpness = gr.LinePlot(x="step", y="value", color="series", title="x̂0 sharpness", color_map=JUMP_COLOURS,
+                                                      x_title="step", y_title="Laplacian energy", height=240)
                 self.jump_k = gr.Slider(1, 20, value=5, step=1, label="Compare at step k", elem_id="explain-jump-k")
                 with gr.Row():
                     with gr.Column():
@@ -144,8 +145,8 @@ class ExplainView:
                         self.branch_gallery = gr.Gallery(label="endings: a row per branch point", show_label=False, columns=5, height="auto",
                                                          elem_classes="explain-gallery", allow_preview=False)
                     with gr.Column(scale=2):
-                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity of the endings",
-                                                       x_title="branch point f", y_title="mean pairwise RMS distance",
+                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity", color_map={k: "#1f77b4" for k in ("euler_a", "ddim")},
+                                                       x_title="branch point f", y_title="pairwise RMS",
                                                        height=260)
             with gr.Tab("Sweep grid", elem_id="explain-sweep-tab"):
                 gr.Markdown(TEXT["sweep"], elem_classes="step-note")
