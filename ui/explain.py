@@ -259,11 +259,14 @@ class ExplainView:
 
         return self.app.worker.run(job)
 
-    def stop(self, http: gr.Request) -> None:
+    def stop(self, http: gr.Request) -> str:
+        """Stop the session's experiment: between runs at once, inside a run at its next step boundary."""
         with self._lock:
             cancel = self._cancel.get(getattr(http, "session_hash", None) or "")
-        if cancel is not None:
-            cancel.set()
+        if cancel is None:
+            return "Nothing is running."
+        cancel.set()
+        return "Stopped; what finished so far stays below."
 
     def _request(self, values: dict[str, Any]):
         try:
@@ -484,7 +487,7 @@ class ExplainView:
         for name, button, stop, fn, extra, status, outputs in runs:
             event = button.click(fn, inputs_kwargs=extra | inputs, outputs=outputs, api_name=name,
                                  show_progress_on=status, **common)
-            stop.click(self.stop, cancels=[event], queue=False, api_visibility="private")
+            stop.click(self.stop, outputs=[status], cancels=[event], queue=False, api_visibility="private")
         self.jump_k.release(self.on_jump_k, inputs_kwargs=dict(report=self.jump_state, k=self.jump_k),
                             outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k],
                             api_visibility="private", trigger_mode="always_last")
