@@ -231,6 +231,8 @@ def _tradeoff(args: argparse.Namespace) -> int:
     from pipelines import explain
 
     scales = _number_list(args.scales, float)
+    explain.check_judge_model(args.model)  # before loading a model the judge cannot score
+    explain.judge_targets(args.prompt)
     loader, _, request = _request(args)
     report = _run(explain.tradeoff(request, scales, args.seeds, loader=loader),
                   lambda r: f"scale {len(r.points)}/{len(r.scales)}")

@@ -528,19 +528,20 @@ def judge_targets(prompt: str) -> dict[str, str]:
     return out
 
 
-def check_judge_model(request: GenerationRequest) -> None:
+def check_judge_model(model: str) -> None:
+    """ValueError unless `model` is the embedded model, the only one whose images the judge can score."""
     from pipelines.registry import resolve
 
     embedded = Path(resolve(DEFAULT_MODEL)).resolve()
-    if request.model != DEFAULT_MODEL and Path(resolve(request.model)).resolve() != embedded:
+    if model != DEFAULT_MODEL and Path(resolve(model)).resolve() != embedded:
         raise ValueError(f"adherence is measured by the shapes world's judge (training/judge.py), which can only "
-                         f"score the embedded model {DEFAULT_MODEL!r}; {request.model!r} draws other things")
+                         f"score the embedded model {DEFAULT_MODEL!r}; {model!r} draws other things")
 
 
 def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *, loader: ModelLoader,
              cancelled: Cancelled | None = None) -> Iterator[TradeoffReport]:
     """For each guidance scale, `seeds` images (seeds s, s+1, ...): the judge's adherence and the diversity."""
-    check_judge_model(request)
+    check_judge_model(request.model)
     targets = judge_targets(request.prompt)
     request = seeded(request)
     scales = tuple(float(s) for s in scales)

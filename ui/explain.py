@@ -438,7 +438,7 @@ class ExplainView:
         request = self._request(values)
         try:
             scales = [float(v) for v in str(tradeoff_scales).split(",") if v.strip()]
-            explain.check_judge_model(request)
+            explain.check_judge_model(request.model)
             explain.judge_targets(request.prompt)
         except ValueError as e:
             raise gr.Error(str(e) if "could not convert" not in str(e) else
