@@ -183,7 +183,9 @@ def _sweep(args: argparse.Namespace) -> int:
     loader, _, request = _request(args)
     report = _run(explain.sweep(request, x, y, loader=loader), lambda r: f"cell {len(r.cells)}/{r.total}")
     explain.write_sweep(report, args.out)
-    print(f"wrote {os.path.join(args.out, 'grid.png')} ({len(report.cells)} cells, seed {report.request.seed})")
+    seeds = sorted({c.result.seed for c in report.cells})
+    print(f"wrote {os.path.join(args.out, 'grid.png')} ({len(report.cells)} cells, "
+          f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
     return 0
 
 

@@ -767,8 +767,8 @@ def write_sweep(report: SweepReport, out: str | Path) -> dict[str, Any]:
         rows[c.row][c.col] = c.image
     pictures = grid_image(rows, col_labels=[x.label(v) for v in x.values],
                           row_labels=[y.label(v) for v in y.values] if y else [],
-                          title=f"{report.request.prompt!r}, seed {report.request.seed}"
-                                + ("" if "seed" in (x.name, y.name if y else "") else " in every cell"),
+                          title=f"{report.request.prompt!r}" + ("" if "seed" in (x.name, y.name if y else "") else
+                                                               f", seed {report.request.seed} in every cell"),
                           x_title=f"x: {x.name}", y_title=f"y: {y.name}" if y else "")
     save_png(out / "grid.png", pictures)
     data = {"seed": report.request.seed, "request": report.request.to_dict(),
