@@ -372,7 +372,7 @@ class ExplainView:
             raise as_gr_error(e) from None
         files = _Files(self.app)
         total = len(x.values) * (len(y.values) if y else 1)
-        yield {self.sweep_status: f"Running {total} cells (seed {request.seed})…", self.sweep_state: [],
+        yield {self.sweep_status: f"Running {total} cells…", self.sweep_state: [],
                self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values))}
         for report in self._stream(request, lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c), http):
             items = [(files(f"c{c.row}_{c.col}", c.image),
@@ -380,9 +380,9 @@ class ExplainView:
             cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
             yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
                    self.numbers: _sweep_numbers(report),
-                   self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} "
-                                      f"cells, seed {report.request.seed}"
-                                      + ("" if "seed" in (x.name, y.name if y else "") else " in every cell") + "."}
+                   self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} cells"
+                                      + ("" if "seed" in (x.name, y.name if y else "") else
+                                         f", seed {report.request.seed} in every cell") + "."}
 
     def on_cell(self, cells: list[dict], evt: gr.SelectData) -> dict:
         if not cells or evt.index is None or evt.index >= len(cells):
