@@ -32,6 +32,7 @@ from pipelines.types import DEFAULT_MODEL
 from pipelines.worker import GenerationWorker
 from ui.api import ApiView
 from ui.controls import Controls
+from ui.explain import ExplainView
 from ui.history import HistoryView
 from ui.live import LiveView, generate_handler
 from ui.state import Playground
@@ -117,6 +118,8 @@ def build_demo(
                 live = LiveView(app)
         gr.Markdown("### History")
         history = HistoryView(app, shared=shared_history)
+        gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
+        explain = ExplainView(app, controls)
         ApiView(app, gpu, concurrency_limit=concurrent_streams)
 
         run_ui = generate_handler(app, controls, live, gpu)
@@ -150,6 +153,7 @@ def build_demo(
                                 api_visibility="private")
         live.wire_scrub()
         controls.wire()
+        explain.wire()
         history.wire(demo, controls, live)
     return demo
 
