@@ -611,3 +611,36 @@ def clean_orphans(outputs_dir: str | os.PathLike, older_than: float = 0.0) -> li
     if removed:
         log.info("outputs: cleaned %d leftovers of interrupted runs", len(removed))
     return removed
+
+
+EXPERIMENT_FILES = (".png", ".json")  # what an Explain-lab experiment folder holds
+
+
+def prune_experiments(folder: str | os.PathLike, max_kept: int) -> list[Path]:
+    """Keep the newest `max_kept` experiment folders under `folder` (outputs/explain): the oldest go first. Only real
+    folders holding nothing but PNG and JSON files are counted or removed; links and anything else stay."""
+    folder = Path(folder)
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if entry.name.startswith(_DELETING) or entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                continue
+            inner = list(os.scandir(entry.path))
+            if all(f.is_file(follow_symlinks=False) and f.name.endswith(EXPERIMENT_FILES) for f in inner):
+                found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+        except OSError:
+            continue
+    removed = []
+    for _, name in sorted(found)[:max(0, len(found) - max_kept)]:
+        hidden = folder / (_DELETING + name)
+        try:
+            os.rename(folder / name, hidden)
+        except OSError:
+            continue
+        shutil.rmtree(hidden, ignore_errors=True)
+        removed.append(folder / name)
+    return removed

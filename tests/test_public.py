@@ -231,3 +231,24 @@ def test_a_schedule_past_the_training_timesteps_is_refused_not_crashed():
                                          r"was trained on; use at most 999 steps or another scheduler"):
         generate(GenerationRequest("x", model=MODEL, num_inference_steps=1000, seed=0), loader=loader)
     assert generate(GenerationRequest("x", model=MODEL, num_inference_steps=999, seed=0), loader=loader).steps_completed
+
+
+def test_experiment_folders_are_kept_bounded_and_nothing_foreign_is_removed(tmp_path):
+    import os
+
+    from pipelines.outputs import prune_experiments
+
+    for i in range(7):
+        d = tmp_path / f"2026-{i}"
+        d.mkdir()
+        (d / "grid.png").write_bytes(b"png")
+        os.utime(d, (1000 + i, 1000 + i))
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    os.utime(foreign, (1, 1))
+    (tmp_path / "link").symlink_to(foreign)
+    removed = prune_experiments(tmp_path, 3)
+    assert sorted(p.name for p in removed) == [f"2026-{i}" for i in range(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-4", "2026-5", "2026-6", "link", "notes"]
+    assert (foreign / "keep.txt").read_text() == "mine"

@@ -24,7 +24,7 @@ import torch
 
 from pipelines import explain
 from pipelines.generate import generate
-from pipelines.outputs import save_png
+from pipelines.outputs import prune_experiments, save_png
 from pipelines.worker import threads_for
 from ui.live import as_gr_error
 from ui.render import upscale
@@ -72,11 +72,16 @@ def _frame(rows: list[dict], x: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[x, "value", "series"])
 
 
+MAX_EXPERIMENTS_KEPT = 50  # experiment folders kept under outputs/explain
+
+
 class _Files:
     """PNGs of one experiment under outputs/explain/<id>/, written once each and served from there."""
 
     def __init__(self, app: Playground) -> None:
-        self.folder = app.outputs_dir / "explain" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        prune_experiments(app.outputs_dir / "explain", MAX_EXPERIMENTS_KEPT - 1)  # bounded disk, oldest first
+        # 96 random bits: the files are reachable by path, so other visitors must not guess it.
+        self.folder = app.outputs_dir / "explain" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(12)}"
         self.paths: dict[str, str] = {}
 
     def __call__(self, name: str, image) -> str:
