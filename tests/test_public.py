@@ -252,3 +252,30 @@ def test_experiment_folders_are_kept_bounded_and_nothing_foreign_is_removed(tmp_
     assert sorted(p.name for p in removed) == [f"2026-{i}" for i in range(4)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-4", "2026-5", "2026-6", "link", "notes"]
     assert (foreign / "keep.txt").read_text() == "mine"
+
+
+def test_explain_experiments_count_against_the_client_limit_and_have_a_time_limit(tmp_path):
+    import app
+
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, tiny_pipeline("sd"))
+    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=tmp_path, preview_interval=0.05,
+                          max_runs_per_client=1, limits=Limits(max_run_seconds=1.0))
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit(prompt="x", num_inference_steps=LONG, seed=1, api_name="/generate")
+        deadline = time.time() + 30
+        while not demo.playground.pending and time.time() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(Exception, match="PLAYGROUND_MAX_RUNS_PER_CLIENT"):
+            client.predict(prompt="x", seed=1, randomize_seed=False, num_inference_steps=4, api_name="/explain_jump")
+        job.result(timeout=60)  # stopped by its 1 s limit
+        t = time.perf_counter()
+        with pytest.raises(Exception, match=r"stopped after 4 s.*PLAYGROUND_MAX_RUN_SECONDS"):
+            client.predict(prompt="x", seed=1, randomize_seed=False, num_inference_steps=LONG, api_name="/explain_jump")
+        assert time.perf_counter() - t < 20 and not demo.playground.experiments
+        assert _quick(client) < 8
+    finally:
+        demo.close()

@@ -26,7 +26,7 @@ from pipelines import explain
 from pipelines.generate import generate
 from pipelines.outputs import prune_experiments, save_png
 from pipelines.worker import threads_for
-from ui.live import as_gr_error
+from ui.live import as_gr_error, client_of
 from ui.render import upscale
 from ui.state import Playground
 
@@ -73,6 +73,7 @@ def _frame(rows: list[dict], x: str) -> pd.DataFrame:
 
 
 MAX_EXPERIMENTS_KEPT = 50  # experiment folders kept under outputs/explain
+EXPERIMENT_RUNS = 4  # an experiment may take this many times PLAYGROUND_MAX_RUN_SECONDS
 
 
 class _Files:
@@ -233,20 +234,31 @@ class ExplainView:
                 old.set()  # a new experiment replaces the session's running one
             self._cancel[session] = cancel
         app, box = self.app, {}
+        # An experiment is many runs: it may take EXPERIMENT_RUNS × the per-run wall-clock limit in all.
+        limit = EXPERIMENT_RUNS * app.limits.max_run_seconds
+        deadline = time.monotonic() + limit
+
+        def stopped() -> bool:
+            return cancel.is_set() or time.monotonic() > deadline
 
         def step():
             if "gen" not in box:
-                box["gen"] = make(cancel.is_set)
+                box["gen"] = make(stopped)
             return next(box["gen"], None)
 
         try:
-            while not cancel.is_set():
-                report = self._job(request, step)
-                if report is None:
-                    return
-                yield report
+            with app.admit(client_of(http)):  # counts against the client's PLAYGROUND_MAX_RUNS_PER_CLIENT
+                while not stopped():
+                    report = self._job(request, step)
+                    if report is None:
+                        break
+                    yield report
+                if time.monotonic() > deadline and not cancel.is_set():  # what finished so far stays on screen
+                    raise gr.Error(f"The experiment stopped after {limit:g} s, the most one may take here "
+                                   f"({EXPERIMENT_RUNS} × the server's PLAYGROUND_MAX_RUN_SECONDS).",
+                                   print_exception=False)
         except ValueError as e:
-            raise as_gr_error(e) from None
+            raise as_gr_error(e, app.outputs_dir) from None
         finally:
             cancel.set()
             if "gen" in box:

@@ -4,6 +4,7 @@ and the per-step preview PNGs rendered once and reused by the live view, the scr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -11,7 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -143,6 +144,7 @@ class Playground:
         self.max_runs_per_client = max_runs_per_client
         self.limits = limits or Limits()
         self.pending: list[Run] = []  # queued or running, in the worker's order
+        self.experiments: dict[str, int] = {}  # client -> Explain-lab experiments it has going
         self.scrub_bytes_total = scrub_bytes_total
         self.runs: OrderedDict[str, Run] = OrderedDict()  # finished runs kept for scrubbing
         self.active: dict[str, Run] = {}  # session hash -> run in flight (for Stop)
@@ -181,17 +183,39 @@ class Playground:
         run = Run(request=request, folder=folder, x0_choice=x0_choice, client=client,
                   recorder=StepRecorder(max_bytes=self.scrub_bytes_per_run))
         with self._lock:
-            mine = sum(1 for r in self.pending if client is not None and r.client == client)
-            if self.max_runs_per_client is not None and mine >= self.max_runs_per_client:
-                raise ValueError(
-                    f"You already have {mine} run{'s' if mine != 1 else ''} waiting or running, the most one client "
-                    f"may have at once here; wait for one to finish or press Stop (the server's "
-                    f"PLAYGROUND_MAX_RUNS_PER_CLIENT sets the limit).")
+            self._check_client(client)
             self.pending.append(run)
             if session:
                 self.active[session] = run
         self.worker.submit(lambda: self._work(run, session))
         return run
+
+    def _check_client(self, client: str | None) -> None:
+        """Refuse (ValueError) a client at its limit of runs and experiments waiting or running. Hold the lock."""
+        if client is None or self.max_runs_per_client is None:
+            return
+        mine = sum(1 for r in self.pending if r.client == client) + self.experiments.get(client, 0)
+        if mine >= self.max_runs_per_client:
+            raise ValueError(
+                f"You already have {mine} run{'s' if mine != 1 else ''} or experiment{'s' if mine != 1 else ''} waiting "
+                f"or running, the most one client may have at once here; wait for one to finish or press Stop (the "
+                f"server's PLAYGROUND_MAX_RUNS_PER_CLIENT sets the limit).")
+
+    @contextlib.contextmanager
+    def admit(self, client: str | None) -> Iterator[None]:
+        """Count an Explain-lab experiment against its client's limit while it lasts (ValueError at the limit)."""
+        with self._lock:
+            self._check_client(client)
+            if client is not None:
+                self.experiments[client] = self.experiments.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            if client is not None:
+                with self._lock:
+                    self.experiments[client] -= 1
+                    if not self.experiments[client]:
+                        del self.experiments[client]
 
     def ahead_of(self, run: Run) -> int:
         """How many runs the worker does before `run` starts (0 once it runs)."""
