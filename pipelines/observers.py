@@ -171,6 +171,8 @@ class StepRecorder(Observer):
 
     def nearest_kept(self, index: int) -> int:
         """The index of the kept step closest to `index` (earlier on a tie)."""
+        if 0 <= index < len(self.steps) and self.steps[index].kept:
+            return index  # the common case (every step of a short run), without a scan
         kept = [i for i, r in enumerate(self.steps) if r.kept]
         if not kept:
             raise ValueError("no step tensors were kept")

@@ -3,6 +3,7 @@ memory that must not grow with what strangers ask for. Served for real around a 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -22,18 +23,28 @@ ROOT = Path(__file__).resolve().parent.parent
 LONG = 900  # steps: ~15-30 s of worker time on this CPU, far longer than any wait below
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serve(outputs, loader: ModelLoader | None = None, **kwargs):
+    """The real app (on the tiny model unless `loader` says otherwise) on a free port: yields (url, demo)."""
     import app
 
-    loader = ModelLoader(device="cpu")
-    loader.add(MODEL, tiny_pipeline("sd"))
-    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=tmp_path_factory.mktemp("outputs"),
-                          preview_interval=0.05)
+    if loader is None:
+        loader = ModelLoader(device="cpu")
+        loader.add(MODEL, tiny_pipeline("sd"))
+        kwargs = dict(models=[MODEL], preview_interval=0.05) | kwargs
+    demo = app.build_demo(loader=loader, outputs_dir=outputs, **kwargs)
     port = free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield f"http://127.0.0.1:{port}/", demo.playground
-    demo.close()
+    try:
+        yield f"http://127.0.0.1:{port}/", demo
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("outputs")) as (url, demo):
+        yield url, demo.playground
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +158,8 @@ def test_scrub_memory_stays_bounded_over_many_runs(tmp_path):
 def test_one_client_cannot_fill_the_queue_and_a_run_has_a_time_limit(tmp_path):
     """Through a real server: a client's third concurrent run is refused with the limit and its variable, its
     first two finish; a run past the wall-clock limit stops at a step boundary and says why."""
-    import app
-
-    loader = ModelLoader(device="cpu")
-    loader.add(MODEL, tiny_pipeline("sd"))
-    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=tmp_path, preview_interval=0.05,
-                          max_runs_per_client=2, limits=Limits(max_run_seconds=1.5))
-    port = free_port()
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    try:
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serve(tmp_path, max_runs_per_client=2, limits=Limits(max_run_seconds=1.5)) as (url, demo):
+        client = gradio_client.Client(url, verbose=False)
         jobs = [client.submit(prompt="x", num_inference_steps=LONG, seed=i, api_name="/generate") for i in range(2)]
         deadline = time.time() + 30
         while len(demo.playground.pending) < 2 and time.time() < deadline:
@@ -171,8 +174,6 @@ def test_one_client_cannot_fill_the_queue_and_a_run_has_a_time_limit(tmp_path):
         status = client.predict(prompt="x", num_inference_steps=LONG, seed=5, api_name="/generate_stream")[0]
         assert "Stopped at step" in status and "at most 1.5 s" in status and "PLAYGROUND_MAX_RUN_SECONDS" in status
         assert _quick(client) < 8  # and the server keeps serving
-    finally:
-        demo.close()
 
 
 def _api_value(value) -> bool:
@@ -186,15 +187,11 @@ def _api_value(value) -> bool:
 @pytest.fixture(scope="module")
 def embedded_client(tmp_path_factory):
     """The app on the embedded model only, as `python app.py` serves it (built-in limits)."""
-    import app
     from pipelines.types import DEFAULT_MODEL
 
-    demo = app.build_demo(loader=ModelLoader(device="cpu", allowed=[DEFAULT_MODEL]), models=[DEFAULT_MODEL],
-                          outputs_dir=tmp_path_factory.mktemp("outputs"))
-    port = free_port()
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with serve(tmp_path_factory.mktemp("outputs"), ModelLoader(device="cpu", allowed=[DEFAULT_MODEL]),
+               models=[DEFAULT_MODEL]) as (url, _):
+        yield gradio_client.Client(url, verbose=False)
 
 
 def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
@@ -255,16 +252,8 @@ def test_experiment_folders_are_kept_bounded_and_nothing_foreign_is_removed(tmp_
 
 
 def test_explain_experiments_count_against_the_client_limit_and_have_a_time_limit(tmp_path):
-    import app
-
-    loader = ModelLoader(device="cpu")
-    loader.add(MODEL, tiny_pipeline("sd"))
-    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=tmp_path, preview_interval=0.05,
-                          max_runs_per_client=1, limits=Limits(max_run_seconds=1.0))
-    port = free_port()
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    try:
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serve(tmp_path, max_runs_per_client=1, limits=Limits(max_run_seconds=1.0)) as (url, demo):
+        client = gradio_client.Client(url, verbose=False)
         job = client.submit(prompt="x", num_inference_steps=LONG, seed=1, api_name="/generate")
         deadline = time.time() + 30
         while not demo.playground.pending and time.time() < deadline:
@@ -277,5 +266,3 @@ def test_explain_experiments_count_against_the_client_limit_and_have_a_time_limi
             client.predict(prompt="x", seed=1, randomize_seed=False, num_inference_steps=LONG, api_name="/explain_jump")
         assert time.perf_counter() - t < 20 and not demo.playground.experiments
         assert _quick(client) < 8
-    finally:
-        demo.close()

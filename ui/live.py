@@ -207,10 +207,11 @@ class LiveView:
             ahead = 0
             while not run.done.is_set():
                 event = run.latest.take(timeout=0.25)
-                if event is None and run.thread is None and app.ahead_of(run) != ahead:  # still queued
-                    ahead = app.ahead_of(run)
-                    if ahead:
-                        yield show({self.status: f"Waiting: {ahead} run{'s' if ahead != 1 else ''} ahead of yours…"})
+                if event is None and run.thread is None:  # still queued: say where, when that changes
+                    now_ahead = app.ahead_of(run)
+                    if now_ahead != ahead and now_ahead:
+                        yield show({self.status: f"Waiting: {now_ahead} run{'s' if now_ahead != 1 else ''} ahead of yours…"})
+                    ahead = now_ahead
                 if event is None or event.step + 1 == event.num_steps:
                     continue  # the last step's previews come with the result, a moment later
                 now = time.perf_counter()

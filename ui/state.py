@@ -248,7 +248,6 @@ class Playground:
                     if s.denoised_cond is not None and s.denoised_uncond is not None]
             run.heat_top = float(max(tops, default=0.0))
             self.keep(run)
-            self.prune()
         except BaseException as e:  # handed to the UI thread, which reports it
             run.error = e
         finally:
@@ -258,6 +257,8 @@ class Playground:
                 if run in self.pending:
                     self.pending.remove(run)
             run.finish()
+        if run.result is not None:
+            self.prune()  # after finish(): the disk scan never delays the image
 
     def keep(self, run: Run) -> None:
         """Hold a finished run for scrubbing; the oldest go when there are too many or their tensors too big."""
