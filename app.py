@@ -60,14 +60,18 @@ class _Blocks(gr.Blocks):
 
 def default_loader(models: list[str], limits: Limits | None = None) -> ModelLoader:
     """CUDA (fp16, or PLAYGROUND_DTYPE=bf16/fp32) when there is one, else CPU fp32; PLAYGROUND_CPU_OFFLOAD=1 offloads;
-    a loaded model is held Limits.model_switch_seconds before another may replace it (no reload thrashing)."""
+    a loaded model is held Limits.model_switch_seconds before another may replace it (no reload thrashing);
+    PLAYGROUND_TRACE=0 runs small CPU UNets eagerly instead of through TorchScript traces (pipelines/traced.py)."""
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     name = os.environ.get("PLAYGROUND_DTYPE")
     if name is not None and name not in dtypes:
         raise ValueError(f"PLAYGROUND_DTYPE must be one of: {', '.join(dtypes)}; got {name!r}")
+    trace = os.environ.get("PLAYGROUND_TRACE", "1")
+    if trace not in ("0", "1"):
+        raise ValueError(f"PLAYGROUND_TRACE must be 0 or 1; got {trace!r}")
     return ModelLoader(dtype=dtypes[name] if name else None, allowed=models,
                        offload=os.environ.get("PLAYGROUND_CPU_OFFLOAD") == "1",
-                       switch_cooldown=(limits or Limits()).model_switch_seconds)
+                       switch_cooldown=(limits or Limits()).model_switch_seconds, trace=trace == "1")
 
 
 def build_demo(
@@ -171,4 +175,5 @@ if __name__ == "__main__":
     per_client = int(per_client)
     demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs", limits=limits,
                       max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1")
+    demo.playground.warm_up()  # load and trace the default model on the worker while the server starts
     demo.queue(max_size=int(os.environ.get("PLAYGROUND_QUEUE_SIZE") or 64)).launch(show_error=True)

@@ -1,6 +1,6 @@
 """What a user waits for in the app, against the stock diffusers pipeline as a user would run it.
 
-    python -m benchmarks.ui_overhead [--steps 20] [--guidance-scale 5] [--repeats 7]
+    python -m benchmarks.ui_overhead [--steps 20] [--guidance-scale 5] [--repeats 7] [--eager]
 
 Baseline: `StableDiffusionPipeline.from_pretrained(folder)` and `pipe(prompt, num_inference_steps=N,
 guidance_scale=s)` in a *fresh Python process* with default settings (torch's own thread count, no tuning),
@@ -13,7 +13,8 @@ gradio_client over HTTP like any client:
   carries the final image (the browser shows it from there), read from the server-sent events as a browser reads
   them in one page session (the queue's join/data routes a page uses), followed by the event the page then
   fires (scrubber, code, history), and once more through gradio_client, whose message loop polls every 50 ms.
-Runs alternate between the two so load on a shared machine hits both alike. Prints medians, minimums and the
+--eager starts the app with PLAYGROUND_TRACE=0 (the UNet runs eagerly, not through its TorchScript traces), to
+see what the traces are worth. Runs alternate between the two so load on a shared machine hits both alike. Prints medians, minimums and the
 ratios to the warm stock call (targets: <= 1.10x to the final image, first live preview <= 0.15 s).
 """
 
@@ -65,8 +66,9 @@ def stock(folder: str, steps: int, scale: float, calls: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_app(port: int, outputs: str) -> subprocess.Popen:
-    env = os.environ | {"GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "PLAYGROUND_OUTPUTS": outputs,
+def start_app(port: int, outputs: str, eager: bool = False) -> subprocess.Popen:
+    env = os.environ | {"PLAYGROUND_TRACE": "0" if eager else "1", "GRADIO_SERVER_PORT": str(port),
+                        "GRADIO_SERVER_NAME": "127.0.0.1", "PLAYGROUND_OUTPUTS": outputs,
                         "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--eager", action="store_true", help="run the app's UNet eagerly (PLAYGROUND_TRACE=0)")
     args = parser.parse_args()
     import httpx
     from gradio_client import Client
@@ -101,7 +104,7 @@ def main() -> None:
     folder = MODELS["tiny-shapes"].source
     outputs = tempfile.mkdtemp(prefix="ui-overhead-")
     port = free_port()
-    proc = start_app(port, outputs)
+    proc = start_app(port, outputs, args.eager)
     try:
         base = f"http://127.0.0.1:{port}"
         client = Client(f"{base}/", verbose=False, download_files=False)
@@ -192,7 +195,7 @@ def main() -> None:
 
     base = statistics.median(stock_warm)
     print(f"tiny-shapes, {args.steps} steps, guidance {args.guidance_scale:g}, {args.repeats} rounds; stock threads: "
-          f"{s['threads']} (torch default)")
+          f"{s['threads']} (torch default); app UNet {'eager (--eager)' if args.eager else 'traced (pipelines/traced.py)'}")
     print(f"{'':44}{'median':>9}{'min':>9}{'ratio':>8}")
     rows = (("stock pipe(), fresh process, first call", cold), ("stock pipe(), fresh process, later calls", stock_warm),
             ("app /generate (gradio_client)", api), ("app Generate stream: final image", final),

@@ -118,17 +118,19 @@ def _request_flags(g: argparse.ArgumentParser, scheduler_default: str | None = N
     g.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
 
 
-def _request(args: argparse.Namespace):
-    """(loader, pipeline, request) from the shared flags, through the same builder as the UI and the HTTP API."""
+def _request(args: argparse.Namespace, trace: bool = True):
+    """(loader, pipeline, request) from the shared flags, through the same builder as the UI and the HTTP API.
+    trace: whether small UNets run through TorchScript traces (pipelines/traced.py): a trace costs ~0.5 s once and
+    saves ~6 ms per UNet call on the embedded model, so it pays from about the fifth 20-step run of a process."""
     from pipelines.loading import ModelLoader
     import torch
 
     from pipelines.requests import Limits, build_request
     from pipelines.worker import threads_for
 
-    loader = ModelLoader(device=args.device)
+    loader = ModelLoader(device=args.device, trace=trace)
     pipe, _ = loader.view(args.model, None)  # loads once (validating the model first); generate() reuses it
-    torch.set_num_threads(threads_for(pipe, loader.device, torch.get_num_threads()))  # 1 for the embedded model
+    torch.set_num_threads(threads_for(loader, pipe, torch.get_num_threads()))  # 1 for the embedded model
     request = build_request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
         scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -143,7 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pipelines.outputs import TraceWriter
     from pipelines.previews import Previewer
 
-    loader, pipe, request = _request(args)
+    loader, pipe, request = _request(args, trace=False)  # one image: a trace would cost more than it saves
     previewer = Previewer(pipe)
     fast = previewer.fast_kind  # "fast": the model's cheapest faithful colour preview (tiny decoder, TAESD, map)
     previews = {name: (src, fast if kind == "fast" else kind) for name, src, kind in (

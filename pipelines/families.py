@@ -97,8 +97,9 @@ class Family:
         return pipe.prepare_extra_step_kwargs(generator, 0.0)
 
     def predict(self, pipe: Any, latent_model_input: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                with_uncond: bool, guidance_scale: float, perturbed: bool = False) -> torch.Tensor:
-        """Denoiser output for the batch [uncond?, cond, cond-perturbed?] (see Conditioning.select)."""
+                with_uncond: bool, guidance_scale: float, perturbed: bool = False, traced: Any = None) -> torch.Tensor:
+        """Denoiser output for the batch [uncond?, cond, cond-perturbed?] (see Conditioning.select). `traced`: the
+        UNet's TorchScript traces (ModelLoader.traced_unet), used where the call is a plain UNet call."""
         raise NotImplementedError
 
     # PAG: which self-attention layers get the identity map (diffusers' PAG pipelines' defaults), and how.
@@ -164,8 +165,10 @@ class SDFamily(Family):
         embeds, neg = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
         return Conditioning(torch.cat([neg, embeds]) if cfg else embeds, cfg)
 
-    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False):
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False, traced=None):
         embeds, extra = cond.select(with_uncond, perturbed)
+        if traced is not None and not extra and not perturbed and torch.is_tensor(t):
+            return traced(pipe.unet, latent_model_input, t, embeds)  # no guidance embedding: traceable() checked
         return pipe.unet(latent_model_input, t, encoder_hidden_states=embeds,
                          timestep_cond=self._timestep_cond(pipe, guidance_scale, latent_model_input),
                          added_cond_kwargs=extra or None, return_dict=False)[0]
@@ -243,7 +246,7 @@ class PixArtSigmaFamily(Family):
             return Conditioning(torch.cat([neg, embeds]), True, {"encoder_attention_mask": torch.cat([neg_mask, mask])})
         return Conditioning(embeds, False, {"encoder_attention_mask": mask})
 
-    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False):
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False, traced=None):
         embeds, extra = cond.select(with_uncond, perturbed)
         timestep = t[None].to(latent_model_input.device) if t.ndim == 0 else t
         out = pipe.transformer(
@@ -299,7 +302,7 @@ class SD3Family(Family):
     def step_kwargs(self, pipe, generator):
         return {}  # StableDiffusion3Pipeline passes nothing extra to scheduler.step
 
-    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False):
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False, traced=None):
         embeds, extra = cond.select(with_uncond, perturbed)
         return pipe.transformer(
             hidden_states=latent_model_input, timestep=t.expand(latent_model_input.shape[0]),

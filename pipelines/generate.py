@@ -117,6 +117,7 @@ def generate(
 
         # 5. Denoise (PAG methods get their perturbed self-attention installed for the run)
         perturb = method.perturbed_pass
+        traced = None if perturb else loader.traced_unet(pipe)  # small CPU UNets: same output, less Python
         denoised = latents
         steps_completed = 0
         cancelled = False
@@ -137,7 +138,7 @@ def generate(
                 model_input = torch.cat([latents] * copies) if copies > 1 else latents
                 if hasattr(scheduler, "scale_model_input"):
                     model_input = scheduler.scale_model_input(model_input, t)
-                output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale, perturb)
+                output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale, perturb, traced)
 
                 # 5c. Guidance
                 pred, pred_cond, pred_uncond, effective_scale = apply_guidance(method, output, with_uncond, perturb, ctx)

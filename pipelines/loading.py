@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -18,6 +19,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from pipelines.registry import MODELS, resolve
 from pipelines.schedulers import key_of, make_scheduler
+from pipelines.traced import SMALL_DENOISER_PARAMS, TracedUNet, num_params, traceable
 
 # diffusers' tail on load errors; it points at a stack trace the user of the UI or CLI never sees.
 _STACKTRACE_HINT = "Please check out the root cause in the stacktrace above."
@@ -105,6 +107,8 @@ class ModelLoader:
     offload: on CUDA, use accelerate's model CPU offload instead of moving the whole pipeline.
     switch_cooldown: seconds a loaded model is kept before another may replace it (Limits.model_switch_seconds;
     0: no wait). With one model cached, callers alternating two models would otherwise reload on every request.
+    trace: run small CPU UNets through TorchScript traces (pipelines/traced.py: same output, faster, and they
+    let go of the GIL while they compute); False runs every model eagerly.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class ModelLoader:
         max_cached: int = 1,
         offload: bool = False,
         switch_cooldown: float = 0.0,
+        trace: bool = True,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -123,6 +128,10 @@ class ModelLoader:
         self.max_cached = max_cached
         self.offload = offload
         self.switch_cooldown = switch_cooldown
+        self.trace = trace
+        # Per denoiser module (views share one; gone with the model): its traces (None: not traceable), whether small.
+        self._traced: weakref.WeakKeyDictionary[torch.nn.Module, TracedUNet | None] = weakref.WeakKeyDictionary()
+        self._small: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
         self._loaded_at: dict[str, float] = {}  # model -> time.monotonic() when it was loaded
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._pinned: dict[str, DiffusionPipeline] = {}
@@ -197,6 +206,31 @@ class ModelLoader:
                 view = with_scheduler(pipe, make_scheduler(pipe.scheduler, scheduler))
                 self._views[(model, scheduler)] = view
         return view, key_of(view.scheduler)
+
+    def traced_unet(self, pipe: DiffusionPipeline) -> TracedUNet | None:
+        """The traces of `pipe`'s UNet for this run, or None where it runs eagerly: tracing is off, the UNet is
+        not traceable (pipelines/traced.py), or its attention processors are not those traced (PAG's swap).
+        Views of one model share one UNet and so one set of traces; they go when the model is evicted."""
+        unet = getattr(pipe, "unet", None)
+        if not self.trace or unet is None:
+            return None
+        with self._lock:  # traceable() walks the parameters (ms): once per UNet
+            if unet in self._traced:
+                traced = self._traced[unet]
+            else:
+                traced = self._traced[unet] = TracedUNet(unet) if traceable(unet) else None
+        return traced if traced is not None and traced.is_current() else None
+
+    def small_denoiser(self, pipe: DiffusionPipeline) -> bool:
+        """Whether `pipe`'s UNet or transformer has fewer than SMALL_DENOISER_PARAMS parameters (counted once)."""
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is None:
+            return False
+        with self._lock:
+            small = self._small.get(denoiser)
+            if small is None:
+                small = self._small[denoiser] = num_params(denoiser) < SMALL_DENOISER_PARAMS
+        return small
 
     def _check_source(self, model: str) -> None:
         """Refuse, before anything is evicted, a model that cannot load: no such folder, or uncached while offline."""

@@ -21,19 +21,11 @@ import torch
 
 T = TypeVar("T")
 
-# Denoisers below this many parameters run on one torch thread on a CPU (the embedded UNet has ~1.6 M).
-SMALL_MODEL_PARAMS = 50_000_000
 
-
-def threads_for(pipe, device: torch.device, default: int) -> int:
-    """torch intra-op threads for a run of `pipe`: 1 for small denoisers on a CPU, else `default`."""
-    if device.type != "cpu":
-        return default
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if denoiser is None:
-        return default
-    params = sum(p.numel() for p in denoiser.parameters())
-    return 1 if params < SMALL_MODEL_PARAMS else default
+def threads_for(loader, pipe, default: int) -> int:
+    """torch intra-op threads for a run of `pipe` on `loader`'s device: 1 for small denoisers on a CPU
+    (ModelLoader.small_denoiser), else `default`."""
+    return 1 if loader.device.type == "cpu" and loader.small_denoiser(pipe) else default
 
 
 class GenerationWorker:
@@ -89,7 +81,7 @@ def generate_on(worker: GenerationWorker, request, observer=None, *, loader) -> 
 
     def job():
         pipe = loader.get(request.model)
-        torch.set_num_threads(threads_for(pipe, loader.device, worker.default_threads))
+        torch.set_num_threads(threads_for(loader, pipe, worker.default_threads))
         return generate(request, observer, loader=loader)
 
     return worker.submit(job)

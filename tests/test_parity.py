@@ -70,7 +70,7 @@ def request(family: str, **kw) -> GenerationRequest:
 
 @pytest.mark.parametrize("family,scheduler", list(_cases()))
 def test_matches_stock_pipeline(pipes, stock, family, scheduler):
-    negative = "blue" if hash(scheduler) % 2 else ""
+    negative = "blue" if len(scheduler) % 2 else ""  # varied per case, the same in every process
     req = request(family, scheduler=scheduler, negative_prompt=negative)
     observer = CollectingObserver()
     ours = generate(req, observer, loader=pipes)

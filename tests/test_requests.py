@@ -80,5 +80,6 @@ def test_worker_runs_every_job_on_one_long_lived_thread(loader):
 
 def test_thread_count_is_chosen_by_model_size(loader):
     pipe = loader.get("tiny-sd")
-    assert threads_for(pipe, torch.device("cpu"), default=2) == 1  # a tiny UNet: one thread
-    assert threads_for(pipe, torch.device("cuda"), default=2) == 2
+    assert threads_for(loader, pipe, default=2) == 1  # a tiny UNet on the CPU: one thread
+    on_gpu = ModelLoader(device="cuda")  # never loads here: only its device is asked
+    assert threads_for(on_gpu, pipe, default=2) == 2

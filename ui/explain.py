@@ -271,7 +271,7 @@ class ExplainView:
         """fn() on the generation worker with the model's torch thread count."""
         def job():
             pipe = self.app.loader.get(request.model)
-            torch.set_num_threads(threads_for(pipe, self.app.loader.device, self.app.worker.default_threads))
+            torch.set_num_threads(threads_for(self.app.loader, pipe, self.app.worker.default_threads))
             return fn()
 
         return self.app.worker.run(job)

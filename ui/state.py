@@ -10,6 +10,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -190,6 +191,30 @@ class Playground:
         self.worker.submit(lambda: self._work(run, session))
         return run
 
+    def warm_up(self) -> Future | None:
+        """On a CPU, queue on the worker a 2-step run of the default model at its recommended settings, so the
+        first visitor does not wait for the model to load and its UNet to be traced (~1.5 s for the embedded
+        model). Writes nothing; a failure is logged and the first real run reports it. None on a GPU, where
+        models load on first use as before (on ZeroGPU, CUDA is only there inside a request)."""
+        if self.loader.device.type != "cpu":
+            return None
+        from pipelines.requests import build_request
+
+        def job():
+            t = time.perf_counter()
+            try:
+                pipe = self.loader.get(self.default_model)
+                torch.set_num_threads(threads_for(self.loader, pipe, self.worker.default_threads))
+                request = build_request(prompt="warm-up", model=self.default_model, loader=self.loader,
+                                        num_inference_steps=2, seed=0, limits=self.limits)
+                generate(request, loader=self.loader)
+            except Exception as e:  # the first run meets the same error and shows it to its user
+                log.warning("warm-up of %s failed: %s", self.default_model, e)
+                return
+            log.info("warmed up %s in %.1f s", self.default_model, time.perf_counter() - t)
+
+        return self.worker.submit(job)
+
     def _check_client(self, client: str | None) -> None:
         """Refuse (ValueError) a client at its limit of runs and experiments waiting or running. Hold the lock."""
         if client is None or self.max_runs_per_client is None:
@@ -229,7 +254,7 @@ class Playground:
             if run.latest.is_cancelled():
                 raise ValueError("Stopped before the run started.")
             pipe, _ = self.loader.view(run.request.model, run.request.scheduler)
-            torch.set_num_threads(threads_for(pipe, self.loader.device, self.worker.default_threads))
+            torch.set_num_threads(threads_for(self.loader, pipe, self.worker.default_threads))
             run.previewer = Previewer(self.loader.get(run.request.model))  # the loaded pipeline knows its folder (its preview decoder); a scheduler view does not
             side = run.previewer.family.default_size(pipe)
             pixels = (run.request.width or side) * (run.request.height or side)
