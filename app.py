@@ -173,7 +173,10 @@ if __name__ == "__main__":
     if not per_client.isdigit() or int(per_client) < 1:
         raise SystemExit(f"error: PLAYGROUND_MAX_RUNS_PER_CLIENT must be a whole number >= 1, got {per_client!r}")
     per_client = int(per_client)
-    demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs", limits=limits,
-                      max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1")
+    try:  # PLAYGROUND_DTYPE / PLAYGROUND_TRACE / PLAYGROUND_DEFAULT_MODEL values that are not allowed
+        demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs", limits=limits,
+                          max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     demo.playground.warm_up()  # load and trace the default model on the worker while the server starts
     demo.queue(max_size=int(os.environ.get("PLAYGROUND_QUEUE_SIZE") or 64)).launch(show_error=True)
