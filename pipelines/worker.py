@@ -6,8 +6,10 @@ the embedded model, measured in issue 12). One thread that lives as long as the 
 
 Why one torch thread for small models: the embedded model's UNet is far too small to split a convolution
 over cores (1 thread: 0.41-0.45 s per 20-step run, 2 threads: 0.50 s, same process, measured here), and the
-free core then renders previews and serves HTTP without competing with the loop. Large models keep torch's
-own default. See `threads_for`.
+free core then renders previews and serves HTTP without competing with the loop. With the UNet traced
+(pipelines/traced.py) two threads win alone (0.26 s vs 0.29 s per run) but lose in the app, whose event loop
+wakes every millisecond and stalls the second OpenMP thread at every op's barrier: /generate took 2.2x the
+stock call with two threads, 1.1x with one. Large models keep torch's own default. See `threads_for`.
 """
 
 from __future__ import annotations
