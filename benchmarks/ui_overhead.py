@@ -14,8 +14,9 @@ gradio_client over HTTP like any client:
   them in one page session (the queue's join/data routes a page uses), followed by the event the page then
   fires (scrubber, code, history), and once more through gradio_client, whose message loop polls every 50 ms.
 --eager starts the app with PLAYGROUND_TRACE=0 (the UNet runs eagerly, not through its TorchScript traces), to
-see what the traces are worth. Runs alternate between the two so load on a shared machine hits both alike. Prints medians, minimums and the
-ratios to the warm stock call (targets: <= 1.10x to the final image, first live preview <= 0.15 s).
+see what the traces are worth. Runs alternate between the two so load on a shared machine hits both alike.
+Prints medians, minimums and the ratios to the warm stock call (targets: <= 1.10x to the final image, first
+live preview <= 0.15 s).
 """
 
 from __future__ import annotations

@@ -209,16 +209,18 @@ class ModelLoader:
 
     def traced_unet(self, pipe: DiffusionPipeline) -> TracedUNet | None:
         """The traces of `pipe`'s UNet for this run, or None where it runs eagerly: tracing is off, the UNet is
-        not traceable (pipelines/traced.py), or its attention processors are not those traced (PAG's swap).
+        not traceable (pipelines/traced.py) or not small (small_denoiser), or its attention processors are not those
+        traced (PAG's swap).
         Views of one model share one UNet and so one set of traces; they go when the model is evicted."""
         unet = getattr(pipe, "unet", None)
         if not self.trace or unet is None:
             return None
-        with self._lock:  # traceable() walks the parameters (ms): once per UNet
+        with self._lock:  # decided once per UNet
             if unet in self._traced:
                 traced = self._traced[unet]
             else:
-                traced = self._traced[unet] = TracedUNet(unet) if traceable(unet) else None
+                worth_it = traceable(unet) and self.small_denoiser(pipe)  # RLock: small_denoiser takes it again
+                traced = self._traced[unet] = TracedUNet(unet) if worth_it else None
         return traced if traced is not None and traced.is_current() else None
 
     def small_denoiser(self, pipe: DiffusionPipeline) -> bool:

@@ -36,14 +36,13 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 def traceable(unet: object) -> bool:
-    """Whether `unet` is a small CPU UNet whose forward needs only (sample, timestep, encoder_hidden_states)."""
+    """Whether `unet` is a CPU UNet whose forward needs only (sample, timestep, encoder_hidden_states). Whether it
+    is small enough to be worth a trace is the loader's count (ModelLoader.small_denoiser), made once per model."""
     if not isinstance(unet, UNet2DConditionModel) or unet.device.type != "cpu":
         return False
     config = unet.config
-    if any(config.get(k) is not None for k in ("time_cond_proj_dim", "addition_embed_type", "class_embed_type",
-                                               "encoder_hid_dim_type")):
-        return False
-    return num_params(unet) < SMALL_DENOISER_PARAMS
+    return all(config.get(k) is None for k in ("time_cond_proj_dim", "addition_embed_type", "class_embed_type",
+                                               "encoder_hid_dim_type"))
 
 
 class _Forward(torch.nn.Module):

@@ -77,13 +77,15 @@ class GenerationWorker:
                 future.set_exception(e)
 
 
-def generate_on(worker: GenerationWorker, request, observer=None, *, loader) -> Future:
-    """generate(request, observer) as a job on `worker`, with torch's thread count chosen for the model."""
+def generate_here(worker: GenerationWorker, request, observer=None, *, loader):
+    """generate(request, observer) inside a job of `worker`, with torch's thread count chosen for the model."""
     from pipelines.generate import generate
 
-    def job():
-        pipe = loader.get(request.model)
-        torch.set_num_threads(threads_for(loader, pipe, worker.default_threads))
-        return generate(request, observer, loader=loader)
+    pipe = loader.get(request.model)
+    torch.set_num_threads(threads_for(loader, pipe, worker.default_threads))
+    return generate(request, observer, loader=loader)
 
-    return worker.submit(job)
+
+def generate_on(worker: GenerationWorker, request, observer=None, *, loader) -> Future:
+    """generate_here(...) as a job on `worker`."""
+    return worker.submit(lambda: generate_here(worker, request, observer, loader=loader))

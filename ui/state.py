@@ -28,7 +28,7 @@ from pipelines.registry import MODELS
 from pipelines.requests import OWN_SCHEDULER, missing_embedded
 from pipelines.schedulers import SCHEDULERS, compatible_keys
 from pipelines.types import GenerationRequest, GenerationResult
-from pipelines.worker import GenerationWorker, threads_for
+from pipelines.worker import GenerationWorker, generate_here, threads_for
 from ui.render import guidance_map, heat, upscale
 
 log = logging.getLogger("playground")
@@ -203,11 +203,9 @@ class Playground:
         def job():
             t = time.perf_counter()
             try:
-                pipe = self.loader.get(self.default_model)
-                torch.set_num_threads(threads_for(self.loader, pipe, self.worker.default_threads))
                 request = build_request(prompt="warm-up", model=self.default_model, loader=self.loader,
                                         num_inference_steps=2, seed=0, limits=self.limits)
-                generate(request, loader=self.loader)
+                generate_here(self.worker, request, loader=self.loader)
             except Exception as e:  # the first run meets the same error and shows it to its user
                 log.warning("warm-up of %s failed: %s", self.default_model, e)
                 return
