@@ -163,7 +163,8 @@ def frame_steps(num_steps: int, frames: int) -> list[int]:
     """`frames` loop indices spread evenly from the first step to the last (fewer when the run is shorter)."""
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
-    return sorted({round(i * (num_steps - 1) / max(frames - 1, 1)) for i in range(min(frames, num_steps))})
+    frames = min(frames, num_steps)  # a shorter run shows every step, its last one included
+    return sorted({round(i * (num_steps - 1) / max(frames - 1, 1)) for i in range(frames)})
 
 
 def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequence[int] | None = None,
@@ -187,6 +188,8 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
     decode = _X0(request, loader)
     steps = []
     for e in watch.events:
+        if watch.is_cancelled():  # a thousand-step run decodes a thousand x̂0: stoppable between them too
+            return
         image = decode(e.denoised)
         steps.append(JumpStep(e.step, e.sigma, sharpness(image), rms(image, result.image), image))
     steps_t = tuple(steps)

@@ -247,6 +247,30 @@ def test_every_explain_view_is_a_named_endpoint_that_runs_on_the_worker(explain_
     assert playground.worker.thread is not None and playground.worker.thread.is_alive()
 
 
+def test_the_jump_gallery_of_a_long_run_shows_evenly_spaced_steps_first_and_last_included(explain_client):
+    """A 1000-step run once put 1000 enlarged PNGs in the gallery (~30 s of encoding); every step stays in the
+    numbers and under the slider."""
+    from ui.explain import JUMP_GALLERY_FRAMES
+
+    n = JUMP_GALLERY_FRAMES + 10
+    job = explain_client.submit(**(MAIN | {"num_inference_steps": n}), api_name="/explain_jump")
+    numbers = job.result(timeout=120)[-1]
+    assert numbers["done"] and [s["step"] for s in numbers["steps"]] == list(range(n))
+    # The gallery comes with the full run's report, before the k-step runs (later updates leave it as it is).
+    galleries = [out[1] for out in job.outputs() if isinstance(out[1], list) and out[1]]
+    assert len(galleries) == 1, [type(out[1]) for out in job.outputs()]
+    steps = [int(g["caption"].split(":")[0].removeprefix("step ")) for g in galleries[0]]
+    assert len(steps) == JUMP_GALLERY_FRAMES and steps[0] == 1 and steps[-1] == n and steps == sorted(set(steps))
+
+
+def test_frame_steps_spread_from_the_first_step_to_the_last():
+    assert explain.frame_steps(4, 6) == [0, 1, 2, 3]  # fewer steps than frames: every step
+    assert explain.frame_steps(20, 6) == [0, 4, 8, 11, 15, 19]
+    assert explain.frame_steps(1000, 30)[-1] == 999 and len(explain.frame_steps(1000, 30)) == 30
+    with pytest.raises(ValueError, match="at least 1"):
+        explain.frame_steps(10, 0)
+
+
 def test_explain_bad_input_is_a_clear_error(explain_client):
     from gradio_client.exceptions import AppError
 

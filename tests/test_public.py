@@ -20,7 +20,10 @@ gradio_client = pytest.importorskip("gradio_client")
 
 MODEL = "tiny-sd"
 ROOT = Path(__file__).resolve().parent.parent
-LONG = 900  # steps: ~15-30 s of worker time on this CPU, far longer than any wait below
+# A long run: ~12 s of worker time on this CPU for the tiny model at 64² (its UNet traced), far longer than any
+# wait or time limit below, and within the small tier's default work budget (64 · 64 · 999 <= 2**22).
+LONG_STEPS = 999  # the tiny model's PNDM schedule takes at most 999
+LONG = {"num_inference_steps": LONG_STEPS, "width": 64, "height": 64}
 
 
 @contextlib.contextmanager
@@ -63,7 +66,7 @@ def test_a_cancelled_run_frees_the_worker_and_leaves_no_threads(server, client, 
     _, playground = server
     _quick(client)
     for _ in range(3):
-        job = client.submit(prompt="x", num_inference_steps=LONG, seed=2, api_name=api)
+        job = client.submit(prompt="x", **LONG, seed=2, api_name=api)
         deadline = time.time() + 30
         while not playground.pending and time.time() < deadline:  # the long run is on the worker
             time.sleep(0.05)
@@ -71,7 +74,7 @@ def test_a_cancelled_run_frees_the_worker_and_leaves_no_threads(server, client, 
         time.sleep(0.3)
         job.cancel()
         took = _quick(client)
-        assert took < 8, f"the next request waited {took:.1f} s behind a cancelled {LONG}-step run"
+        assert took < 8, f"the next request waited {took:.1f} s behind a cancelled {LONG_STEPS}-step run"
     assert not playground.active and not playground.pending
     # No thread is left inside the app's handlers (a /generate blocked on its run held one per cancelled call);
     # the worker waits for its next job and the thread pools idle.
@@ -94,7 +97,7 @@ def _threads_in(folder) -> list[str]:
 def test_a_stream_whose_client_goes_away_stops_its_run(server, client):
     url, playground = server
     info = httpx.get(f"{url}gradio_api/info").json()["named_endpoints"]["/generate_stream"]["parameters"]
-    values = {p["parameter_name"]: p.get("parameter_default") for p in info} | {"prompt": "x", "num_inference_steps": LONG}
+    values = {p["parameter_name"]: p.get("parameter_default") for p in info} | {"prompt": "x"} | LONG
     event = httpx.post(f"{url}gradio_api/call/generate_stream",
                        json={"data": [values[p["parameter_name"]] for p in info]}).json()["event_id"]
     with httpx.stream("GET", f"{url}gradio_api/call/generate_stream/{event}", timeout=30) as stream:
@@ -102,7 +105,7 @@ def test_a_stream_whose_client_goes_away_stops_its_run(server, client):
             if line.startswith("event: generating"):
                 break  # the run is going; now the client disappears
     took = _quick(client)
-    assert took < 8, f"the next request waited {took:.1f} s behind an abandoned {LONG}-step stream"
+    assert took < 8, f"the next request waited {took:.1f} s behind an abandoned {LONG_STEPS}-step stream"
 
 
 def test_a_bounded_recorder_thins_old_steps_and_keeps_the_newest():
@@ -160,18 +163,19 @@ def test_one_client_cannot_fill_the_queue_and_a_run_has_a_time_limit(tmp_path):
     first two finish; a run past the wall-clock limit stops at a step boundary and says why."""
     with serve(tmp_path, max_runs_per_client=2, limits=Limits(max_run_seconds=1.5)) as (url, demo):
         client = gradio_client.Client(url, verbose=False)
-        jobs = [client.submit(prompt="x", num_inference_steps=LONG, seed=i, api_name="/generate") for i in range(2)]
+        jobs = [client.submit(prompt="x", **LONG, seed=i, api_name="/generate") for i in range(2)]
         deadline = time.time() + 30
         while len(demo.playground.pending) < 2 and time.time() < deadline:
             time.sleep(0.05)
+        assert len(demo.playground.pending) == 2, "the long runs never started"
         with pytest.raises(Exception, match="PLAYGROUND_MAX_RUNS_PER_CLIENT"):
             client.predict(prompt="x", num_inference_steps=2, api_name="/generate")
-        for job in jobs:  # both stopped by the 1.5 s limit, long before their 900 steps
+        for job in jobs:  # both stopped by the 1.5 s limit, long before their 999 steps
             _, _, info = job.result(timeout=60)
-            assert 0 < info["steps_completed"] < LONG, info
+            assert 0 < info["steps_completed"] < LONG_STEPS, info
         run = demo.playground.runs[info["run"]]
         assert run.time_limit.expired and run.result.cancelled
-        status = client.predict(prompt="x", num_inference_steps=LONG, seed=5, api_name="/generate_stream")[0]
+        status = client.predict(prompt="x", **LONG, seed=5, api_name="/generate_stream")[0]
         assert "Stopped at step" in status and "at most 1.5 s" in status and "PLAYGROUND_MAX_RUN_SECONDS" in status
         assert _quick(client) < 8  # and the server keeps serving
 
@@ -254,15 +258,16 @@ def test_experiment_folders_are_kept_bounded_and_nothing_foreign_is_removed(tmp_
 def test_explain_experiments_count_against_the_client_limit_and_have_a_time_limit(tmp_path):
     with serve(tmp_path, max_runs_per_client=1, limits=Limits(max_run_seconds=1.0)) as (url, demo):
         client = gradio_client.Client(url, verbose=False)
-        job = client.submit(prompt="x", num_inference_steps=LONG, seed=1, api_name="/generate")
+        job = client.submit(prompt="x", **LONG, seed=1, api_name="/generate")
         deadline = time.time() + 30
         while not demo.playground.pending and time.time() < deadline:
             time.sleep(0.02)
+        assert demo.playground.pending, "the long run never started"
         with pytest.raises(Exception, match="PLAYGROUND_MAX_RUNS_PER_CLIENT"):
             client.predict(prompt="x", seed=1, randomize_seed=False, num_inference_steps=4, api_name="/explain_jump")
         job.result(timeout=60)  # stopped by its 1 s limit
         t = time.perf_counter()
         with pytest.raises(Exception, match=r"stopped after 4 s.*PLAYGROUND_MAX_RUN_SECONDS"):
-            client.predict(prompt="x", seed=1, randomize_seed=False, num_inference_steps=LONG, api_name="/explain_jump")
+            client.predict(prompt="x", seed=1, randomize_seed=False, **LONG, api_name="/explain_jump")
         assert time.perf_counter() - t < 20 and not demo.playground.experiments
         assert _quick(client) < 8

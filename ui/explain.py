@@ -74,6 +74,7 @@ def _frame(rows: list[dict], x: str) -> pd.DataFrame:
 
 MAX_EXPERIMENTS_KEPT = 50  # experiment folders kept under outputs/explain
 EXPERIMENT_RUNS = 4  # an experiment may take this many times PLAYGROUND_MAX_RUN_SECONDS
+JUMP_GALLERY_FRAMES = 30  # the jump gallery shows every step up to this many, else this many spread evenly
 
 
 class _Files:
@@ -130,9 +131,10 @@ class ExplainView:
                                                    height=260, interactive=False, elem_classes="pixelated")
                         gr.Markdown("**take k big steps**: a separate run of only k steps", elem_classes="caption")
                 self.jump_note = gr.Markdown("", elem_classes="step-note")
-                gr.Markdown("x̂0 at every step of the full run, with its RMS distance d to the final image:",
-                            elem_classes="step-note")
-                self.jump_gallery = gr.Gallery(label="x̂0 at every step", show_label=False, columns=10, height="auto",
+                gr.Markdown(f"x̂0 at every step of the full run (at {JUMP_GALLERY_FRAMES} evenly spaced steps in "
+                            f"longer runs; the slider above reaches every step), with its RMS distance d to the "
+                            f"final image:", elem_classes="step-note")
+                self.jump_gallery = gr.Gallery(label="x̂0 along the run", show_label=False, columns=10, height="auto",
                                                elem_classes="explain-gallery", allow_preview=False)
             with gr.Tab("Branching", elem_id="explain-branch-tab"):
                 gr.Markdown(TEXT["branch"], elem_classes="step-note")
@@ -309,8 +311,9 @@ class ExplainView:
             out = {self.jump_distance: _frame(dist, "step"), self.jump_sharpness: _frame(sharp, "step"),
                    self.jump_state: report, self.numbers: _jump_numbers(report)}
             if not report.short_runs:
+                shown = [report.steps[i] for i in explain.frame_steps(len(report.steps), JUMP_GALLERY_FRAMES)]
                 out[self.jump_gallery] = [(files(f"x0_{s.step:03d}", s.image),
-                                           f"step {s.step + 1}: d={s.distance_to_final:.3f}") for s in report.steps]
+                                           f"step {s.step + 1}: d={s.distance_to_final:.3f}") for s in shown]
             done = "Done" if report.done else "Running"
             out[self.jump_status] = (f"{done}: seed {report.request.seed}, k-step runs "
                                      f"{len(report.short_runs)}/{len(report.short_steps)} "
