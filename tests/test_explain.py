@@ -280,3 +280,56 @@ def test_explain_bad_input_is_a_clear_error(explain_client):
         explain_client.predict(**(MAIN | {"prompt": "a red circle above a blue star"}), api_name="/explain_tradeoff")
     with pytest.raises(AppError, match="fractions of the schedule"):
         explain_client.predict(**MAIN, branch_at="0.5,1.5", api_name="/explain_branch")
+
+
+def _lines(page, selector: str) -> dict[str, str | None]:
+    """A plot's drawn lines: series name -> stroke colour (None: Vega drew it in no colour, i.e. invisibly)."""
+    found = page.locator(selector).evaluate(
+        "e => [...e.querySelectorAll('[aria-roledescription=\"line mark\"]')].map("
+        "x => [x.getAttribute('aria-label'), x.getAttribute('stroke')])")
+    return {label.rsplit("series: ", 1)[1]: stroke for label, stroke in found}
+
+
+def test_browser_explain_plots_draw_every_series_of_every_run(explain_server):
+    """In Chromium: the k-step runs, which come in later updates of the jump plot, are drawn beside the jump curve
+    (Gradio's LinePlot keeps the colour series it first draws, so they once never appeared), and a second
+    branching run with another sampler still draws its curve (it once drew an empty plot)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.test_app import _browser, _set_steps
+
+    url, *_ = explain_server
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#history")
+        page.get_by_label("Prompt", exact=True).fill(MAIN["prompt"])
+        _set_steps(page, 8)
+        page.get_by_role("button", name="Run jump vs walk").click()
+        page.wait_for_function("() => document.querySelector('#explain-jump-status').innerText.startsWith('Done')",
+                               timeout=60000)
+        status = page.locator("#explain-jump-status").inner_text()
+        runs = int(status.split("k-step runs ")[1].split("/")[0])
+        page.wait_for_function(  # the plot redraws just after the status
+            "n => [...document.querySelectorAll('#explain-jump-distance [aria-roledescription=point]')]"
+            ".filter(x => x.getAttribute('aria-label').endsWith('series: a k-step run')).length === n", arg=runs,
+            timeout=10000)
+        lines = _lines(page, "#explain-jump-distance")
+        assert set(lines) == {"x̂0 at step k (jump now)", "a k-step run"}, lines
+        assert None not in lines.values() and len(set(lines.values())) == 2, lines  # both drawn, in two colours
+
+        page.get_by_role("tab", name="Branching").click()
+        page.get_by_label("Branch points f (fractions of the schedule)").fill("0,0.5")
+        for sampler in ("ddim (deterministic)", "euler_a (stochastic)"):
+            page.get_by_label(sampler).check()
+            page.get_by_role("button", name="Run branching").click()
+            page.wait_for_function(
+                "s => document.querySelector('#explain-branch-status').innerText.startsWith('Done') && "
+                "document.querySelector('#explain-branch-status').innerText.includes(s)", arg=sampler.split()[0],
+                timeout=60000)
+            page.wait_for_function(
+                "() => document.querySelectorAll('#explain-branch-plot [aria-roledescription=point]').length === 2",
+                timeout=10000)
+            lines = _lines(page, "#explain-branch-plot")
+            assert len(lines) == 1 and None not in lines.values(), (sampler, lines)
+        browser.close()

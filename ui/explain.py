@@ -31,6 +31,13 @@ from ui.render import upscale
 from ui.state import Playground
 
 JUMP_COLOURS = {"x̂0 at step k (jump now)": "#1f77b4", "x̂0 at step k": "#1f77b4", "a k-step run": "#ff7f0e"}
+# The series of each Explain plot (see _frame).
+JUMP_DISTANCE = ("x̂0 at step k (jump now)", "a k-step run")
+JUMP_SHARPNESS = ("x̂0 at step k", "a k-step run")
+BRANCH_SERIES = ("diversity of the endings",)
+DISSECT_PUSH = ("‖ε_c − ε_u‖", "effective scale")
+DISSECT_MOVE = ("guided x̂0",)
+TRADEOFF_SERIES = ("adherence (judge)", "diversity")
 SHOW_SIDE = 192  # gallery images are enlarged (nearest neighbour) to at least this many pixels on the server
 
 # Gallery captions below the thumbnails (as the history does), never over a small object in a corner.
@@ -68,7 +75,15 @@ TEXT = {
 }
 
 
-def _frame(rows: list[dict], x: str) -> pd.DataFrame:
+def _frame(rows: list[dict], x: str, series: tuple[str, ...]) -> pd.DataFrame:
+    """A LinePlot's data with every one of its `series` in it, a missing one as an empty row: Gradio's LinePlot keeps
+    the colour series of the first data it draws, so a series that first comes in a later update (the k-step runs,
+    a plot's next run) would never be drawn, and a run whose only series is new would draw an empty plot."""
+    unknown = {r["series"] for r in rows} - set(series)
+    if unknown:
+        raise ValueError(f"series {sorted(unknown)} are not among the plot's {list(series)}")
+    present = {r["series"] for r in rows}
+    rows = rows + [{x: None, "value": None, "series": name} for name in series if name not in present]
     return pd.DataFrame(rows, columns=[x, "value", "series"])
 
 
@@ -114,7 +129,7 @@ class ExplainView:
                 self.jump_status = gr.Markdown("", elem_id="explain-jump-status")
                 self.jump_state = gr.State(None)
                 with gr.Row():
-                    self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="distance to final", color_map=JUMP_COLOURS,
+                    self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="distance to final", color_map=JUMP_COLOURS, elem_id="explain-jump-distance",
                                                      x_title="step", y_title="RMS distance", height=240)
                     self.jump_sharpness = gr.LinePlot(x="step", y="value", color="series", title="x̂0 sharpness", color_map=JUMP_COLOURS,
                                                       x_title="step", y_title="Laplacian energy", height=240)
@@ -153,7 +168,7 @@ class ExplainView:
                         self.branch_gallery = gr.Gallery(label="endings: a row per branch point", show_label=False, columns=5, height="auto",
                                                          elem_classes="explain-gallery", allow_preview=False)
                     with gr.Column(scale=2):
-                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity", color_map={k: "#1f77b4" for k in ("euler_a", "ddim")},
+                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity", color_map={BRANCH_SERIES[0]: "#1f77b4"}, elem_id="explain-branch-plot",
                                                        x_title="branch point f", y_title="pairwise RMS",
                                                        height=260)
             with gr.Tab("Sweep grid", elem_id="explain-sweep-tab"):
@@ -303,12 +318,13 @@ class ExplainView:
         yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
                self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4))}
         for report in self._stream(request, lambda c: explain.jump(request, loader=self.app.loader, cancelled=c), http):
-            dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": "x̂0 at step k (jump now)"}
+            dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
                     for s in report.steps]
-            dist += [{"step": r.steps, "value": r.distance_to_final, "series": "a k-step run"} for r in report.short_runs]
-            sharp = [{"step": s.step + 1, "value": s.sharpness, "series": "x̂0 at step k"} for s in report.steps]
-            sharp += [{"step": r.steps, "value": r.sharpness, "series": "a k-step run"} for r in report.short_runs]
-            out = {self.jump_distance: _frame(dist, "step"), self.jump_sharpness: _frame(sharp, "step"),
+            dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
+            sharp = [{"step": s.step + 1, "value": s.sharpness, "series": JUMP_SHARPNESS[0]} for s in report.steps]
+            sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
+            out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
+                   self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
                    self.jump_state: report, self.numbers: _jump_numbers(report)}
             if not report.short_runs:
                 shown = [report.steps[i] for i in explain.frame_steps(len(report.steps), JUMP_GALLERY_FRAMES)]
@@ -371,11 +387,11 @@ class ExplainView:
             for i, p in enumerate(report.points):
                 items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
                 items += [(files(f"b{i}_{j}", im), f"f={p.fraction:g} · noise {j + 1}") for j, im in enumerate(p.images)]
-            rows = [{"f": p.fraction, "value": p.diversity, "series": f"{report.scheduler}"} for p in report.points]
+            rows = [{"f": p.fraction, "value": p.diversity, "series": BRANCH_SERIES[0]} for p in report.points]
             kind = ("stochastic: each branch draws its own noise" if report.stochastic else
                     "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
             last = report.points[-1]
-            yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f"),
+            yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
                    self.numbers: _branch_numbers(report),
                    self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
                                        f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "
@@ -418,10 +434,10 @@ class ExplainView:
         request = self._request(values)
         yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
         for report in self._stream(request, lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c), http):
-            push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": "‖ε_c − ε_u‖"}
+            push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
                     for s in report.steps if s.guidance_delta_norm is not None]
-            push += [{"step": s.step + 1, "value": s.effective_scale, "series": "effective scale"} for s in report.steps]
-            move = [{"step": s.step + 1, "value": s.x0_change, "series": "guided x̂0"} for s in report.steps
+            push += [{"step": s.step + 1, "value": s.effective_scale, "series": DISSECT_PUSH[1]} for s in report.steps]
+            move = [{"step": s.step + 1, "value": s.x0_change, "series": DISSECT_MOVE[0]} for s in report.steps
                     if s.x0_change is not None]
             n = len(report.steps)
             if report.interval is not None:
@@ -431,7 +447,7 @@ class ExplainView:
                 where = "No step ran the unconditional pass (guidance scale ≤ 1): conditional x̂0 only."
             else:
                 where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
-            yield {self.dissect_push: _frame(push, "step"), self.dissect_move: _frame(move, "step"),
+            yield {self.dissect_push: _frame(push, "step", DISSECT_PUSH), self.dissect_move: _frame(move, "step", DISSECT_MOVE),
                    self.dissect_state: report, self.numbers: _dissect_numbers(report),
                    self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4))
 
@@ -472,12 +488,12 @@ class ExplainView:
         for report in self._stream(request, make, http):
             items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
                      for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
-            rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": "adherence (judge)"}
+            rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": TRADEOFF_SERIES[0]}
                     for p in report.points]
-            rows += [{"guidance_scale": p.guidance_scale, "value": p.diversity, "series": "diversity"} for p in report.points]
+            rows += [{"guidance_scale": p.guidance_scale, "value": p.diversity, "series": TRADEOFF_SERIES[1]} for p in report.points]
             wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
             yield {self.tradeoff_gallery: gr.Gallery(value=items, columns=seeds),
-                   self.tradeoff_plot: _frame(rows, "guidance_scale"), self.numbers: _tradeoff_numbers(report),
+                   self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: _tradeoff_numbers(report),
                    self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
                                          f"{len(report.scales)} scales; the judge checks {wanted}."}
 
