@@ -32,7 +32,7 @@ from pipelines.types import DEFAULT_MODEL
 from pipelines.worker import GenerationWorker
 from ui.api import ApiView
 from ui.controls import Controls
-from ui.explain import ExplainView
+from ui.explain import EXPERIMENT_IMAGE_BYTES, ExplainView
 from ui.history import HistoryView
 from ui.live import LiveView, generate_handler
 from ui.state import Playground
@@ -85,6 +85,7 @@ def build_demo(
     limits: Limits | None = None,
     concurrent_streams: int = 16,
     shared_history: bool = False,
+    experiment_image_bytes: int = EXPERIMENT_IMAGE_BYTES,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
@@ -93,7 +94,8 @@ def build_demo(
     address may have waiting or running (None: no limit); `limits` the work budget, run time limit and
     retention (default: the built-in Limits(); `python app.py` reads PLAYGROUND_* variables); `concurrent_streams` how many Generate events Gradio lets in
     at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue;
-    `shared_history` shows every visitor everyone's runs (default: each browser sees its own)."""
+    `shared_history` shows every visitor everyone's runs (default: each browser sees its own);
+    `experiment_image_bytes` the decoded x̂0 images one Explain-lab jump or dissection keeps in memory."""
     limits = limits or Limits()
     if models is None:  # heavy hub models only where the hardware can run them (Limits.heavy_allowed)
         device = loader.device.type if loader is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +125,7 @@ def build_demo(
         gr.Markdown("### History")
         history = HistoryView(app, shared=shared_history)
         gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
-        explain = ExplainView(app, controls)
+        explain = ExplainView(app, controls, experiment_image_bytes)
         ApiView(app, gpu, concurrency_limit=concurrent_streams)
 
         run_ui = generate_handler(app, controls, live, gpu)

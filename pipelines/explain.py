@@ -132,7 +132,7 @@ class JumpStep:
     sigma: float | None  # noise level σ at this step
     sharpness: float  # high-frequency energy of the decoded x̂0 (see sharpness())
     distance_to_final: float  # RMS distance of the decoded x̂0 to the final image, [0, 1] pixel units
-    image: np.ndarray  # decoded x̂0, (H, W, 3) uint8
+    image: np.ndarray | None  # decoded x̂0, (H, W, 3) uint8; None where the report's image budget kept only numbers
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,10 @@ class JumpReport:
     preview: str  # how x̂0 was decoded ("decode" = the full VAE)
     done: bool  # every planned run has finished
 
+    def image_near(self, i: int) -> JumpStep:
+        """The step with a kept x̂0 image nearest to loop index i (i itself unless the image budget thinned it)."""
+        return nearest_kept(self.steps, i, lambda s: s.image is not None)
+
 
 def frame_steps(num_steps: int, frames: int) -> list[int]:
     """`frames` loop indices spread evenly from the first step to the last (fewer when the run is shorter)."""
@@ -167,11 +171,27 @@ def frame_steps(num_steps: int, frames: int) -> list[int]:
     return sorted({round(i * (num_steps - 1) / max(frames - 1, 1)) for i in range(frames)})
 
 
+def kept_steps(num_steps: int, step_bytes: int, max_bytes: int | None, must: Sequence[int] = ()) -> frozenset[int]:
+    """The loop indices whose decoded x̂0 images an experiment keeps: every step when they fit in `max_bytes` (None:
+    no bound), else as many evenly spaced ones as fit (at least the first and the last), plus `must`."""
+    if max_bytes is None or num_steps * step_bytes <= max_bytes:
+        return frozenset(range(num_steps))
+    return frozenset(frame_steps(num_steps, max(2, max_bytes // max(step_bytes, 1)))) | frozenset(must)
+
+
+def nearest_kept(steps: Sequence[Any], i: int, has: Callable[[Any], bool]) -> Any:
+    """The step nearest to loop index i (the earlier one on a tie) for which has(step) holds."""
+    return min((s for s in steps if has(s)), key=lambda s: (abs(s.step - i), s.step))
+
+
 def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequence[int] | None = None,
-         frames: int = 6, cancelled: Cancelled | None = None) -> Iterator[JumpReport]:
+         frames: int = 6, cancelled: Cancelled | None = None, max_image_bytes: int | None = None) -> Iterator[JumpReport]:
     """Jump vs walk: every step's x̂0 of one run against its final image, then separate k-step runs.
 
     short_steps: the k of the k-step runs (default: the 1-based steps of `frames` evenly spaced frames, below N).
+    max_image_bytes: the decoded x̂0 images the report may hold (None: every step's). Past it, evenly spaced steps
+    keep theirs (JumpReport.image_near) and the others only their numbers; a long run on a large model would
+    otherwise hold hundreds of MB (200 steps of 512² images: 157 MB).
     """
     request = seeded(request)
     n = request.num_inference_steps
@@ -186,12 +206,15 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
     if result.cancelled:
         return
     decode = _X0(request, loader)
-    steps = []
-    for e in watch.events:
+    steps, keep, count = [], frozenset(), len(watch.events)
+    for i, e in enumerate(watch.events):
         if watch.is_cancelled():  # a thousand-step run decodes a thousand x̂0: stoppable between them too
             return
         image = decode(e.denoised)
-        steps.append(JumpStep(e.step, e.sigma, sharpness(image), rms(image, result.image), image))
+        if i == 0:  # the k-step runs are compared with the jump after k steps: those images always stay
+            keep = kept_steps(count, image.nbytes, max_image_bytes, [min(k, count) - 1 for k in short_steps])
+        steps.append(JumpStep(e.step, e.sigma, sharpness(image), rms(image, result.image),
+                              image if i in keep else None))
     steps_t = tuple(steps)
     report = JumpReport(request, result.image, steps_t, (), short_steps, decode.kind, done=not short_steps)
     yield report
@@ -433,8 +456,8 @@ class DissectStep:
     guidance_delta_norm: float | None  # ‖ε_c − ε_u‖ (None without the unconditional pass)
     effective_scale: float  # the scale applied (1.0 = conditional only)
     x0_change: float | None  # ‖x̂0_k − x̂0_{k−1}‖ over the latents (None at the first step): how much x̂0 still moves
-    x0: np.ndarray  # decoded guided x̂0, (H, W, 3) uint8
-    x0_cond: np.ndarray | None  # decoded conditional x̂0 (None without the unconditional pass)
+    x0: np.ndarray | None  # decoded guided x̂0, (H, W, 3) uint8; None where the image budget kept only numbers
+    x0_cond: np.ndarray | None  # decoded conditional x̂0 (None without the unconditional pass, or not kept)
     x0_uncond: np.ndarray | None  # decoded unconditional x̂0
 
 
@@ -449,23 +472,36 @@ class DissectReport:
     preview: str  # how x̂0 was decoded
     done: bool
 
+    def images_near(self, i: int) -> DissectStep:
+        """The step with kept images nearest to loop index i (i itself unless the image budget thinned it)."""
+        return nearest_kept(self.steps, i, lambda s: s.x0 is not None)
 
-def dissect(request: GenerationRequest, *, loader: ModelLoader,
-            cancelled: Cancelled | None = None) -> Iterator[DissectReport]:
-    """Per step of one run: the conditional, unconditional and guided x̂0 and the guidance numbers."""
+
+def dissect(request: GenerationRequest, *, loader: ModelLoader, cancelled: Cancelled | None = None,
+            max_image_bytes: int | None = None) -> Iterator[DissectReport]:
+    """Per step of one run: the conditional, unconditional and guided x̂0 and the guidance numbers.
+
+    max_image_bytes: the decoded images the report may hold (None: every step's three); past it, evenly spaced
+    steps keep theirs (DissectReport.images_near) and the others only their numbers."""
     request = seeded(request)
     watch = _Watch(cancelled)
     result = generate(request, watch, loader=loader)
     if result.cancelled:
         return
     decode = _X0(request, loader)
-    steps, previous = [], None
-    for e in watch.events:
+    steps, previous, keep = [], None, frozenset()
+    for i, e in enumerate(watch.events):
+        if watch.is_cancelled():
+            return
         guided = e.denoised_uncond is not None
         change = None if previous is None else float((e.denoised[0] - previous[0]).float().norm())
+        if i == 0:  # the size of one decoded image; three a step where guidance runs
+            keep = kept_steps(len(watch.events), 3 * decode(e.denoised).nbytes, max_image_bytes)
+        kept = i in keep
         steps.append(DissectStep(
-            e.step, e.timestep, e.sigma, guided, e.guidance_delta_norm, e.effective_scale, change, decode(e.denoised),
-            decode(e.denoised_cond) if guided else None, decode(e.denoised_uncond) if guided else None))
+            e.step, e.timestep, e.sigma, guided, e.guidance_delta_norm, e.effective_scale, change,
+            decode(e.denoised) if kept else None, decode(e.denoised_cond) if guided and kept else None,
+            decode(e.denoised_uncond) if guided and kept else None))
         previous = e.denoised
     on = [s.step for s in steps if s.guided]
     interval = (on[0], on[-1]) if on and len(on) < len(steps) else None

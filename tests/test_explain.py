@@ -71,6 +71,33 @@ def test_a_one_step_run_is_exactly_the_first_jump(loader):
     assert report.short_runs[0].distance_to_jump < 0.005
 
 
+def test_an_image_budget_thins_the_x0_images_and_keeps_every_number(loader, jumps):
+    """Past max_image_bytes a jump keeps evenly spaced steps' images (first, last and the k-step runs' included);
+    every step keeps its numbers, and the thinned report measures exactly what the full one does."""
+    full = jumps[0]
+    size = full.steps[0].image.nbytes
+    thin = explain.finish(explain.jump(request(loader, *PROMPTS[0]), loader=loader, short_steps=[5],
+                                       max_image_bytes=4 * size))
+    kept = [s.step for s in thin.steps if s.image is not None]
+    assert kept == sorted(set(explain.frame_steps(20, 4)) | {4}) and kept[0] == 0 and kept[-1] == 19, kept
+    for a, b in zip(full.steps, thin.steps):
+        assert (a.step, a.distance_to_final, a.sharpness) == (b.step, b.distance_to_final, b.sharpness)
+        assert b.image is None or np.array_equal(a.image, b.image)
+    assert thin.short_runs[0].distance_to_jump == full.short_runs[0].distance_to_jump
+    assert thin.image_near(4).step == 4 and thin.image_near(8).step == 6 and thin.image_near(19).step == 19
+    assert full.image_near(8).step == 8  # unbounded: every step has its image
+    assert explain.finish(explain.jump(request(loader, *PROMPTS[0]), loader=loader, short_steps=[5],
+                                       max_image_bytes=20 * size)).image_near(8).step == 8  # all fit: all kept
+
+    req = request(loader, "a large green triangle on the right", 5, num_inference_steps=12)
+    dissected = explain.finish(explain.dissect(req, loader=loader, max_image_bytes=3 * 3 * size))
+    kept = [s.step for s in dissected.steps if s.x0 is not None]
+    assert kept == explain.frame_steps(12, 3) == [0, 6, 11]
+    assert all((s.x0_cond is not None) == (s.step in kept) for s in dissected.steps)
+    assert all(s.guidance_delta_norm is not None for s in dissected.steps)  # the numbers of every step
+    assert dissected.images_near(2).step == 0 and dissected.images_near(4).step == 6
+
+
 def test_branch_shares_the_trunk_before_its_step_and_leaves_it_after(loader):
     base = request(loader, scheduler="euler_a", num_inference_steps=8)
     trunk, branched = CollectingObserver(), CollectingObserver()

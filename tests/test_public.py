@@ -271,3 +271,33 @@ def test_explain_experiments_count_against_the_client_limit_and_have_a_time_limi
             client.predict(prompt="x", seed=1, randomize_seed=False, **LONG, api_name="/explain_jump")
         assert time.perf_counter() - t < 20 and not demo.playground.experiments
         assert _quick(client) < 8
+
+
+def test_an_explain_experiment_holds_a_bounded_set_of_images_and_says_so(tmp_path):
+    """A server's experiment_image_bytes bounds the x̂0 images a jump or dissection keeps in the session: the jump
+    gallery and the dissection show kept steps, and the note says the images come from a nearby step."""
+    from pipelines import explain
+
+    side = tiny_pipeline("sd").unet.config.sample_size * 2  # pixels (VAE scale 2)
+    image = side * side * 3
+    with serve(tmp_path, experiment_image_bytes=4 * 3 * image) as (url, demo):
+        client = gradio_client.Client(url, verbose=False)
+        job = client.submit(prompt="x", seed=1, randomize_seed=False, num_inference_steps=40, api_name="/explain_dissect")
+        out = job.result(timeout=120)
+        numbers = out[-1]
+        n = len(numbers["steps"])
+        kept = explain.frame_steps(n, 4)
+        k = max(1, n // 4)  # the step the dissection first shows
+        near = min(kept, key=lambda i: (abs(i - (k - 1)), i))
+        assert near != k - 1 and numbers["image_steps"] == kept, (kept, k, numbers["image_steps"])
+        note = next(o for o in out if isinstance(o, str) and o.startswith(f"Step {k} of {n}"))
+        assert f"The images are from step {near + 1}, the nearest of the 4 of {n} steps" in note, note
+
+        job = client.submit(prompt="x", seed=1, randomize_seed=False, num_inference_steps=40, api_name="/explain_jump")
+        numbers = job.result(timeout=120)[-1]
+        n = len(numbers["steps"])
+        must = {min(r["steps"], n) - 1 for r in numbers["short_runs"]}  # the jumps the k-step runs are compared with
+        assert numbers["image_steps"] == sorted(set(explain.frame_steps(n, 12)) | must)  # 12 images' worth
+        gallery = next(o[1] for o in job.outputs() if isinstance(o[1], list) and o[1])
+        shown = [int(g["caption"].split(":")[0].removeprefix("step ")) - 1 for g in gallery]
+        assert shown == numbers["image_steps"] and len(shown) < n

@@ -90,6 +90,16 @@ def _frame(rows: list[dict], x: str, series: tuple[str, ...]) -> pd.DataFrame:
 MAX_EXPERIMENTS_KEPT = 50  # experiment folders kept under outputs/explain
 EXPERIMENT_RUNS = 4  # an experiment may take this many times PLAYGROUND_MAX_RUN_SECONDS
 JUMP_GALLERY_FRAMES = 30  # the jump gallery shows every step up to this many, else this many spread evenly
+# Decoded x̂0 images one jump or dissection report keeps, in the session's state (Gradio frees it an hour after
+# the tab closes); past it evenly spaced steps keep theirs. The embedded model never reaches it (1000 steps of
+# 64² images: 12 MB); 200 steps of SD's 512² would hold 157 MB, a dissection three times that.
+EXPERIMENT_IMAGE_BYTES = 64 * 2**20
+
+
+def _thinned(shown: int, kept: int, total: int) -> str:
+    """The note under images shown from a nearby step because the experiment kept only some steps' images."""
+    return (f" The images are from step {shown + 1}, the nearest of the {kept} of {total} steps whose images this "
+            f"run keeps, to bound memory; the numbers are step-exact.")
 
 
 class _Files:
@@ -111,9 +121,10 @@ class _Files:
 class ExplainView:
     """The Explain lab: one sub-tab per experiment, each reading the main controls."""
 
-    def __init__(self, app: Playground, controls) -> None:
+    def __init__(self, app: Playground, controls, image_bytes: int = EXPERIMENT_IMAGE_BYTES) -> None:
         self.app = app
         self.controls = controls
+        self.image_bytes = image_bytes  # per jump / dissection report (EXPERIMENT_IMAGE_BYTES)
         self._cancel: dict[str, threading.Event] = {}  # session -> the running experiment's stop flag
         self._lock = threading.Lock()
         gr.HTML(STYLE, padding=False)
@@ -317,7 +328,8 @@ class ExplainView:
         n = request.num_inference_steps
         yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
                self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4))}
-        for report in self._stream(request, lambda c: explain.jump(request, loader=self.app.loader, cancelled=c), http):
+        for report in self._stream(request, lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,
+                                                                        max_image_bytes=self.image_bytes), http):
             dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
                     for s in report.steps]
             dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
@@ -327,7 +339,8 @@ class ExplainView:
                    self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
                    self.jump_state: report, self.numbers: _jump_numbers(report)}
             if not report.short_runs:
-                shown = [report.steps[i] for i in explain.frame_steps(len(report.steps), JUMP_GALLERY_FRAMES)]
+                kept = [s for s in report.steps if s.image is not None]
+                shown = [kept[i] for i in explain.frame_steps(len(kept), JUMP_GALLERY_FRAMES)]
                 out[self.jump_gallery] = [(files(f"x0_{s.step:03d}", s.image),
                                            f"step {s.step + 1}: d={s.distance_to_final:.3f}") for s in shown]
             done = "Done" if report.done else "Running"
@@ -357,7 +370,10 @@ class ExplainView:
                 + ("" if short_d is None else f"; the {k}-step run ends {short_d:.3f} from it") + ".")
         if k == 1:
             note += " A 1-step run is exactly the jump from step 1: the same noise and one model call."
-        return {self.jump_compare: (files(f"x0_{jumped.step:03d}", jumped.image), files("final", report.final)),
+        shown = report.image_near(k - 1)
+        if shown.step != jumped.step:
+            note += _thinned(shown.step, sum(s.image is not None for s in report.steps), len(report.steps))
+        return {self.jump_compare: (files(f"x0_{shown.step:03d}", shown.image), files("final", report.final)),
                 self.jump_short: None if short_image is None else files(f"short_{k}", short_image),
                 self.jump_note: note, self.jump_k: gr.Slider(1, len(report.steps), value=k)}
 
@@ -433,7 +449,8 @@ class ExplainView:
     def run_dissect(self, http: gr.Request, **values):
         request = self._request(values)
         yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
-        for report in self._stream(request, lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c), http):
+        for report in self._stream(request, lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,
+                                                                           max_image_bytes=self.image_bytes), http):
             push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
                     for s in report.steps if s.guidance_delta_norm is not None]
             push += [{"step": s.step + 1, "value": s.effective_scale, "series": DISSECT_PUSH[1]} for s in report.steps]
@@ -458,9 +475,12 @@ class ExplainView:
         note = (f"Step {k} of {len(report.steps)}, σ = {s.sigma:.3g}: " if s.sigma is not None else f"Step {k}: ")
         note += (f"‖ε_c − ε_u‖ = {s.guidance_delta_norm:.3g}, scale {s.effective_scale:g}." if s.guided else
                  "no unconditional pass at this step (scale 1).")
-        return {self.dissect_cond: None if s.x0_cond is None else files("cond", s.x0_cond),
-                self.dissect_uncond: None if s.x0_uncond is None else files("uncond", s.x0_uncond),
-                self.dissect_x0: files("x0", s.x0), self.dissect_note: note,
+        shown = report.images_near(k - 1)
+        if shown.step != s.step:
+            note += _thinned(shown.step, sum(t.x0 is not None for t in report.steps), len(report.steps))
+        return {self.dissect_cond: None if shown.x0_cond is None else files(f"cond_{shown.step:03d}", shown.x0_cond),
+                self.dissect_uncond: None if shown.x0_uncond is None else files(f"uncond_{shown.step:03d}", shown.x0_uncond),
+                self.dissect_x0: files(f"x0_{shown.step:03d}", shown.x0), self.dissect_note: note,
                 self.dissect_k: gr.Slider(1, len(report.steps), value=k)}
 
     def on_dissect_k(self, report, k):
@@ -546,7 +566,8 @@ def _jump_numbers(r: explain.JumpReport) -> dict:
             "steps": [{"step": s.step, "sigma": _r(s.sigma), "sharpness": _r(s.sharpness),
                        "distance_to_final": _r(s.distance_to_final)} for s in r.steps],
             "short_runs": [{"steps": s.steps, "sharpness": _r(s.sharpness), "distance_to_final": _r(s.distance_to_final),
-                            "distance_to_jump": _r(s.distance_to_jump)} for s in r.short_runs]}
+                            "distance_to_jump": _r(s.distance_to_jump)} for s in r.short_runs],
+            "image_steps": [s.step for s in r.steps if s.image is not None]}  # steps whose x̂0 image is kept
 
 
 def _branch_numbers(r: explain.BranchReport) -> dict:
@@ -566,7 +587,8 @@ def _dissect_numbers(r: explain.DissectReport) -> dict:
     return {"experiment": "dissect", "seed": r.request.seed, "interval": None if r.interval is None else list(r.interval),
             "steps": [{"step": s.step, "sigma": _r(s.sigma), "guided": s.guided,
                        "guidance_delta_norm": _r(s.guidance_delta_norm), "effective_scale": _r(s.effective_scale),
-                       "x0_change": _r(s.x0_change)} for s in r.steps]}
+                       "x0_change": _r(s.x0_change)} for s in r.steps],
+            "image_steps": [s.step for s in r.steps if s.x0 is not None]}  # steps whose images are kept
 
 
 def _tradeoff_numbers(r: explain.TradeoffReport) -> dict:
