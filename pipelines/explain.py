@@ -534,7 +534,7 @@ class TradeoffReport:
 
 def judge_targets(prompt: str) -> dict[str, str]:
     """The attributes of a one-object shapes-world prompt the judge can check; ValueError if it cannot score it."""
-    from training import world
+    from shapes import world
 
     text = " " + re.sub(r"[^a-z ]+", " ", prompt.lower().replace("-", " ")) + " "
     text = re.sub(r"\s+", " ", text)
@@ -573,7 +573,7 @@ def check_judge_model(model: str) -> None:
 
     embedded = Path(resolve(DEFAULT_MODEL)).resolve()
     if model != DEFAULT_MODEL and Path(resolve(model)).resolve() != embedded:
-        raise ValueError(f"adherence is measured by the shapes world's judge (training/judge.py), which can only "
+        raise ValueError(f"adherence is measured by the shapes world's judge (shapes/judge.py), which can only "
                          f"score the embedded model {DEFAULT_MODEL!r}; {model!r} draws other things")
 
 
@@ -592,7 +592,7 @@ def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *,
         raise ValueError(f"{len(scales)} scales × {seeds} seeds is {len(scales) * seeds} runs; at most {MAX_RUNS}")
     seed_list = tuple((request.seed + i) % 2**63 for i in range(seeds))
     plan = [_cell_request(request, loader, {"guidance_scale": s}) for s in scales]
-    from training.judge import Judge
+    from shapes.judge import Judge
 
     judge = Judge()
     report = TradeoffReport(request, targets, (), scales, done=False)

@@ -37,7 +37,7 @@ MODELS: dict[str, ModelEntry] = {m.key: m for m in (
                "embedded 64×64 shapes model trained from scratch; runs offline on a CPU. Its words: circle, square, "
                "triangle, star, heart; red, green, blue, yellow, purple, orange, white, black; small, large; top left "
                "… bottom right; 'above', 'to the left of'. The background follows the seed, not the prompt",
-               # Generated from training/world.py by training/vocabulary.py; tests/test_prompts.py keeps them equal.
+               # Generated from shapes/world.py by training/vocabulary.py; tests/test_prompts.py keeps them equal.
                vocabulary="vocabulary.json", size=64, tier="small"),
     ModelEntry("sd-turbo", "stabilityai/sd-turbo", "sd", 1, 0.0, "euler_a", "SD 2.1 distilled; 1–4 steps, no CFG"),
     ModelEntry("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 30, 7.5, None, "SD 1.5, 512×512"),

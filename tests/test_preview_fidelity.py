@@ -28,7 +28,7 @@ from pipelines.loading import ModelLoader
 from pipelines.observers import CollectingObserver
 from pipelines.previews import COLOUR_KINDS, LatentFormat, Previewer, colour_error, latent_rgb
 from pipelines.types import GenerationRequest
-from training import world
+from shapes import world
 
 MODEL = "tiny-shapes"
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "models" / "tiny-shapes"

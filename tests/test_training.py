@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from training import world  # noqa: E402
+from shapes import world  # noqa: E402
 from training.common import ASSET  # noqa: E402
 
 TOKENIZER_DIR = ASSET / "tokenizer"
@@ -78,7 +78,7 @@ def test_two_object_relation_matches_geometry() -> None:
 # ---- judge ----------------------------------------------------------------------------------
 
 def test_judge_recognizes_ground_truth_renders() -> None:
-    from training.judge import Judge, validate
+    from shapes.judge import Judge, validate
 
     acc = validate(Judge(), n=400, seed=2024)
     for k in ("color", "shape", "position", "size"):
@@ -86,7 +86,7 @@ def test_judge_recognizes_ground_truth_renders() -> None:
 
 
 def test_judge_finds_nothing_on_a_blank_image() -> None:
-    from training.judge import Judge
+    from shapes.judge import Judge
 
     v = Judge()(np.full((64, 64, 3), 128, np.uint8))
     assert not v.found and v.shape is None
@@ -95,7 +95,7 @@ def test_judge_finds_nothing_on_a_blank_image() -> None:
 def test_evaluation_scores_renders_of_its_targets_and_rejects_wrong_ones() -> None:
     """evaluate.score on the world's own renders of each target: ~100 %; scored against shifted targets: low."""
     from training import evaluate
-    from training.judge import Judge
+    from shapes.judge import Judge
 
     rng = random.Random(5)
     tgts = evaluate.targets(40, seed=3)

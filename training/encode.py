@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import world
+from shapes import world
 from training.common import CACHE, setup
 from training.train_vae import load_vae
 

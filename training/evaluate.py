@@ -25,9 +25,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from training import world
+from shapes import world
 from training.common import ASSET, CACHE, setup
-from training.judge import Judge
+from shapes.judge import Judge
 
 ATTRS = ("color", "shape", "position", "size")
 N_COMBINATIONS = len(world.SHAPES) * len(world.COLORS) * len(world.SIZES) * len(world.POSITIONS)  # 720
@@ -210,7 +210,7 @@ def markdown(res: dict, guidance: float, steps: int) -> str:
         return f"| {label} | " + " | ".join(f"{100 * r.get(k, float('nan')):.0f}%" for k in ATTRS + ("color+shape", "all")) + " |"
 
     head = "| setting | color | shape | position | size | color & shape | all four |\n|---|---|---|---|---|---|---|"
-    lines = [f"Model: `{res['model']}`, scheduler {res['scheduler']}; judge = training/judge.py.", ""]
+    lines = [f"Model: `{res['model']}`, scheduler {res['scheduler']}; judge = shapes/judge.py.", ""]
     if res.get("combinations"):
         c = res["combinations"]
         lo, hi = c["color+shape_95"]

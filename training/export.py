@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from training import world
+from shapes import world
 from training.common import ASSET, CACHE, setup
 from training.tokenizer import load as load_tokenizer
 from training.train_unet import SCHEDULER_CONFIG, load_checkpoint

@@ -38,7 +38,7 @@ from pipelines.previews import (
     save_preview_decoder,
 )
 from pipelines.types import GenerationRequest
-from training import world
+from shapes import world
 from training.common import ASSET
 
 FIT_SEED_BASE = 100_000  # image seeds of the fit set: run i uses FIT_SEED_BASE + i (the tests use seeds < 10,000)

@@ -24,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from training import world
+from shapes import world
 from training.common import CACHE, save_atomic, setup
 from training.tokenizer import load as load_tokenizer
 

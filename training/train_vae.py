@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from training import world
+from shapes import world
 from training.common import CACHE, lr_at, save_atomic, setup
 
 VAE_CONFIG = dict(

@@ -17,7 +17,7 @@ from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationReques
 from ui.render import display_source
 from ui.state import Playground
 
-# The embedded model knows only its world's words (training/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid.
+# The embedded model knows only its world's words (shapes/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid.
 EXAMPLE_PROMPTS = [
     ["a large red circle in the center"],
     ["a small blue star in the top left"],

@@ -1,13 +1,12 @@
 """Automatic judge of a single-object image: colour (pixel statistics vs the palette), shape (a tiny CNN on the
 object's coverage map, trained on renders), position (centroid -> 3x3 cell), size (bounding-box extent).
 
-Validated on ground-truth renders (tests/test_training.py, and `python -m training.judge --validate`).
-Train its shape classifier with `python -m training.judge --train` (writes training/judge_shape.safetensors).
+Validated on ground-truth renders (tests/test_training.py, and `python -m training.train_judge --validate`).
+Its shape classifier is trained by `python -m training.train_judge --train` (writes shapes/judge_shape.safetensors).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from scipy import ndimage
-from safetensors.torch import load_file, save_file
 
-from training import world
+from shapes import world
 
 WEIGHTS = Path(__file__).resolve().parent / "judge_shape.safetensors"
 CROP = 32  # coverage map crop around the object's centroid, at native scale
@@ -137,43 +136,6 @@ class Judge:
         return out
 
 
-def _training_crops(rng: random.Random, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Coverage crops of rendered single objects, degraded a little (blur, noise) to resemble generated images."""
-    xs, ys = [], []
-    for _ in range(n):
-        s = world.sample_scene(rng, two_objects=False)
-        arr = np.asarray(world.render(s)).astype(np.float32)
-        if rng.random() < 0.5:
-            arr = ndimage.gaussian_filter(arr, sigma=(rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0), 0))
-        arr = np.clip(arr + np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(0, 8), arr.shape), 0, 255)
-        cov = coverage(arr.astype(np.uint8))
-        if cov is None:
-            continue
-        xs.append(crop(cov[0]))
-        ys.append(world.SHAPES.index(s.objects[0].shape))
-    return np.stack(xs).astype(np.float32), np.array(ys)
-
-
-def train_classifier(n: int = 20000, epochs: int = 6, seed: int = 0, out: Path = WEIGHTS) -> float:
-    """Fit ShapeNet on rendered objects; returns held-out accuracy on clean renders."""
-    torch.manual_seed(seed)
-    x, y = _training_crops(random.Random(seed), n)
-    x, y = torch.from_numpy(x)[:, None], torch.from_numpy(y)
-    net = ShapeNet()
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    for ep in range(epochs):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            b = perm[i : i + 128]
-            loss = torch.nn.functional.cross_entropy(net(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"epoch {ep} loss {loss.item():.3f}", flush=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
-    return validate(Judge(out), 1000, seed + 12345)["all"]
-
-
 def validate(judge: Judge, n: int = 500, seed: int = 999) -> dict[str, float]:
     """Accuracy of each attribute on ground-truth single-object renders."""
     rng = random.Random(seed)
@@ -188,19 +150,3 @@ def validate(judge: Judge, n: int = 500, seed: int = 999) -> dict[str, float]:
             acc[k] += h
         acc["all"] += all(hits.values())
     return {k: c / n for k, c in acc.items()}
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--train", action="store_true")
-    p.add_argument("--validate", action="store_true")
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    if a.train:
-        print("held-out accuracy (all attributes)", train_classifier())
-    if a.validate or not a.train:
-        print(validate(Judge()))
-
-
-if __name__ == "__main__":
-    main()
