@@ -19,7 +19,7 @@ except ImportError:
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import torch
@@ -86,6 +86,7 @@ def build_demo(
     concurrent_streams: int = 16,
     shared_history: bool = False,
     experiment_image_bytes: int = EXPERIMENT_IMAGE_BYTES,
+    gpu: Callable[[Callable], Callable] = gpu,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
@@ -95,7 +96,8 @@ def build_demo(
     retention (default: the built-in Limits(); `python app.py` reads PLAYGROUND_* variables); `concurrent_streams` how many Generate events Gradio lets in
     at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue;
     `shared_history` shows every visitor everyone's runs (default: each browser sees its own);
-    `experiment_image_bytes` the decoded x̂0 images one Explain-lab jump or dissection keeps in memory."""
+    `experiment_image_bytes` the decoded x̂0 images one Explain-lab jump or dissection keeps in memory; `gpu` the
+    decorator of every handler that runs the model (spaces.GPU on ZeroGPU, else none)."""
     limits = limits or Limits()
     if models is None:  # heavy hub models only where the hardware can run them (Limits.heavy_allowed)
         device = loader.device.type if loader is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +127,7 @@ def build_demo(
         gr.Markdown("### History")
         history = HistoryView(app, shared=shared_history)
         gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
-        explain = ExplainView(app, controls, experiment_image_bytes)
+        explain = ExplainView(app, controls, experiment_image_bytes, gpu)
         ApiView(app, gpu, concurrency_limit=concurrent_streams)
 
         run_ui = generate_handler(app, controls, live, gpu)

@@ -301,3 +301,20 @@ def test_an_explain_experiment_holds_a_bounded_set_of_images_and_says_so(tmp_pat
         gallery = next(o[1] for o in job.outputs() if isinstance(o[1], list) and o[1])
         shown = [int(g["caption"].split(":")[0].removeprefix("step ")) - 1 for g in gallery]
         assert shown == numbers["image_steps"] and len(shown) < n
+
+
+def test_every_handler_that_runs_the_model_goes_through_the_gpu_decorator(tmp_path):
+    """On ZeroGPU, CUDA is there only inside @spaces.GPU handlers: build_demo's `gpu` must wrap the Generate
+    stream, /generate, every Explain experiment and the jump slider's k-step run (it runs one on demand)."""
+    import app
+
+    wrapped = []
+
+    def gpu(fn):
+        wrapped.append(fn.__name__)
+        return fn
+
+    demo = app.build_demo(loader=ModelLoader(device="cpu"), models=[MODEL], outputs_dir=tmp_path, gpu=gpu)
+    assert sorted(wrapped) == sorted(["run_ui", "run_api", "run_jump", "run_branch", "run_sweep", "run_dissect",
+                                      "run_tradeoff", "on_jump_k"]), wrapped
+    demo.close()

@@ -121,10 +121,12 @@ class _Files:
 class ExplainView:
     """The Explain lab: one sub-tab per experiment, each reading the main controls."""
 
-    def __init__(self, app: Playground, controls, image_bytes: int = EXPERIMENT_IMAGE_BYTES) -> None:
+    def __init__(self, app: Playground, controls, image_bytes: int = EXPERIMENT_IMAGE_BYTES,
+                 gpu: Callable[[Callable], Callable] = lambda fn: fn) -> None:
         self.app = app
         self.controls = controls
         self.image_bytes = image_bytes  # per jump / dissection report (EXPERIMENT_IMAGE_BYTES)
+        self.gpu = gpu  # wraps the handlers that run the model (spaces.GPU on ZeroGPU), as app.py does Generate's
         self._cancel: dict[str, threading.Event] = {}  # session -> the running experiment's stop flag
         self._lock = threading.Lock()
         gr.HTML(STYLE, padding=False)
@@ -541,10 +543,10 @@ class ExplainView:
              [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.numbers]),
         ]
         for name, button, stop, fn, extra, status, outputs in runs:
-            event = button.click(fn, inputs_kwargs=extra | inputs, outputs=outputs, api_name=name,
+            event = button.click(self.gpu(fn), inputs_kwargs=extra | inputs, outputs=outputs, api_name=name,
                                  show_progress_on=status, **common)
             stop.click(self.stop, outputs=[status], cancels=[event], queue=False, api_visibility="private")
-        self.jump_k.release(self.on_jump_k, inputs_kwargs=dict(report=self.jump_state, k=self.jump_k),
+        self.jump_k.release(self.gpu(self.on_jump_k), inputs_kwargs=dict(report=self.jump_state, k=self.jump_k),
                             outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k],
                             api_visibility="private", trigger_mode="always_last")
         self.dissect_k.release(self.on_dissect_k, inputs_kwargs=dict(report=self.dissect_state, k=self.dissect_k),
