@@ -144,6 +144,25 @@ def colour_error(preview: np.ndarray, reference: np.ndarray, cell: int) -> float
     return float(np.abs(pooled(preview) - pooled(reference)).mean())
 
 
+OBJECT_THRESHOLD = 0.15  # a latent cell is "object" where its mean colour is this far (sum of |RGB|, [0, 1]) from the background
+
+
+def object_colour_error(preview: np.ndarray, reference: np.ndarray, cell: int) -> float | None:
+    """colour_error on the latent cells where `reference` shows something other than its background (the median
+    cell colour): the colours of what is drawn, which a whole-image mean hides when the object is small (a small
+    shape covers ~5% of the image). None when the reference shows nothing but background."""
+    if preview.shape != reference.shape or preview.ndim != 3 or preview.shape[2] != 3:
+        raise ValueError(f"object_colour_error needs two (H, W, 3) images of one shape, got {preview.shape} and {reference.shape}")
+    h, w = preview.shape[0] // cell, preview.shape[1] // cell
+
+    def pooled(x: np.ndarray) -> np.ndarray:
+        return x[:h * cell, :w * cell].astype(np.float64).reshape(h, cell, w, cell, 3).mean(axis=(1, 3)) / 255.0
+
+    ref, pre = pooled(reference), pooled(preview)
+    mask = np.abs(ref - np.median(ref.reshape(-1, 3), axis=0)).sum(-1) > OBJECT_THRESHOLD
+    return float(np.abs(pre - ref)[mask].mean()) if mask.any() else None
+
+
 def channel_grid(latents: torch.Tensor, gap: int = 1) -> np.ndarray:
     """First image's channels (C, h, w), each min–max normalized, tiled in a near-square grey grid (H, W)."""
     z = latents[0].detach().float().cpu().numpy()
@@ -190,7 +209,7 @@ class PreviewDecoder(nn.Module):
     linear layer, added before the second activation: the VAE's mid-block attention shifts colours image-wide,
     and without it a third of the error was a per-image colour offset) and a 1×1 convolution to an s × s RGB
     patch per latent cell, rearranged by pixel shuffle. A TAESD-like idea (madebyollin/taesd) cut down to the
-    ~30k parameters a 16×16×4 latent space needs; fitted by training/fit_preview.py on the model's own latents.
+    ~200k parameters a 16×16×4 latent space needs; fitted by training/fit_preview.py on the model's own latents.
     """
 
     def __init__(self, config: PreviewDecoderConfig) -> None:
@@ -328,7 +347,7 @@ class Previewer:
 
     @torch.no_grad()
     def approx(self, latents: torch.Tensor) -> np.ndarray:
-        """The tiny preview decoder on the first latent (on the CPU: it costs ~1 ms) -> (H, W, 3) uint8."""
+        """The tiny preview decoder on the first latent (on the CPU: it costs ~2 ms) -> (H, W, 3) uint8."""
         if self._decoder is None:
             if self.format.decoder_file is None:
                 raise ValueError(f"no preview decoder for the {self.format.name} latent format")
