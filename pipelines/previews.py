@@ -128,20 +128,26 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     return _to_uint8((image.detach().float().clamp(-1, 1).permute(1, 2, 0).cpu().numpy() + 1.0) / 2.0)
 
 
+def _cell_colours(preview: np.ndarray, reference: np.ndarray, cell: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both (H, W, 3) uint8 images averaged over cell × cell blocks -> two (h, w, 3) arrays on [0, 1]."""
+    if preview.shape != reference.shape or preview.ndim != 3 or preview.shape[2] != 3:
+        raise ValueError(f"{name} needs two (H, W, 3) images of one shape, got {preview.shape} and {reference.shape}")
+    h, w = preview.shape[0] // cell, preview.shape[1] // cell
+
+    def pooled(x: np.ndarray) -> np.ndarray:
+        return x[:h * cell, :w * cell].astype(np.float64).reshape(h, cell, w, cell, 3).mean(axis=(1, 3)) / 255.0
+
+    return pooled(preview), pooled(reference)
+
+
 def colour_error(preview: np.ndarray, reference: np.ndarray, cell: int) -> float:
     """Mean |RGB| difference on [0, 1] after averaging both (H, W, 3) images over cell × cell blocks.
 
     `cell` is the VAE factor, so the comparison is on the latent grid: a preview is judged on the colours it
     shows per latent pixel, not on edges finer than the latents can say anything about.
     """
-    if preview.shape != reference.shape or preview.ndim != 3 or preview.shape[2] != 3:
-        raise ValueError(f"colour_error needs two (H, W, 3) images of one shape, got {preview.shape} and {reference.shape}")
-    h, w = preview.shape[0] // cell, preview.shape[1] // cell
-
-    def pooled(x: np.ndarray) -> np.ndarray:
-        return x[:h * cell, :w * cell].astype(np.float64).reshape(h, cell, w, cell, 3).mean(axis=(1, 3)) / 255.0
-
-    return float(np.abs(pooled(preview) - pooled(reference)).mean())
+    pre, ref = _cell_colours(preview, reference, cell, "colour_error")
+    return float(np.abs(pre - ref).mean())
 
 
 OBJECT_THRESHOLD = 0.15  # a latent cell is "object" where its mean colour is this far (sum of |RGB|, [0, 1]) from the background
@@ -151,14 +157,7 @@ def object_colour_error(preview: np.ndarray, reference: np.ndarray, cell: int) -
     """colour_error on the latent cells where `reference` shows something other than its background (the median
     cell colour): the colours of what is drawn, which a whole-image mean hides when the object is small (a small
     shape covers ~5% of the image). None when the reference shows nothing but background."""
-    if preview.shape != reference.shape or preview.ndim != 3 or preview.shape[2] != 3:
-        raise ValueError(f"object_colour_error needs two (H, W, 3) images of one shape, got {preview.shape} and {reference.shape}")
-    h, w = preview.shape[0] // cell, preview.shape[1] // cell
-
-    def pooled(x: np.ndarray) -> np.ndarray:
-        return x[:h * cell, :w * cell].astype(np.float64).reshape(h, cell, w, cell, 3).mean(axis=(1, 3)) / 255.0
-
-    ref, pre = pooled(reference), pooled(preview)
+    pre, ref = _cell_colours(preview, reference, cell, "object_colour_error")
     mask = np.abs(ref - np.median(ref.reshape(-1, 3), axis=0)).sum(-1) > OBJECT_THRESHOLD
     return float(np.abs(pre - ref)[mask].mean()) if mask.any() else None
 
