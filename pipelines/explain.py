@@ -495,13 +495,13 @@ def dissect(request: GenerationRequest, *, loader: ModelLoader, cancelled: Cance
             return
         guided = e.denoised_uncond is not None
         change = None if previous is None else float((e.denoised[0] - previous[0]).float().norm())
+        x0 = decode(e.denoised) if i == 0 or i in keep else None  # step 0 is always kept
         if i == 0:  # the size of one decoded image; three a step where guidance runs
-            keep = kept_steps(len(watch.events), 3 * decode(e.denoised).nbytes, max_image_bytes)
-        kept = i in keep
+            keep = kept_steps(len(watch.events), 3 * x0.nbytes, max_image_bytes)
+        kept = x0 is not None
         steps.append(DissectStep(
-            e.step, e.timestep, e.sigma, guided, e.guidance_delta_norm, e.effective_scale, change,
-            decode(e.denoised) if kept else None, decode(e.denoised_cond) if guided and kept else None,
-            decode(e.denoised_uncond) if guided and kept else None))
+            e.step, e.timestep, e.sigma, guided, e.guidance_delta_norm, e.effective_scale, change, x0,
+            decode(e.denoised_cond) if guided and kept else None, decode(e.denoised_uncond) if guided and kept else None))
         previous = e.denoised
     on = [s.step for s in steps if s.guided]
     interval = (on[0], on[-1]) if on and len(on) < len(steps) else None

@@ -77,12 +77,18 @@ class GenerationWorker:
                 future.set_exception(e)
 
 
+def load_here(worker: GenerationWorker, model: str, *, loader):
+    """Inside a job of `worker`: load `model` and set torch's thread count for it (threads_for); returns the pipe."""
+    pipe = loader.get(model)
+    torch.set_num_threads(threads_for(loader, pipe, worker.default_threads))
+    return pipe
+
+
 def generate_here(worker: GenerationWorker, request, observer=None, *, loader):
     """generate(request, observer) inside a job of `worker`, with torch's thread count chosen for the model."""
     from pipelines.generate import generate
 
-    pipe = loader.get(request.model)
-    torch.set_num_threads(threads_for(loader, pipe, worker.default_threads))
+    load_here(worker, request.model, loader=loader)
     return generate(request, observer, loader=loader)
 
 

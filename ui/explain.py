@@ -20,12 +20,11 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import numpy as np
 import pandas as pd
-import torch
 
 from pipelines import explain
 from pipelines.generate import generate
 from pipelines.outputs import prune_experiments, save_png
-from pipelines.worker import threads_for
+from pipelines.worker import load_here
 from ui.live import as_gr_error, client_of
 from ui.render import upscale
 from ui.state import Playground
@@ -79,10 +78,9 @@ def _frame(rows: list[dict], x: str, series: tuple[str, ...]) -> pd.DataFrame:
     """A LinePlot's data with every one of its `series` in it, a missing one as an empty row: Gradio's LinePlot keeps
     the colour series of the first data it draws, so a series that first comes in a later update (the k-step runs,
     a plot's next run) would never be drawn, and a run whose only series is new would draw an empty plot."""
-    unknown = {r["series"] for r in rows} - set(series)
-    if unknown:
-        raise ValueError(f"series {sorted(unknown)} are not among the plot's {list(series)}")
     present = {r["series"] for r in rows}
+    if not present <= set(series):
+        raise ValueError(f"series {sorted(present - set(series))} are not among the plot's {list(series)}")
     rows = rows + [{x: None, "value": None, "series": name} for name in series if name not in present]
     return pd.DataFrame(rows, columns=[x, "value", "series"])
 
@@ -300,8 +298,7 @@ class ExplainView:
     def _job(self, request, fn: Callable[[], Any]) -> Any:
         """fn() on the generation worker with the model's torch thread count."""
         def job():
-            pipe = self.app.loader.get(request.model)
-            torch.set_num_threads(threads_for(self.app.loader, pipe, self.app.worker.default_threads))
+            load_here(self.app.worker, request.model, loader=self.app.loader)
             return fn()
 
         return self.app.worker.run(job)

@@ -28,7 +28,7 @@ from pipelines.registry import MODELS
 from pipelines.requests import OWN_SCHEDULER, missing_embedded
 from pipelines.schedulers import SCHEDULERS, compatible_keys
 from pipelines.types import GenerationRequest, GenerationResult
-from pipelines.worker import GenerationWorker, generate_here, threads_for
+from pipelines.worker import GenerationWorker, generate_here, load_here
 from ui.render import guidance_map, heat, upscale
 
 log = logging.getLogger("playground")
@@ -252,8 +252,8 @@ class Playground:
             if run.latest.is_cancelled():
                 raise ValueError("Stopped before the run started.")
             pipe, _ = self.loader.view(run.request.model, run.request.scheduler)
-            torch.set_num_threads(threads_for(self.loader, pipe, self.worker.default_threads))
-            run.previewer = Previewer(self.loader.get(run.request.model))  # the loaded pipeline knows its folder (its preview decoder); a scheduler view does not
+            # The loaded pipeline knows its folder (its preview decoder); a scheduler view does not.
+            run.previewer = Previewer(load_here(self.worker, run.request.model, loader=self.loader))
             side = run.previewer.family.default_size(pipe)
             pixels = (run.request.width or side) * (run.request.height or side)
             run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
