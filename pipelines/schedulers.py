@@ -71,15 +71,52 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.key: s for s in (
 )}
 
 
-def schedule_kind(scheduler: SchedulerMixin) -> str:
-    """'flow' for flow-matching schedulers (SD3, Flux), 'discrete' for the VP schedules of ε/v models."""
-    return "flow" if type(scheduler).__name__.startswith("FlowMatch") else "discrete"
+def schedule_kind(scheduler: SchedulerMixin | Mapping[str, Any]) -> str:
+    """'flow' for flow-matching schedulers (SD3, Flux), 'discrete' for the VP schedules of ε/v models; takes an
+    instance or its config (whose `_class_name` names the class)."""
+    name = type(scheduler).__name__ if isinstance(scheduler, SchedulerMixin) else str(scheduler.get("_class_name", ""))
+    return "flow" if name.startswith("FlowMatch") else "discrete"
 
 
-def compatible_keys(scheduler: SchedulerMixin) -> list[str]:
-    """Registry keys usable with a model whose own scheduler is `scheduler`."""
+def _config(scheduler: SchedulerMixin | Mapping[str, Any]) -> Mapping[str, Any]:
+    return scheduler.config if isinstance(scheduler, SchedulerMixin) else scheduler
+
+
+def why_not(key: str, scheduler: SchedulerMixin | Mapping[str, Any]) -> str | None:
+    """Why registry `key` cannot run a model whose own scheduler (or its config) is `scheduler`; None when it can.
+
+    A model trained on a zero-terminal-SNR schedule (`rescale_betas_zero_snr`, Lin et al. 2023, arXiv:2305.08891)
+    needs a sampler that rebuilds that schedule: one without the option would silently sample the unrescaled
+    schedule, whose last step keeps a share of the image in x_T that such a model never saw.
+    """
+    spec = _spec(key)
     kind = schedule_kind(scheduler)
-    return [k for k, s in SCHEDULERS.items() if s.kind == kind]
+    if spec.kind != kind:
+        return f"it is a {spec.kind} sampler and this model has a {kind} schedule"
+    if _config(scheduler).get("rescale_betas_zero_snr") and not _takes(spec.cls, "rescale_betas_zero_snr"):
+        return (f"{spec.cls.__name__} cannot rebuild this model's zero-terminal-SNR schedule "
+                "(rescale_betas_zero_snr) and would sample a schedule it was not trained on")
+    return None
+
+
+@lru_cache(maxsize=None)
+def _takes(cls: type, parameter: str) -> bool:
+    return parameter in inspect.signature(cls.__init__).parameters
+
+
+def compatible_keys(scheduler: SchedulerMixin | Mapping[str, Any]) -> list[str]:
+    """Registry keys usable with a model whose own scheduler (or its config) is `scheduler`."""
+    return [k for k in SCHEDULERS if why_not(k, scheduler) is None]
+
+
+def folder_config(source: str) -> dict[str, Any] | None:
+    """The scheduler config a local diffusers folder ships (read without loading any weights); None for a hub id or
+    a folder without one."""
+    path = Path(source) / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def key_of(scheduler: SchedulerMixin) -> str:
@@ -96,12 +133,10 @@ def make_scheduler(model_scheduler: SchedulerMixin, key: str | None) -> Schedule
         return type(model_scheduler).from_config(model_scheduler.config)
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {key!r}; valid for this model: {', '.join(compatible_keys(model_scheduler))}")
-    valid = compatible_keys(model_scheduler)
-    if key not in valid:
-        raise ValueError(
-            f"scheduler {key!r} does not fit this model ({schedule_kind(model_scheduler)} schedule); "
-            f"valid for this model: {', '.join(valid)}"
-        )
+    reason = why_not(key, model_scheduler)
+    if reason is not None:
+        raise ValueError(f"scheduler {key!r} does not fit this model: {reason}; "
+                         f"valid for this model: {', '.join(compatible_keys(model_scheduler))}")
     return SCHEDULERS[key].build(model_scheduler.config)
 
 

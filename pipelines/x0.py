@@ -10,6 +10,8 @@ Schedulers keep latents in one of three spaces, and x̂0 follows from that space
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -21,7 +23,16 @@ def sigma_at(scheduler: SchedulerMixin, step: int, timestep: torch.Tensor, flow:
         # For DPM-Solver/UniPC with Karras sigmas this is the exact σ the solver uses, not ᾱ of a rounded t.
         return float(sigmas[step])
     alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+    if alpha_bar <= 0.0:  # zero terminal SNR (rescale_betas_zero_snr): the first step of a "trailing" schedule
+        return math.inf
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def _alpha_sigma(sigma: float) -> tuple[float, float]:
+    """(α_t, σ_t) = (1, σ) / sqrt(σ² + 1) for a k-diffusion σ, including σ = ∞ (zero SNR: pure noise)."""
+    if math.isinf(sigma):
+        return 0.0, 1.0
+    return 1.0 / (sigma**2 + 1) ** 0.5, sigma / (sigma**2 + 1) ** 0.5
 
 
 def predict_x0(
@@ -41,18 +52,16 @@ def predict_x0(
     elif prediction_type == "sample":
         x0 = out32
     else:
+        alpha_t, sigma_t = _alpha_sigma(sigma)
         if float(scheduler.init_noise_sigma) > 1.0:  # σ-scaled space: x = x0 + σ ε
-            c_in = 1.0 / (sigma**2 + 1) ** 0.5
             if prediction_type == "epsilon":
                 x0 = sample32 - sigma * out32
             elif prediction_type == "v_prediction":
                 # As EulerDiscreteScheduler.step: x0 = −σ/sqrt(σ²+1) · v + x/(σ²+1)
-                x0 = out32 * (-sigma * c_in) + sample32 * c_in**2
+                x0 = out32 * -sigma_t + sample32 * alpha_t**2
             else:
                 raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: epsilon, v_prediction, sample, flow")
         else:  # VP space: α = 1/sqrt(σ²+1), σ_t = σ α
-            alpha_t = 1.0 / (sigma**2 + 1) ** 0.5
-            sigma_t = sigma * alpha_t
             if prediction_type == "epsilon":
                 x0 = (sample32 - sigma_t * out32) / alpha_t
             elif prediction_type == "v_prediction":

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
-TINY_FAMILIES = ("sd", "sd_v", "sdxl", "pixart_sigma", "sd3")
+TINY_FAMILIES = ("sd", "sd_v", "sd_zsnr", "sdxl", "pixart_sigma", "sd3")
 
 
 @pytest.fixture(scope="session")

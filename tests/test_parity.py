@@ -14,15 +14,17 @@ from pipelines.schedulers import SCHEDULERS, compatible_keys, make_scheduler
 from pipelines.types import GenerationRequest
 from tests.tiny import TINY_SIZE, tiny_pipeline
 
-FAMILIES = ["sd", "sd_v", "sdxl", "pixart_sigma", "sd3"]
+FAMILIES = ["sd", "sd_v", "sd_zsnr", "sdxl", "pixart_sigma", "sd3"]
 SIZE = 32
+# The zero-terminal-SNR v-prediction model (tiny-shapes v2's kind) cannot run these: they have no rescaled schedule.
+ZERO_SNR_REFUSED = {"pndm", "lms", "heun"}
 
 
 def _cases():
     for family in FAMILIES:
         kind = "flow" if family == "sd3" else "discrete"
         for key, spec in SCHEDULERS.items():
-            if spec.kind == kind:
+            if spec.kind == kind and not (family == "sd_zsnr" and key in ZERO_SNR_REFUSED):
                 yield family, key
 
 
@@ -182,6 +184,27 @@ def test_incompatible_scheduler_names_valid_keys(pipes, family):
         assert key in str(e.value)
     with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         generate(request(family, scheduler="nope"), loader=pipes)
+
+
+@pytest.mark.parametrize("scheduler", sorted(ZERO_SNR_REFUSED))
+def test_zero_snr_model_refuses_samplers_without_its_schedule(pipes, scheduler):
+    """A sampler that cannot rebuild the zero-terminal-SNR schedule would run one the model never saw: refused, with
+    why and what works instead; the others all run (test_matches_stock_pipeline)."""
+    pipe = pipes.get("sd_zsnr")
+    assert set(compatible_keys(pipe.scheduler)) == {k for k, s in SCHEDULERS.items() if s.kind == "discrete"} - ZERO_SNR_REFUSED
+    with pytest.raises(ValueError, match=r"zero-terminal-SNR.*valid for this model: ddim, ddpm, euler") as e:
+        generate(request("sd_zsnr", scheduler=scheduler), loader=pipes)
+    assert "dpmpp_2m" in str(e.value) and "unipc" in str(e.value)
+    assert scheduler in compatible_keys(pipes.get("sd_v").scheduler)  # the same sampler fits a v model without it
+
+
+def test_zero_snr_run_starts_from_pure_noise(pipes):
+    """Trailing spacing on the rescaled schedule starts at t = 999, where alpha_bar = 0: x̂0 of step 0 is the model's
+    output alone (v = -x0 there), whatever x_T is."""
+    observer = CollectingObserver()
+    generate(request("sd_zsnr", scheduler="ddim", guidance_scale=1.0), observer, loader=pipes)
+    assert observer.events[0].timestep == 999
+    assert float(pipes.get("sd_zsnr").scheduler.alphas_cumprod[999]) < 1e-6
 
 
 def test_size_not_multiple_of_factor_is_refused(pipes):

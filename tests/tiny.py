@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     PixArtSigmaPipeline,
@@ -92,16 +93,22 @@ def _t5() -> T5EncoderModel:
                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
 
 
-def tiny_sd(prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    """SD 1.x/2.x shape: one CLIP text encoder, UNet with cross-attention, VAE factor 2, PNDM scheduler."""
+def tiny_sd(prediction_type: str = "epsilon", zero_snr: bool = False) -> StableDiffusionPipeline:
+    """SD 1.x/2.x shape: one CLIP text encoder, UNet with cross-attention, VAE factor 2, PNDM scheduler; zero_snr:
+    v-prediction on the zero-terminal-SNR schedule with trailing timesteps and a DDIM scheduler, as tiny-shapes v2."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=2,
     )
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type)
+    if zero_snr:
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  steps_offset=1, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                  timestep_spacing="trailing")
+    else:
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type)
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
@@ -186,7 +193,8 @@ def tiny_sd3() -> StableDiffusion3Pipeline:
 
 def tiny_pipeline(family: str):
     """Build the tiny pipeline of a family key."""
-    builders = {"sd": tiny_sd, "sd_v": lambda: tiny_sd("v_prediction"), "sdxl": tiny_sdxl,
+    builders = {"sd": tiny_sd, "sd_v": lambda: tiny_sd("v_prediction"), "sd_zsnr": lambda: tiny_sd(zero_snr=True),
+                "sdxl": tiny_sdxl,
                 "pixart_sigma": tiny_pixart_sigma, "sd3": tiny_sd3}
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose one of: {', '.join(builders)}")
@@ -199,7 +207,7 @@ def tiny_pipeline(family: str):
 
 
 # Sizes that are valid for each tiny model (VAE factor × patch size divides them) and fast.
-TINY_SIZE = {"sd": 32, "sd_v": 32, "sdxl": 32, "pixart_sigma": 32, "sd3": 32}
+TINY_SIZE = {"sd": 32, "sd_v": 32, "sd_zsnr": 32, "sdxl": 32, "pixart_sigma": 32, "sd3": 32}
 
 
 def tiny_sd_with_safety_checker(flag_everything: bool = False) -> StableDiffusionPipeline:

@@ -173,7 +173,8 @@ class LiveView:
     def step_plots(self, run: Run) -> dict:
         import pandas as pd  # a Gradio dependency
 
-        sigma_rows = [(s.step + 1, s.sigma) for s in run.steps if s.sigma is not None]
+        # σ = ∞ (the first step of a zero-terminal-SNR schedule) has no place on a plot; the table shows it
+        sigma_rows = [(s.step + 1, s.sigma) for s in run.steps if s.sigma is not None and s.sigma < float("inf")]
         delta_rows = [(s.step + 1, s.guidance_delta_norm) for s in run.steps if s.guidance_delta_norm is not None]
         return {self.sigma_plot: pd.DataFrame(sigma_rows, columns=["step", "sigma"]),
                 self.delta_plot: pd.DataFrame(delta_rows, columns=["step", "delta"]),
