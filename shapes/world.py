@@ -203,12 +203,14 @@ def _end(text: str, rng: random.Random) -> str:
     return text + "." if rng.random() < P_FULL_STOP else text
 
 
-def caption(scene: Scene, rng: random.Random, p_empty: float = P_EMPTY_CAPTION) -> str:
-    """A caption true of the scene, from varied templates; '' with probability p_empty."""
+def caption(scene: Scene, rng: random.Random, p_empty: float = P_EMPTY_CAPTION,
+            p_background: float = P_BACKGROUND) -> str:
+    """A caption true of the scene, from varied templates; '' with probability p_empty, the background named with
+    probability p_background."""
     if rng.random() < p_empty:
         return ""
     bg = ""
-    if rng.random() < P_BACKGROUND:
+    if rng.random() < p_background:
         bg = rng.choice([f" on {_article(scene.background)} background", f", {scene.background} background"])
     if len(scene.objects) == 1:
         o = scene.objects[0]

@@ -167,11 +167,24 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
     assert latents.shape == (16, 4, 16, 16)
     torch.save({"latents": latents, "scaling_factor": float(1 / latents.float().std()), "seed": 0}, tmp_path / "latents.pt")
     (tmp_path / "scenes.pkl").write_bytes(pickle.dumps(scenes))
-    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=3, warmup=1)
-    assert r["step"] == 3
-    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=4, warmup=1,
-                         noisy_weight=8)
-    assert r["step"] == 4  # resumed from the checkpoint, with the shipped recipe's loss weights
+    v1 = train_unet.SCHEDULER_CONFIG | {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=3, warmup=1,
+                         noisy_weight=8, scheduler_config=v1)
+    assert r["step"] == 3  # v1's recipe: epsilon on SD's schedule
+    # A checkpoint of another objective gives the initial weights of a fresh v-prediction / zero-SNR run.
+    before = torch.load(tmp_path / "unet.pt", weights_only=False)
+    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=2, warmup=1)
+    s = torch.load(tmp_path / "unet.pt", weights_only=False)
+    assert r["step"] == 2 and s["objective"] == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    assert s["init_from"]["objective"] == train_unet.V1_OBJECTIVE and s["init_from"]["step"] == 3
+    # It started from v1's weights, not from scratch: two small steps moved them little against a fresh init's distance.
+    fresh = train_unet.build_models(tiny=True)[1].state_dict()
+    moved = sum(float((s["unet"][k] - before["unet"][k]).abs().sum()) for k in fresh)
+    apart = sum(float((fresh[k] - before["unet"][k]).abs().sum()) for k in fresh)
+    assert 0 < moved < apart / 10, (moved, apart)
+    r = train_unet.train(tmp_path, minutes=1, batch_size=4, lr=1e-3, seed=0, tiny=True, max_steps=3, warmup=1,
+                         min_snr_gamma=5)
+    assert r["step"] == 3  # same objective: resumed
 
     # export via the same code path as the real model, with the tiny VAE
     pipe, _ = export.build_pipeline(tmp_path, tiny=True)
@@ -182,6 +195,21 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
                  generator=torch.Generator("cpu").manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     assert load_tokenizer(dest / "tokenizer")("a red circle").input_ids[0] == 49406
+
+
+def test_v_loss_weights_keep_the_terminal_step() -> None:
+    """Min-SNR for v is min(SNR, gamma) / (SNR + 1): 0 at zero terminal SNR, where the model learns its first x̂0 (the
+    prompt's mean image); the floor keeps weight 1 there. Plain weights are 1."""
+    from diffusers import DDPMScheduler
+
+    from training import train_unet
+
+    acp = DDPMScheduler(**train_unet.SCHEDULER_CONFIG).alphas_cumprod
+    assert float(acp[-1]) == 0.0  # rescaled to zero terminal SNR
+    t = torch.tensor([0, 500, 999])
+    w = train_unet.loss_weights(acp, t, 5.0, 0.0, "v_prediction")
+    assert torch.isfinite(w).all() and float(w[-1]) == 1.0 and float(w[0]) < 0.01
+    assert torch.equal(train_unet.loss_weights(acp, t, 0.0, 0.0, "v_prediction"), torch.ones(3))
 
 
 def test_small_object_crops_centre_on_small_objects_and_weight_them() -> None:
@@ -281,7 +309,9 @@ def test_committed_model_loads_offline_and_makes_64px_images() -> None:
     assert size < 30 * 2**20
     pipe = StableDiffusionPipeline.from_pretrained(ASSET)
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
-    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    c = pipe.scheduler.config  # v2: zero terminal SNR, v-prediction, sampled from the last timestep (Lin et al. 2023)
+    assert c.beta_schedule == "scaled_linear" and c.prediction_type == "v_prediction"
+    assert c.rescale_betas_zero_snr and c.timestep_spacing == "trailing"
     image = pipe("a large red circle in the center", num_inference_steps=5, generator=torch.Generator("cpu").manual_seed(0)).images[0]
     assert image.size == (64, 64)
     preview = json.loads((ASSET / "latent_preview.json").read_text())

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from pipelines.schedulers import make_scheduler
 from shapes import world
 from training.common import ASSET, CACHE, setup
 from training.tokenizer import load as load_tokenizer
@@ -42,12 +43,17 @@ def fit_preview(vae, n: int = 256, seed: int = 7) -> dict:
     return {"latent_rgb_factors": sol[:-1].tolist(), "latent_rgb_bias": sol[-1].tolist(), "fit_mse": mse}
 
 
-def build_pipeline(cache: Path = CACHE, ema: bool = True, tiny: bool = False) -> tuple[StableDiffusionPipeline, dict]:
+# The model's own scheduler: chosen by measurement (EVAL.md, "Choosing the recommended settings").
+SCHEDULER = "dpmpp_2m"
+
+
+def build_pipeline(cache: Path = CACHE, ema: bool = True, tiny: bool = False,
+                   scheduler_key: str = SCHEDULER) -> tuple[StableDiffusionPipeline, dict]:
     """The fp32 pipeline from the checkpoints in cache, with the recommended scheduler (tiny: smoke-test VAE)."""
     vae = load_vae(cache, tiny=tiny)
     te, unet, state = load_checkpoint(cache, ema=ema)
     vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
-    scheduler = DPMSolverMultistepScheduler.from_config(DDPMScheduler(**SCHEDULER_CONFIG).config)
+    scheduler = make_scheduler(DDPMScheduler(**SCHEDULER_CONFIG), scheduler_key)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=load_tokenizer(cache / "tokenizer"), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -98,12 +104,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cache", type=Path, default=CACHE)
     p.add_argument("--dest", type=Path, default=ASSET)
+    p.add_argument("--scheduler", default=SCHEDULER, help="registry key of the model's own scheduler")
     a = p.parse_args()
     setup()
-    pipe, state = build_pipeline(a.cache)
+    pipe, state = build_pipeline(a.cache, scheduler_key=a.scheduler)
     meta = {"unet_step": state["step"], "train_minutes": round(state["elapsed"] / 60, 1),
             "final_loss": state["log"][-1]["loss"] if state["log"] else None,
-            "scaling_factor": pipe.vae.config.scaling_factor}
+            "scaling_factor": pipe.vae.config.scaling_factor, "objective": state.get("objective"),
+            "init_from": state.get("init_from")}
     dest = export(pipe, a.dest, meta)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"exported {dest} ({size / 2**20:.1f} MiB)", meta)

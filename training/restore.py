@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from training.common import ASSET, CACHE, save_atomic, setup
+from training.train_unet import objective
 
 
 def restore(src: Path = ASSET, out: Path = CACHE, force: bool = False) -> dict:
@@ -36,11 +37,14 @@ def restore(src: Path = ASSET, out: Path = CACHE, force: bool = False) -> dict:
     save_atomic({"model": vae.state_dict(), "restored_from": str(src)}, out / "vae.pt")  # load_vae falls back to it
     te = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32).state_dict()
     unet = UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32).state_dict()
+    # The objective the shipped weights were trained for, so train_unet resumes them instead of starting afresh.
+    scheduler_config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     step = int(meta.get("unet_step", 0))
     elapsed = 60.0 * float(meta.get("train_minutes", 0.0))
     save_atomic({"te": te, "unet": unet, "ema_te": te, "ema_unet": unet, "step": step, "elapsed": elapsed,
                  "log": [], "scaling_factor": float(vae.config.scaling_factor), "tiny": False,
-                 "restored_from": str(src)}, out / "unet.pt")
+                 "restored_from": str(src), "objective": objective(scheduler_config),
+                 "init_from": meta.get("init_from")}, out / "unet.pt")
     return {"step": step, "elapsed_min": elapsed / 60, "scaling_factor": vae.config.scaling_factor}
 
 
