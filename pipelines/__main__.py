@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from pipelines.registry import MODELS
 from pipelines.schedulers import SCHEDULERS
@@ -126,36 +127,47 @@ def _request(args: argparse.Namespace, trace: bool = True):
     import torch
 
     from pipelines.requests import Limits, build_request
-    from pipelines.worker import threads_for
 
     loader = ModelLoader(device=args.device, trace=trace)
-    pipe, _ = loader.view(args.model, None)  # loads once (validating the model first); generate() reuses it
-    torch.set_num_threads(threads_for(loader, pipe, torch.get_num_threads()))  # 1 for the embedded model
+    pipe = loader.get(args.model)  # loads once (validating the model first); generate() reuses it
     request = build_request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
         scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
         width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param),
         limits=Limits.from_env(os.environ),
     )
+    # Measured for this model and size (pipelines/threads.py): 1 for the embedded model, all cores for larger UNets.
+    torch.set_num_threads(loader.threads(request.model, request.height, request.width, serving=False,
+                                         default=torch.get_num_threads()).threads)
     return loader, pipe, request
+
+
+def _threads() -> str:
+    import torch
+
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"
 
 
 def _generate(args: argparse.Namespace) -> int:
     from pipelines.generate import generate
     from pipelines.outputs import TraceWriter
-    from pipelines.previews import Previewer
 
     loader, pipe, request = _request(args, trace=False)  # one image: a trace would cost more than it saves
-    previewer = Previewer(pipe)
-    fast = previewer.fast_kind  # "fast": the model's cheapest faithful colour preview (tiny decoder, TAESD, map)
-    previews = {name: (src, fast if kind == "fast" else kind) for name, src, kind in (
+    # The loaded model's previewer (a scheduler view's config does not name the folder with its preview decoder);
+    # "fast" is the model's cheapest faithful colour preview (tiny decoder, TAESD, map), as in the app.
+    policy = loader.profile(request.model).previews
+    previews = {name: (src, policy.kind(kind)) for name, src, kind in (
         ("latents", "latents", args.latents_preview), ("x0", "denoised", args.x0_preview)) if kind != "none"}
-    writer = TraceWriter(args.out, previewer, previews)
+    writer = TraceWriter(args.out, loader.previewer(request.model), previews)
+    t0 = time.perf_counter()
     result = generate(request, writer, loader=loader)
     writer.finish(result)
+    written = time.perf_counter() - t0
     t = result.timings
     print(f"wrote {os.path.join(args.out, 'image.png')} ({result.width}x{result.height}, seed {result.seed}, "
-          f"{result.scheduler}, {result.steps_completed} steps in {t.denoise:.2f}s, total {t.total:.2f}s)")
+          f"{result.scheduler}, {result.steps_completed} steps in {t.denoise:.2f}s on {_threads()}, "
+          f"written in {written:.2f}s)")
     return 0
 
 

@@ -22,6 +22,7 @@ Distances are RMS over RGB pixels in [0, 1]; sharpness is the mean squared Lapla
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -35,13 +36,11 @@ from PIL import Image, ImageDraw
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.observers import Observer
-from pipelines.previews import Previewer
 from pipelines.types import DEFAULT_MODEL, GenerationRequest, GenerationResult, StepEvent
 
 Cancelled = Callable[[], bool]  # polled at every step boundary and between runs; True stops the experiment
 R = TypeVar("R")
 
-DECODE_PIXELS = 256 * 256  # x̂0 is VAE-decoded up to this many pixels; larger models use their fast preview
 MAX_CELLS = 64  # sweep grids larger than this are refused (each cell is a full run)
 MAX_RUNS = 200  # branch / tradeoff experiments making more runs than this are refused
 
@@ -107,15 +106,15 @@ def seeded(request: GenerationRequest) -> GenerationRequest:
 
 
 class _X0:
-    """Decodes x̂0 latents of one model: the full VAE for small images, else the model's fast preview."""
+    """Decodes x̂0 latents of one model as its profile says experiments do (the full VAE for small images, else
+    the model's fast preview), or as `kind` names."""
 
     def __init__(self, request: GenerationRequest, loader: ModelLoader, kind: str = "auto") -> None:
-        self.previewer = Previewer(loader.get(request.model))  # the loaded pipeline knows its preview decoder
-        if kind == "auto":
-            side = self.previewer.family.default_size(self.previewer.pipe)
-            area = (request.width or side) * (request.height or side)
-            kind = "decode" if area <= DECODE_PIXELS else self.previewer.fast_kind
-        self.kind = kind
+        self.previewer = loader.previewer(request.model)
+        profile = loader.profile(request.model)
+        side = profile.native_size
+        area = (request.width or side) * (request.height or side)
+        self.kind = profile.previews.experiment_x0(area) if kind == "auto" else profile.previews.kind(kind)
 
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
         return self.previewer.render(self.kind, latents)
@@ -713,8 +712,11 @@ def stack(*images: Image.Image) -> Image.Image:
 # ---- files: images + one JSON per experiment (the CLI writes these; paths in the JSON are relative to `out`) ---------
 
 
-def _r(x: float | None, digits: int = 6) -> float | None:
-    return None if x is None else round(float(x), digits)
+def _r(x: float | None, digits: int = 6) -> float | str | None:
+    """A number for JSON: rounded; "inf" / "nan" as strings (σ is ∞ at a zero-terminal-SNR model's first step)."""
+    if x is None:
+        return None
+    return round(float(x), digits) if math.isfinite(x) else str(float(x))
 
 
 def write_jump(report: JumpReport, out: str | Path, frames: int = 6) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
+from pipelines import threads as thread_probe
+from pipelines.previews import Previewer
+from pipelines.profile import ModelProfile, build_profile
 from pipelines.registry import MODELS, resolve
 from pipelines.schedulers import key_of, make_scheduler
 from pipelines.traced import SMALL_DENOISER_PARAMS, TracedUNet, num_params, traceable
@@ -136,6 +139,10 @@ class ModelLoader:
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._pinned: dict[str, DiffusionPipeline] = {}
         self._views: dict[tuple[str, str | None], DiffusionPipeline] = {}
+        # Per model, dropped with it: its previewer and profile (resolved once), thread choices per size and setting.
+        self._previewers: dict[str, Previewer] = {}
+        self._profiles: dict[str, ModelProfile] = {}
+        self._threads: dict[tuple[str, tuple[int, int], bool, int], thread_probe.ThreadChoice] = {}
         self._lock = threading.RLock()
         self.run_lock = threading.Lock()  # one denoising run at a time: the views' schedulers are stateful
 
@@ -144,7 +151,7 @@ class ModelLoader:
         pipe.set_progress_bar_config(disable=True)
         with self._lock:
             self._pinned[name] = pipe
-            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+            self._forget(name)
 
     def check_allowed(self, model: str) -> None:
         if self.allowed is not None and model not in self.allowed and model not in self._pinned:
@@ -179,7 +186,7 @@ class ModelLoader:
             while self._pipes and len(self._pipes) >= self.max_cached:
                 old, _ = self._pipes.popitem(last=False)
                 self._loaded_at.pop(old, None)
-                self._views = {k: v for k, v in self._views.items() if k[0] != old}
+                self._forget(old)
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -196,6 +203,51 @@ class ModelLoader:
         """
         pipe = self._pinned.get(model)
         return pipe if pipe is not None else self._pipes.get(model)
+
+    def _forget(self, model: str) -> None:
+        """Drop what was derived from `model`'s pipeline (views, previewer, profile, thread choices)."""
+        self._views = {k: v for k, v in self._views.items() if k[0] != model}
+        self._previewers.pop(model, None)
+        self._profiles.pop(model, None)
+        self._threads = {k: v for k, v in self._threads.items() if k[0] != model}
+
+    def previewer(self, model: str) -> Previewer:
+        """The previewer of `model`, built once from the loaded pipeline (whose folder holds its preview decoder;
+        a scheduler view's config does not name it)."""
+        pipe = self.get(model)
+        with self._lock:
+            previewer = self._previewers.get(model)
+            if previewer is None or previewer.pipe is not pipe:
+                previewer = self._previewers[model] = Previewer(pipe)
+        return previewer
+
+    def profile(self, model: str) -> ModelProfile:
+        """What is known about `model` on this loader's device (pipelines/profile.py), resolved once per load."""
+        pipe = self.get(model)
+        with self._lock:
+            profile = self._profiles.get(model)
+            if profile is None:
+                offload = self.offload and self.device.type == "cuda"  # accelerate's offload hooks exist on CUDA only
+                profile = self._profiles[model] = build_profile(model, pipe, self.previewer(model), self.device.type,
+                                                                offload)
+        return profile
+
+    def threads(self, model: str, height: int | None, width: int | None, *, serving: bool,
+                default: int) -> thread_probe.ThreadChoice:
+        """torch's thread count for runs of `model` at height x width (None: its native size), measured on first
+        use of that size (pipelines/threads.py) and kept with the model. serving: the web app, where the event
+        loop and previews need a core."""
+        pipe = self.get(model)
+        profile = self.profile(model)
+        side = profile.native_size
+        hw = ((height or side) // pipe.vae_scale_factor, (width or side) // pipe.vae_scale_factor)
+        key = (model, hw, serving, default)
+        with self._lock:  # one probe at a time; runs wait for it anyway (run_lock)
+            choice = self._threads.get(key)
+            if choice is None:
+                denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+                choice = self._threads[key] = thread_probe.choose(denoiser, hw, self.device, default, serving)
+        return choice
 
     def view(self, model: str, scheduler: str | None) -> tuple[DiffusionPipeline, str]:
         """The pipeline for `model` with a fresh scheduler `scheduler` (None: the model's own), and its key."""

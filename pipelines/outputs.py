@@ -369,20 +369,20 @@ class TraceWriter(Observer):
     """Writes per-step previews under out_dir/steps/ as the run goes, and trace.json + image.png at the end.
 
     previews: which images to write each step, as {name: (source, kind)} with source one of
-    "latents", "denoised", "denoised_cond", "denoised_uncond" and kind a Previewer kind.
+    "latents", "denoised", "denoised_cond", "denoised_uncond" and kind a Previewer kind or "fast" (the model's
+    cheapest colour preview); a kind the model does not offer is refused, never swapped for another.
     tensors_limit_bytes: when > 0, also keep each step's first-image tensors (float16) and save them to
     steps/tensors.safetensors at finish if they fit (see save_step_tensors; `tensors_saved` tells).
     """
 
-    DEFAULT_PREVIEWS = {"latents": ("latents", "rgb"), "x0": ("denoised", "decode")}
+    DEFAULT_PREVIEWS = {"latents": ("latents", "fast"), "x0": ("denoised", "decode")}
 
     def __init__(self, out_dir: str | os.PathLike, previewer: Previewer,
                  previews: dict[str, tuple[str, str]] | None = None, tensors_limit_bytes: int = 0) -> None:
         self.out_dir = Path(out_dir)
         self.previewer = previewer
         wanted = previews if previews is not None else self.DEFAULT_PREVIEWS
-        # A model without an RGB map falls back, visibly in trace.json, to its channel grid.
-        self.previews = {name: (src, kind if kind in previewer.kinds else "channels") for name, (src, kind) in wanted.items()}
+        self.previews = {name: (src, previewer.resolve(kind)) for name, (src, kind) in wanted.items()}
         self.steps: list[TraceStep] = []
         self.tensors_limit_bytes = tensors_limit_bytes
         self._tensors: list[StepTensors] | None = [] if tensors_limit_bytes > 0 else None

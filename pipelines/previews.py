@@ -278,6 +278,16 @@ def cached_taesd(repo: str | None, channels: int) -> Path | None:
 # ---- the previewer -------------------------------------------------------------------------------------
 
 
+def resolve_kind(wanted: str, offered: tuple[str, ...], fast: str) -> str:
+    """`wanted` when offered ('fast': the model's fast kind); never a silent fallback to another kind."""
+    kind = fast if wanted == "fast" else wanted
+    if kind not in offered:
+        known = "" if kind in KIND_LABELS else "unknown "
+        raise ValueError(f"{known}preview kind {wanted!r} is not offered for this model; choose one of: "
+                         f"fast, {', '.join(offered)}")
+    return kind
+
+
 class Previewer:
     """Renders latents of one loaded pipeline with any of the preview strategies it offers.
 
@@ -323,6 +333,10 @@ class Previewer:
     def fast_kind(self) -> str:
         """The cheapest colour preview this model offers short of the full decode ('channels' when none)."""
         return next((k for k in ("approx", "taesd", "rgb") if k in self.kinds), "channels")  # TAESD beats the linear map
+
+    def resolve(self, wanted: str) -> str:
+        """A kind this model offers: `wanted` itself, or its fast kind for 'fast'; else a ValueError listing them."""
+        return resolve_kind(wanted, self.kinds, self.fast_kind)
 
     def label(self, kind: str) -> str:
         """Human label of an offered kind, for the UI."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Mapping
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -30,6 +31,8 @@ class ModelEntry:
     # weight class for work budgets and the hardware-aware list (pipelines/limits.py): "small" (the embedded model),
     # "standard" (SD 1.x/2.x, ~1 B parameters) or "heavy" (SDXL, T5-XXL models: too big for a CPU in fp32)
     tier: str = "standard"
+    guidance: str = "cfg"  # recommended guidance method (guidance/registry.py)
+    guidance_params: Mapping[str, float] = field(default_factory=dict)  # its parameters, when not the defaults
 
 
 MODELS: dict[str, ModelEntry] = {m.key: m for m in (
@@ -79,19 +82,6 @@ def extra_models_from_env(value: str | None = None) -> list[str]:
     """Extra allow-listed hub ids or folders from PLAYGROUND_EXTRA_MODELS (comma separated)."""
     value = os.environ.get("PLAYGROUND_EXTRA_MODELS", "") if value is None else value
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def recommended_settings(model: str, pipe) -> dict[str, float | int]:
-    """Steps and guidance scale to use when the user gives none: ours for registry models, else the stock
-    pipeline's own __call__ defaults, so an unknown folder behaves as diffusers would."""
-    entry = MODELS.get(model)
-    if entry is not None:
-        return {"num_inference_steps": entry.steps, "guidance_scale": entry.guidance_scale}
-    from pipelines.families import family_of
-
-    defaults = family_of(pipe).call_defaults(pipe)
-    return {"num_inference_steps": int(defaults.get("num_inference_steps", 20)),
-            "guidance_scale": float(defaults.get("guidance_scale", 7.5))}
 
 
 # Parameter counts that separate the tiers for models outside the registry (whole pipeline, every module): the

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 from pipelines.errors import shown
 from pipelines.limits import ENV_VARS, Limits
 from pipelines.loading import ModelLoader
-from pipelines.registry import MODELS, recommended_settings, resolve, tier_of
+from pipelines.profile import Recommended, recommended_for
+from pipelines.registry import MODELS, resolve, tier_of
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -99,12 +100,10 @@ def missing_embedded(model: str) -> str | None:
     return None
 
 
-def recommended(model: str, loader: ModelLoader) -> dict[str, float | int]:
-    """Steps and guidance scale for `model`: the registry's, else its stock pipeline's defaults (loads it)."""
-    entry = MODELS.get(model)
-    if entry is not None:
-        return {"num_inference_steps": entry.steps, "guidance_scale": entry.guidance_scale}
-    return recommended_settings(model, loader.get(model))
+def recommended(model: str, loader: ModelLoader) -> Recommended:
+    """The settings `model` takes when left unset: the registry's without loading anything, else its profile's
+    (the stock pipeline's own defaults; loads it)."""
+    return recommended_for(model, None) if model in MODELS else loader.profile(model).recommended
 
 
 def text_field(name: str, value: Any, limit: int, variable: str | None = None) -> str:
@@ -171,7 +170,8 @@ def build_request(
 
     Unset (None, "", or the API's sentinels): num_inference_steps / guidance_scale -1 take the model's
     recommended values; seed -1 draws a random one; width / height 0 take the model's native size;
-    scheduler "" or "model default" keeps the model's own; guidance "" is plain CFG.
+    scheduler "" or "model default" keeps the model's own; guidance "" takes the model's recommended method (and
+    its parameters when guidance_params is unset too).
     limits: the work budget (default: Limits(), the built-in defaults; app.py and the CLI pass Limits.from_env).
     """
     limits = limits or Limits()
@@ -194,11 +194,12 @@ def build_request(
         text_field(name, value, 100)
 
     steps_unset, scale_unset = _unset(num_inference_steps, -1), _unset(guidance_scale, -1)
-    defaults = recommended(model, loader) if steps_unset or scale_unset else {}
-    steps = defaults["num_inference_steps"] if steps_unset else whole_number("num_inference_steps", num_inference_steps)
+    guidance_unset = _unset(guidance)
+    rec = recommended(model, loader) if steps_unset or scale_unset or guidance_unset else None
+    steps = rec.num_inference_steps if steps_unset else whole_number("num_inference_steps", num_inference_steps)
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}, got {steps}")
-    scale = defaults["guidance_scale"] if scale_unset else number("guidance_scale", guidance_scale)
+    scale = rec.guidance_scale if scale_unset else number("guidance_scale", guidance_scale)
     if not 0 <= scale <= MAX_GUIDANCE_SCALE:
         raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE_SCALE:g}, got {scale:g}")
 
@@ -232,6 +233,7 @@ def build_request(
         seed=seed_value,
         width=sizes["width"],
         height=sizes["height"],
-        guidance=(guidance or "cfg").strip() if isinstance(guidance, str) else guidance,
-        guidance_params=parse_guidance_params(guidance_params),
+        guidance=rec.guidance if guidance_unset else guidance.strip(),
+        guidance_params=(dict(rec.guidance_params) if guidance_unset and _unset(guidance_params)
+                         else parse_guidance_params(guidance_params)),
     )

@@ -4,12 +4,12 @@ Why not a thread per run: torch on a *new* Python thread builds a new OpenMP tea
 the first run there was ~3x slower than on a thread that already had one (1.46 s vs 0.50 s for 20 steps of
 the embedded model, measured in issue 12). One thread that lives as long as the app keeps its team warm.
 
-Why one torch thread for small models: the embedded model's UNet is far too small to split a convolution
-over cores (1 thread: 0.41-0.45 s per 20-step run, 2 threads: 0.50 s, same process, measured here), and the
-free core then renders previews and serves HTTP without competing with the loop. With the UNet traced
-(pipelines/traced.py) two threads win alone (0.26 s vs 0.29 s per run) but lose in the app, whose event loop
-wakes every millisecond and stalls the second OpenMP thread at every op's barrier: /generate took 2.2x the
-stock call with two threads, 1.1x with one. Large models keep torch's own default. See `threads_for`.
+The thread count of each run is measured per model and size (pipelines/threads.py, ModelLoader.threads): the
+embedded model's UNet is far too small to split a convolution over cores, and the free core then renders previews
+and serves HTTP without competing with the loop; with the UNet traced (pipelines/traced.py) two threads win alone
+(0.26 s vs 0.29 s per run) but lose in the app, whose event loop wakes every millisecond and stalls the second
+OpenMP thread at every op's barrier (/generate took 2.2x the stock call with two threads, 1.1x with one): so jobs
+here run with serving=True, where N threads must win by a wide margin.
 """
 
 from __future__ import annotations
@@ -22,12 +22,6 @@ from typing import Callable, TypeVar
 import torch
 
 T = TypeVar("T")
-
-
-def threads_for(loader, pipe, default: int) -> int:
-    """torch intra-op threads for a run of `pipe` on `loader`'s device: 1 for small denoisers on a CPU
-    (ModelLoader.small_denoiser), else `default`."""
-    return 1 if loader.device.type == "cpu" and loader.small_denoiser(pipe) else default
 
 
 class GenerationWorker:
@@ -77,10 +71,12 @@ class GenerationWorker:
                 future.set_exception(e)
 
 
-def load_here(worker: GenerationWorker, model: str, *, loader):
-    """Inside a job of `worker`: load `model` and set torch's thread count for it (threads_for); returns the pipe."""
-    pipe = loader.get(model)
-    torch.set_num_threads(threads_for(loader, pipe, worker.default_threads))
+def load_here(worker: GenerationWorker, request, *, loader):
+    """Inside a job of `worker`: load the request's model and set torch's thread count for its size
+    (ModelLoader.threads, serving); returns the loaded pipeline."""
+    pipe = loader.get(request.model)
+    choice = loader.threads(request.model, request.height, request.width, serving=True, default=worker.default_threads)
+    torch.set_num_threads(choice.threads)
     return pipe
 
 
@@ -88,7 +84,7 @@ def generate_here(worker: GenerationWorker, request, observer=None, *, loader):
     """generate(request, observer) inside a job of `worker`, with torch's thread count chosen for the model."""
     from pipelines.generate import generate
 
-    load_here(worker, request.model, loader=loader)
+    load_here(worker, request, loader=loader)
     return generate(request, observer, loader=loader)
 
 

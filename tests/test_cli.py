@@ -181,3 +181,33 @@ def test_tradeoff_refuses_a_model_the_judge_cannot_score(model_dir, tmp_path, ca
     code = main(["tradeoff", "--prompt", "a red circle", "--model", str(model_dir), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "can only score the embedded model 'tiny-shapes'" in err
+
+
+@pytest.mark.skipif(not (ROOT / "assets" / "models" / "tiny-shapes" / "model_index.json").exists(),
+                    reason="embedded model not installed")
+def test_default_model_previews_show_the_final_image(tmp_path):
+    """The CLI's last-step x_t (fast preview) and x̂0 (full decode) of the default model show the final image: its
+    previews come from the model's own preview decoder, as in the app (they once used SD 1.5's latent->RGB factors,
+    0.33 mean |RGB| away, because the previewer was built from a scheduler view that does not name the folder)."""
+    import numpy as np
+
+    for i, prompt in enumerate(("a small green triangle in the top right", "a large red star on a blue background")):
+        out = tmp_path / str(i)
+        proc = run_cli("generate", "--prompt", prompt, "--seed", str(i), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        trace = json.loads((out / "trace.json").read_text())
+        last = trace["steps"][-1]
+        assert trace["preview_kinds"] == {"latents": "approx", "x0": "decode"} and trace["latent_format"] == "tiny-shapes"
+        final = np.asarray(Image.open(out / "image.png").convert("RGB"), dtype=np.float32) / 255
+        for name in ("latents", "x0"):
+            preview = np.asarray(Image.open(out / last["previews"][name]).convert("RGB"), dtype=np.float32) / 255
+            assert preview.shape == final.shape
+            assert np.abs(preview - final).mean() <= 0.05, (prompt, name, np.abs(preview - final).mean())
+
+
+def test_a_preview_kind_the_model_lacks_is_refused_with_what_it_offers(model_dir, tmp_path):
+    proc = run_cli("generate", "--prompt", "a star", "--model", str(model_dir), "--steps", "2", "--width", "16",
+                   "--height", "16", "--latents-preview", "approx", "--out", str(tmp_path / "run"))
+    assert proc.returncode != 0
+    assert "preview kind 'approx' is not offered for this model; choose one of: fast, channels, rgb, decode" in proc.stderr
+    assert "Traceback" not in proc.stderr

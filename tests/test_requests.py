@@ -10,7 +10,7 @@ import torch
 from pipelines.loading import ModelLoader
 from pipelines.requests import OWN_SCHEDULER, build_request, parse_guidance_params, whole_number
 from pipelines.types import DEFAULT_MODEL, MAX_STEPS
-from pipelines.worker import GenerationWorker, generate_on, threads_for
+from pipelines.worker import GenerationWorker, generate_on
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,15 @@ def test_worker_runs_every_job_on_one_long_lived_thread(loader):
     assert result.steps_completed == 3 and worker.thread is names[0]  # PNDM: N + 1 iterations
 
 
-def test_thread_count_is_chosen_by_model_size(loader):
-    pipe = loader.get("tiny-sd")
-    assert threads_for(loader, pipe, default=2) == 1  # a tiny UNet on the CPU: one thread
-    on_gpu = ModelLoader(device="cuda")  # never loads here: only its device is asked
-    assert threads_for(on_gpu, pipe, default=2) == 2
+def test_thread_count_is_measured_per_model_and_size(loader):
+    """A tiny UNet's call is microseconds of work split over two threads' barriers: one thread wins, and the probe
+    says so with its numbers; the choice is kept per size and setting, and dropped with the model."""
+    one = loader.threads("tiny-sd", None, None, serving=True, default=2)
+    assert one.threads == 1 and set(one.seconds) == {1, 2} and "1 thread" in one.why
+    assert loader.threads("tiny-sd", None, None, serving=True, default=2) is one  # measured once
+    assert loader.threads("tiny-sd", 64, 64, serving=False, default=2) is not one
+    assert loader.threads("tiny-sd", None, None, serving=False, default=1).seconds == {}  # one core: nothing to probe
+    on_gpu = ModelLoader(device="cuda")  # never runs here: the choice is made from the device
+    from pipelines import threads
+
+    assert threads.choose(loader.get("tiny-sd").unet, (16, 16), on_gpu.device, 2, True).threads == 2

@@ -12,7 +12,8 @@ import gradio as gr
 
 from guidance.registry import METHODS
 from pipelines.registry import MODELS
-from pipelines.requests import OWN_SCHEDULER, build_request
+from pipelines.profile import Recommended
+from pipelines.requests import OWN_SCHEDULER, build_request, recommended
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.render import display_source
 from ui.state import Playground
@@ -28,12 +29,25 @@ EXAMPLE_PROMPTS = [
 X0_CHOICES = [("Auto", "auto"), ("VAE decode", "decode"), ("Fast preview", "fast")]
 
 
-def guidance_range(model: str) -> tuple[float, float]:
-    """The guidance-scale slider's range for `model`: 0 to ~2.5× its recommended scale (0–3 for guidance-free
-    distilled models such as SD-Turbo), so the useful part of the slider is most of it. The API accepts more."""
-    entry = MODELS.get(model)
-    recommended = entry.guidance_scale if entry is not None else 7.5
-    return 0.0, float(max(3, math.ceil(2.5 * recommended)))
+# What the widgets show for a model whose settings are not known before it loads (a folder outside the registry).
+UNKNOWN = Recommended(20, 7.5, None)
+
+
+def known_settings(model: str, loader) -> Recommended:
+    """The model's recommended settings where they are known without loading it (registry models, loaded models),
+    else UNKNOWN; the request builder fills unset values from the same profile."""
+    if model in MODELS or loader.loaded(model) is not None:
+        try:
+            return recommended(model, loader)
+        except ValueError:
+            pass
+    return UNKNOWN
+
+
+def guidance_range(recommended_scale: float) -> tuple[float, float]:
+    """The guidance-scale slider's range: 0 to ~2.5× the model's recommended scale (0–3 for guidance-free distilled
+    models such as SD-Turbo), so the useful part of the slider is most of it. The API accepts more."""
+    return 0.0, float(max(3, math.ceil(2.5 * recommended_scale), recommended_scale))
 
 
 def model_label(model: str) -> str:
@@ -58,7 +72,7 @@ class Controls:
     def __init__(self, app: Playground) -> None:
         self.app = app
         model0 = app.default_model
-        entry = MODELS.get(model0)
+        rec = known_settings(model0, app.loader)
         with gr.Column(elem_id="prompt-block"):
             self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left")
             self.prompt_note = gr.Markdown("", elem_classes="step-note", elem_id="prompt-note")
@@ -72,26 +86,28 @@ class Controls:
                         cache_examples=False, examples_per_page=len(EXAMPLE_PROMPTS))
             self.model = gr.Dropdown([(model_label(m), m) for m in app.models], value=model0, label="Model")
             self.model_note = gr.Markdown(self.note_for(model0), elem_classes="step-note", elem_id="model-note")
-            self.scheduler = gr.Dropdown(app.scheduler_choices(model0), value=(entry.scheduler if entry and entry.scheduler
-                                         else OWN_SCHEDULER), label="Scheduler",
+            self.scheduler = gr.Dropdown(app.scheduler_choices(model0), value=rec.scheduler or OWN_SCHEDULER,
+                                         label="Scheduler",
                                          info="stochastic samplers add fresh noise every step; heun and pndm "
                                               "evaluate the model more often than the step count")
-            self.num_inference_steps = gr.Slider(1, MAX_STEPS, value=entry.steps if entry else 20, step=1, label="Steps")
+            self.num_inference_steps = gr.Slider(1, MAX_STEPS, value=rec.num_inference_steps, step=1, label="Steps")
             with gr.Row():
-                self.guidance = gr.Dropdown([(k, k) for k in METHODS], value="cfg", label="Guidance method", scale=1)
-                lo, hi = guidance_range(model0)
-                self.guidance_scale = gr.Slider(lo, hi, value=entry.guidance_scale if entry else 7.5, step=0.1,
+                self.guidance = gr.Dropdown([(k, k) for k in METHODS], value=rec.guidance, label="Guidance method",
+                                            scale=1)
+                lo, hi = guidance_range(rec.guidance_scale)
+                self.guidance_scale = gr.Slider(lo, hi, value=rec.guidance_scale, step=0.1,
                                                 label="Guidance scale", scale=2)
             with gr.Accordion("Guidance method parameters", open=False):
-                self.method_note = gr.Markdown(method_note("cfg"), elem_classes="step-note")
+                self.method_note = gr.Markdown(method_note(rec.guidance), elem_classes="step-note")
                 self.param_groups: dict[str, gr.Group] = {}
                 self.param_sliders: dict[str, gr.Slider] = {}  # "method__param" -> slider
                 for key, spec in METHODS.items():
-                    with gr.Group(visible=key == "cfg") as group:
+                    with gr.Group(visible=key == rec.guidance) as group:
                         for p in spec.params:
                             step = 1 if p.integer else 0.01  # fine enough for every default (e.g. σ 0.28)
+                            value = rec.guidance_params.get(p.name, p.default) if key == rec.guidance else p.default
                             self.param_sliders[f"{key}__{p.name}"] = gr.Slider(
-                                p.low, p.high, value=p.default, step=step, label=p.name, info=p.doc)
+                                p.low, p.high, value=value, step=step, label=p.name, info=p.doc)
                     self.param_groups[key] = group
             with gr.Row():
                 self.seed = gr.Number(value=0, precision=0, label="Seed", scale=2, min_width=120)
@@ -172,22 +188,17 @@ class Controls:
     # -- wiring ----------------------------------------------------------------------------------------
 
     def on_model(self, model_value: str) -> dict:
-        e = MODELS.get(model_value)
-        lo, hi = guidance_range(model_value)
-        out: dict = {self.scheduler: gr.Dropdown(choices=self.app.scheduler_choices(model_value), value=OWN_SCHEDULER),
+        rec = known_settings(model_value, self.app.loader)
+        lo, hi = guidance_range(rec.guidance_scale)
+        out: dict = {self.scheduler: gr.Dropdown(choices=self.app.scheduler_choices(model_value),
+                                                 value=rec.scheduler or OWN_SCHEDULER),
                      self.model_note: self.note_for(model_value), self.width: 0, self.height: 0,
                      self.guidance_scale: gr.Slider(lo, hi)}
-        if e is not None or self.app.loader.loaded(model_value) is not None:
-            try:
-                from pipelines.requests import recommended
-
-                rec = recommended(model_value, self.app.loader)
-                out |= {self.num_inference_steps: rec["num_inference_steps"],
-                        self.guidance_scale: gr.Slider(lo, max(hi, rec["guidance_scale"]), value=rec["guidance_scale"])}
-            except ValueError:
-                pass
-        if e is not None and e.scheduler:
-            out[self.scheduler] = gr.Dropdown(choices=self.app.scheduler_choices(model_value), value=e.scheduler)
+        if rec is not UNKNOWN:  # an unknown folder keeps the user's values; unset ones are filled when it runs
+            out |= {self.num_inference_steps: rec.num_inference_steps,
+                    self.guidance_scale: gr.Slider(lo, hi, value=rec.guidance_scale), self.guidance: rec.guidance}
+            out |= {self.param_sliders[f"{rec.guidance}__{k}"]: v for k, v in rec.guidance_params.items()}
+            out |= self.on_method(rec.guidance)
         return out
 
     def on_method(self, method: str) -> dict:
@@ -197,7 +208,8 @@ class Controls:
     def wire(self) -> None:
         self.model.input(self.on_model, inputs_kwargs=dict(model_value=self.model),
                          outputs=[self.scheduler, self.model_note, self.width, self.height, self.num_inference_steps,
-                                  self.guidance_scale], api_visibility="private")
+                                  self.guidance_scale, self.guidance, self.method_note, *self.param_groups.values(),
+                                  *self.param_sliders.values()], api_visibility="private")
         self.guidance.change(self.on_method, inputs_kwargs=dict(method=self.guidance),
                              outputs=[self.method_note, *self.param_groups.values()], api_visibility="private")
         notes = dict(fn=self.prompt_notes, inputs_kwargs=dict(prompt=self.prompt, negative_prompt=self.negative_prompt,

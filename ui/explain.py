@@ -298,7 +298,7 @@ class ExplainView:
     def _job(self, request, fn: Callable[[], Any]) -> Any:
         """fn() on the generation worker with the model's torch thread count."""
         def job():
-            load_here(self.app.worker, request.model, loader=self.app.loader)
+            load_here(self.app.worker, request, loader=self.app.loader)
             return fn()
 
         return self.app.worker.run(job)
@@ -557,7 +557,7 @@ class ExplainView:
 
 
 def _r(x):
-    return None if x is None else round(float(x), 6)
+    return explain._r(x)
 
 
 def _jump_numbers(r: explain.JumpReport) -> dict:

@@ -26,7 +26,7 @@ from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step
 from pipelines.previews import Previewer
 from pipelines.registry import MODELS
 from pipelines.requests import OWN_SCHEDULER, missing_embedded
-from pipelines.schedulers import SCHEDULERS, compatible_keys
+from pipelines.schedulers import SCHEDULERS, compatible_keys, folder_config
 from pipelines.types import GenerationRequest, GenerationResult
 from pipelines.worker import GenerationWorker, generate_here, load_here
 from ui.render import guidance_map, heat, upscale
@@ -38,9 +38,6 @@ MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
 # 1000-step run needs 16 MB, an SDXL 1024² step 1 MB) and for all runs in memory together (oldest dropped first).
 SCRUB_BYTES_PER_RUN = 48 * 2**20
 SCRUB_BYTES_TOTAL = 192 * 2**20
-# "auto" x̂0 in the scrubber: a full VAE decode up to this many pixels (the embedded 64×64 decodes in ~14 ms on
-# one CPU thread; a 512×512 SD decode takes seconds there).
-DECODE_LIMIT = {"cpu": 256 * 256, "cuda": 1024 * 1024}
 PREVIEW_NAMES = ("latents", "channels", "x0", "x0_live", "x0_cond", "x0_uncond", "delta")
 
 
@@ -97,32 +94,9 @@ class Run:
         return self.recorder.steps
 
 
-def fast_kind(previewer: Previewer) -> str:
-    """The cheapest preview that shows this model's colours faithfully (the embedded model: its tiny preview
-    decoder; hub models: TAESD when cached, else the published latent→RGB map), else the channel grid."""
-    return previewer.fast_kind
-
-
 def kind_label(previewer: Previewer | None, kind: str) -> str:
     """What a panel shows, in words, for its caption."""
     return previewer.label(kind) if previewer is not None else kind
-
-
-def pick_kinds(choice: str, previewer: Previewer, pixels: int, device: torch.device, offload: bool) -> tuple[str, str, str]:
-    """(latents kind, scrubber x̂0 kind, live x̂0 kind) for a run.
-
-    x_t always uses the cheap colour preview. Under "auto" the scrubber decodes small images with the VAE and the
-    live view uses the cheap preview on a CPU (a decode there competes with the loop). With model CPU offload
-    nothing decodes outside the loop: accelerate's hooks would move the VAE onto the GPU mid-step.
-    """
-    fast = fast_kind(previewer)
-    if offload or choice == "fast":
-        return fast, fast, fast
-    small = pixels <= DECODE_LIMIT.get(device.type, DECODE_LIMIT["cpu"])
-    if choice == "decode" or small:
-        live = "decode" if choice == "decode" or device.type != "cpu" or fast == "channels" else fast
-        return fast, "decode", live
-    return fast, fast, fast
 
 
 class Playground:
@@ -160,6 +134,8 @@ class Playground:
         pipe = self.loader.loaded(model)
         if pipe is not None:
             keys = compatible_keys(pipe.scheduler)
+        elif model in MODELS and folder_config(MODELS[model].source) is not None:  # a local folder: its own config
+            keys = compatible_keys(folder_config(MODELS[model].source))
         elif model in MODELS:
             kind = "flow" if MODELS[model].family == "sd3" else "discrete"
             keys = [k for k, s in SCHEDULERS.items() if s.kind == kind]
@@ -251,14 +227,12 @@ class Playground:
         try:
             if run.latest.is_cancelled():
                 raise ValueError("Stopped before the run started.")
-            pipe, _ = self.loader.view(run.request.model, run.request.scheduler)
-            # The loaded pipeline knows its folder (its preview decoder); a scheduler view does not.
-            run.previewer = Previewer(load_here(self.worker, run.request.model, loader=self.loader))
-            side = run.previewer.family.default_size(pipe)
+            load_here(self.worker, run.request, loader=self.loader)
+            profile = self.loader.profile(run.request.model)
+            run.previewer = self.loader.previewer(run.request.model)
+            side = profile.native_size
             pixels = (run.request.width or side) * (run.request.height or side)
-            run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
-                run.x0_choice, run.previewer, pixels, self.loader.device,
-                offload=self.loader.offload and self.loader.device.type == "cuda")
+            run.latents_kind, run.x0_kind, run.live_x0_kind = profile.previews.view_kinds(run.x0_choice, pixels)
             # Numbers and step tensors (small runs) only: previews render on demand, and a restored run re-renders.
             writer = TraceWriter(run.folder, run.previewer, previews={}, tensors_limit_bytes=STEP_TENSORS_LIMIT)
             # The recorder sees each step before the UI can take it, so live previews come from the scrub cache.
@@ -329,10 +303,9 @@ class Playground:
                 step=t.step, timestep=n.timestep, sigma=n.sigma, latents=batch(t.latents), denoised=batch(t.denoised),
                 denoised_cond=batch(t.denoised_cond), denoised_uncond=batch(t.denoised_uncond),
                 guidance_delta_norm=n.guidance_delta_norm, effective_scale=n.effective_scale))
-        run.previewer = Previewer(self.loader.get(trace.request.model))
-        pixels = trace.width * trace.height
-        run.latents_kind, run.x0_kind, run.live_x0_kind = pick_kinds(
-            "auto", run.previewer, pixels, self.loader.device, offload=self.loader.offload)
+        run.previewer = self.loader.previewer(trace.request.model)
+        run.latents_kind, run.x0_kind, run.live_x0_kind = self.loader.profile(trace.request.model).previews.view_kinds(
+            "auto", trace.width * trace.height)
         tops = [guidance_map(s.denoised_cond, s.denoised_uncond).max() for s in run.steps if s.denoised_cond is not None]
         run.heat_top = float(max(tops, default=0.0))
         run.done.set()

@@ -1,0 +1,117 @@
+"""What is known about one loaded model, resolved once and handed down: its recommended settings, the schedulers
+that fit it (and why the others do not), its sizes and weight class, its latent format and which preview each view
+shows, its vocabulary and note. The loader builds one per loaded model (ModelLoader.profile) and drops it with the
+model; the request builder, the UI, the Explain lab, the trace writer and the CLI read it instead of working the same
+facts out again. Thread counts depend on the size of a run too: ModelLoader.threads (pipelines/threads.py).
+
+After ComfyUI's comfy/latent_formats.py: one record per model, read by everyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pipelines.families import family_of
+from pipelines.previews import LatentFormat, Previewer, resolve_kind
+from pipelines.registry import MODELS, model_vocabulary, tier_of
+from pipelines.schedulers import SCHEDULERS, compatible_keys, why_not
+
+# Images up to this many pixels are VAE-decoded outside the loop (scrubber, experiments); a decode competes with the
+# loop on a CPU, so the live x̂0 there uses the fast preview. Larger images use the fast preview everywhere.
+DECODE_PIXELS = {"cpu": 256 * 256, "cuda": 1024 * 1024}
+PREVIEW_CHOICES = ("auto", "fast", "decode")  # the UI's x̂0 preview choice
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """Settings a run takes when the user leaves them unset."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str | None  # registry key; None keeps the model's own
+    guidance: str = "cfg"  # guidance method key (guidance/registry.py)
+    guidance_params: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreviewPolicy:
+    """Which preview kind each view shows for one model on one device: the cheapest faithful kind, in one table."""
+
+    offered: tuple[str, ...]  # kinds this model offers, cheapest first (pipelines.previews.KIND_LABELS)
+    fast: str  # the cheapest colour preview short of a full decode ('channels' when the model has none)
+    decode_pixels: int  # images up to this many pixels are VAE-decoded outside the loop on this device
+    on_cpu: bool  # a live decode would compete with the loop for the CPU
+    offload: bool  # model CPU offload: nothing decodes outside the loop (accelerate would move the VAE mid-step)
+
+    def view_kinds(self, choice: str, pixels: int) -> tuple[str, str, str]:
+        """(live x_t, scrubber x̂0, live x̂0) for the UI's x̂0 choice ('auto', 'fast' or 'decode') at `pixels`."""
+        if choice not in PREVIEW_CHOICES:
+            raise ValueError(f"unknown x̂0 preview {choice!r}; choose one of: {', '.join(PREVIEW_CHOICES)}")
+        if self.offload or choice == "fast":
+            return self.fast, self.fast, self.fast
+        if choice == "decode" or pixels <= self.decode_pixels:
+            live = "decode" if choice == "decode" or not self.on_cpu or self.fast == "channels" else self.fast
+            return self.fast, "decode", live
+        return self.fast, self.fast, self.fast
+
+    def experiment_x0(self, pixels: int) -> str:
+        """The Explain lab's x̂0 images: decoded where the scrubber decodes, else the fast preview."""
+        return self.view_kinds("auto", pixels)[1]
+
+    def kind(self, wanted: str) -> str:
+        """A named kind, or 'fast' for this model's fast one; refuses a kind the model does not offer."""
+        return resolve_kind(wanted, self.offered, self.fast)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything the floors above the loop need to know about one model."""
+
+    model: str  # registry key, folder or hub id, as the user named it
+    family: str  # "sd", "sdxl", "pixart_sigma", "sd3"
+    prediction_type: str  # "epsilon", "v_prediction", "sample" or "flow"
+    recommended: Recommended
+    schedulers: tuple[str, ...]  # registry keys that fit the model
+    refused: Mapping[str, str]  # registry key -> why it does not fit
+    native_size: int  # side in pixels that width / height 0 render
+    size_multiple: int  # width and height must be multiples of this
+    tier: str  # weight class for budgets: "small", "standard", "heavy" (pipelines/limits.py)
+    latent_format: LatentFormat
+    previews: PreviewPolicy
+    vocabulary: frozenset[str] | None  # words of a closed-vocabulary model; None: open text
+    note: str  # one line for the UI ("" outside the registry)
+
+    @property
+    def small(self) -> bool:
+        return self.tier == "small"
+
+
+def recommended_for(model: str, pipe: Any | None) -> Recommended:
+    """The registry's settings for its models (no weights needed); else the stock pipeline's own __call__ defaults,
+    so an unknown folder behaves as diffusers would (needs the loaded pipe)."""
+    entry = MODELS.get(model)
+    if entry is not None:
+        return Recommended(entry.steps, entry.guidance_scale, entry.scheduler, entry.guidance,
+                           dict(entry.guidance_params))
+    if pipe is None:
+        raise ValueError(f"model {model!r} is not in the registry: its recommended settings need the loaded model")
+    defaults = family_of(pipe).call_defaults(pipe)
+    return Recommended(int(defaults.get("num_inference_steps", 20)), float(defaults.get("guidance_scale", 7.5)), None)
+
+
+def build_profile(model: str, pipe: Any, previewer: Previewer, device_type: str, offload: bool) -> ModelProfile:
+    """The profile of a loaded pipeline (its own scheduler, not a view's) on a device."""
+    family = family_of(pipe)
+    fast = previewer.fast_kind
+    policy = PreviewPolicy(offered=previewer.kinds, fast=fast,
+                           decode_pixels=DECODE_PIXELS.get(device_type, DECODE_PIXELS["cpu"]),
+                           on_cpu=device_type == "cpu", offload=offload)
+    refused = {k: r for k in SCHEDULERS if (r := why_not(k, pipe.scheduler)) is not None}
+    entry = MODELS.get(model)
+    return ModelProfile(
+        model=model, family=family.key, prediction_type=family.prediction_type(pipe),
+        recommended=recommended_for(model, pipe), schedulers=tuple(compatible_keys(pipe.scheduler)), refused=refused,
+        native_size=family.default_size(pipe), size_multiple=family.size_multiple(pipe), tier=tier_of(model, pipe),
+        latent_format=previewer.format, previews=policy, vocabulary=model_vocabulary(model),
+        note=entry.note if entry else "")
