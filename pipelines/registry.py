@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
+
+from pipelines.traced import SMALL_DENOISER_PARAMS, num_params
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -85,9 +87,8 @@ def extra_models_from_env(value: str | None = None) -> list[str]:
 
 
 # Parameter counts that separate the tiers for models outside the registry (whole pipeline, every module): the
-# embedded model has ~2 M in its denoiser (pipelines/worker.py runs denoisers under 50 M on one thread), SD 1.5 ~1.07 B
-# in all, SD 2.1 ~1.3 B, SDXL ~3.5 B, PixArt-Σ with T5-XXL ~5.4 B.
-SMALL_DENOISER_PARAMS = 50_000_000
+# embedded model has ~3 M in its denoiser (small: SMALL_DENOISER_PARAMS, pipelines/traced.py), SD 1.5 ~1.07 B in all,
+# SD 2.1 ~1.3 B, SDXL ~3.5 B, PixArt-Σ with T5-XXL ~5.4 B.
 HEAVY_PIPELINE_PARAMS = 2_000_000_000
 
 
@@ -101,7 +102,7 @@ def tier_of(model: str, pipe=None) -> str:
     if pipe is None:
         return "heavy"
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if denoiser is not None and sum(p.numel() for p in denoiser.parameters()) < SMALL_DENOISER_PARAMS:
+    if denoiser is not None and num_params(denoiser) < SMALL_DENOISER_PARAMS:
         return "small"
     modules = [c for c in getattr(pipe, "components", {}).values() if hasattr(c, "parameters")]
     total = sum(p.numel() for m in modules for p in m.parameters())

@@ -5,7 +5,6 @@ the chosen model (scheduler list, recommended steps and guidance, the useful gui
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import gradio as gr
@@ -52,12 +51,11 @@ def guidance_range(recommended_scale: float) -> tuple[float, float]:
 
 def model_label(model: str) -> str:
     """Dropdown label: hub models that are not on this machine say so (they download on first use, or fail offline)."""
-    from pipelines.loading import is_available_offline
+    from pipelines.loading import hub_offline, is_available_offline
 
     if is_available_offline(model):
         return model
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    return f"{model} (not downloaded{': offline' if offline else ''})"
+    return f"{model} (not downloaded{': offline' if hub_offline() else ''})"
 
 
 def method_note(key: str) -> str:
@@ -250,11 +248,11 @@ class Controls:
 
 def offline_hint(model: str) -> str:
     """One actionable line for a hub model that is not on this machine."""
+    from pipelines.loading import hub_offline
     from pipelines.registry import resolve
 
     source = resolve(model)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if offline:
+    if hub_offline():
         return (f"`{source}` is not in the local Hugging Face cache and this machine is offline (HF_HUB_OFFLINE=1): "
                 f"run `hf download {source}` where there is network, or unset HF_HUB_OFFLINE.")
     return f"`{source}` is not downloaded yet: the first run downloads it (several GB; can take minutes)."
