@@ -233,6 +233,41 @@ def settings_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lesson_markdown(v1: dict, v2: dict) -> str:
+    """The model card's "Lesson" table: v1 (the baseline) and v2 side by side, from two lesson.json results."""
+    def pct(x: float) -> str:
+        return f"{100 * x:.0f}%"
+
+    rows = []
+    for label, get, fmt in (
+        ("background named in the prompt is drawn ({n} images: 40 prompts x 4 seeds)", lambda r: r["backgrounds"]["named"]["background"], pct),
+        ("... the fixed probe 'a large red circle in the center, {{blue, yellow, white, purple}} background', seeds 0-7", lambda r: r["backgrounds"]["fixed_probe"], pct),
+        ("... and on those images: colour / shape / position / size", lambda r: " / ".join(pct(r["backgrounds"]["named"][k]) for k in ATTRS), str),
+        ("strict reading of 200 one-object prompts: colour", lambda r: r["strict"]["color"], pct),
+        ("... shape", lambda r: r["strict"]["shape"], pct),
+        ("... position", lambda r: r["strict"]["position"], pct),
+        ("... size", lambda r: r["strict"]["size"], pct),
+        ("... all four", lambda r: r["strict"]["all"], pct),
+        ("... object colour's distance from its palette entry (RGB units; over-saturation raises it)", lambda r: r["strict"]["palette_error"], lambda x: f"{x:.0f}"),
+        ("... pixels with a channel at 0 or 255", lambda r: r["strict"]["clipped"], lambda x: f"{100 * x:.1f}%"),
+        ("x̂0 at step 1 (euler_a, 20 steps, CFG 1) against the mean of 16 endings: RMS (mean / worst of 8)", lambda r: f"{r['first_x0']['rms']:.3f} / {r['first_x0']['rms_max']:.3f}", str),
+        ("... its high-frequency energy against the mean's (mean / worst)", lambda r: f"{r['first_x0']['hf_vs_mean']:.1f}x / {r['first_x0']['hf_vs_mean_max']:.1f}x", str),
+        ("... against a single ending's", lambda r: f"{r['first_x0']['hf_vs_endings']:.2f}x", str),
+        ("x_T of seed a with seed a+1's channel means takes a+1's background (pairs whose backgrounds differ)", lambda r: f"{pct(r['noise_mean_swap']['took_b'])} of {r['noise_mean_swap']['pairs']}", str),
+        ("distinct backgrounds over 17 seeds of 'a large red circle in the center'", lambda r: r["noise_mean_swap"]["distinct_backgrounds"], str),
+    ):
+        rows.append(f"| {label.format(n=v2['backgrounds']['n'])} | {fmt(get(v1))} | {fmt(get(v2))} |")
+    methods = "; ".join(f"{k} {v1['guidance_distance'][k]:.1f} → {v2['guidance_distance'][k]:.1f}" for k in v2["guidance_distance"])
+    rescale = f", guidance rescale {v2['rescale']:g}" if v2.get("rescale") else ""
+    return "\n".join([
+        f"Both at their recommended settings: v1 {v1['scheduler']}, CFG {v1['scale']:g}; v2 {v2['scheduler']}, CFG "
+        f"{v2['scale']:g}{rescale}; 20 steps. Read by the strict geometric reading (shapes/reading.py), not the "
+        "learned judge.", "",
+        "| measure | v1 | v2 |", "|---|---|---|", *rows, "",
+        "How far each guidance method at its defaults moves the image from plain CFG (mean |RGB|, levels of 255, "
+        f"8 prompts, v1 → v2): {methods}."]) + "\n"
+
+
 def load(model: Path, scheduler: str | None) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -256,7 +291,12 @@ def main() -> None:
     p.add_argument("--schedulers", default="dpmpp_2m,euler_a,ddim,unipc,euler")
     p.add_argument("--scales", default="5,3,7.5")
     p.add_argument("--rescales", default="0,0.7")
+    p.add_argument("--markdown", nargs=2, type=Path, metavar=("V1_JSON", "V2_JSON"),
+                   help="instead: print the model card's lesson table from two results")
     a = p.parse_args()
+    if a.markdown:
+        print(lesson_markdown(*(json.loads(f.read_text()) for f in a.markdown)))
+        return
     setup(1)
     if a.settings:
         rows = settings(a.model, a.schedulers.split(","), [float(v) for v in a.scales.split(",")],
