@@ -1,5 +1,5 @@
 """Command line: `python -m pipelines generate ...`, the Explain lab's experiments (sweep, jump, branch, dissect,
-tradeoff: pipelines/explain.py) and the listings (guidance, schedulers, models).
+tradeoff: pipelines/explain/) and the listings (guidance, schedulers, models).
 
 Same API as the UI: a GenerationRequest from pipelines.requests.build_request, handed to generate().
 """

@@ -33,7 +33,7 @@ class GenerationRequest:
     guidance: str = "cfg"  # key of guidance.registry.METHODS
     guidance_params: Mapping[str, float] = field(default_factory=dict)  # method parameters, e.g. guidance_rescale
     # (step, seed): from loop step `step` on, the scheduler's fresh noise comes from a generator re-seeded with `seed`;
-    # steps before it are the run without a branch (pipelines/explain.py branches a trunk this way). None: no branch.
+    # steps before it are the run without a branch (pipelines/explain/branch.py branches a trunk this way). None: no branch.
     branch: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:

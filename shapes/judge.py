@@ -8,6 +8,7 @@ Its shape classifier is trained by `python -m training.train_judge --train` (wri
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +151,36 @@ def validate(judge: Judge, n: int = 500, seed: int = 999) -> dict[str, float]:
             acc[k] += h
         acc["all"] += all(hits.values())
     return {k: c / n for k, c in acc.items()}
+
+
+def prompt_targets(prompt: str) -> dict[str, str]:
+    """The attributes of a one-object shapes-world prompt the judge can check; ValueError if it cannot score it."""
+    text = " " + re.sub(r"[^a-z ]+", " ", prompt.lower().replace("-", " ")) + " "
+    text = re.sub(r"\s+", " ", text)
+    out: dict[str, str] = {}
+    bg = re.search(r"(?: on an? | )(\w+) background ", text)
+    if bg and bg.group(1) in world.COLORS:
+        out["background"] = bg.group(1)
+        text = text[:bg.start()] + " " + text[bg.end():]
+    if any(f" {r} " in text for r in world.RELATIONS):
+        raise ValueError("the judge scores one-object prompts; this one relates two objects")
+    shapes = [s for s in world.SHAPES if re.search(rf" {s}s? ", text)]
+    if len(shapes) != 1:
+        raise ValueError(f"the judge scores prompts that name one shape ({', '.join(world.SHAPES)}); "
+                         f"{'none' if not shapes else ', '.join(shapes)} found in {prompt!r}")
+    out["shape"] = shapes[0]
+    colors = [c for c in world.COLORS if f" {c} " in text]
+    if len(colors) > 1:
+        raise ValueError(f"the judge scores one-object prompts; {prompt!r} names several colours ({', '.join(colors)})")
+    if colors:
+        out["color"] = colors[0]
+    sizes = [s for s in world.SIZES if f" {s} " in text]
+    if len(sizes) == 1:
+        out["size"] = sizes[0]
+    phrases = sorted(((p.replace("-", " "), pos) for pos, ps in world.POSITION_PHRASES.items() for p in ps),
+                     key=lambda t: -len(t[0]))
+    for phrase, pos in phrases:
+        if f" {phrase} " in text:
+            out["position"] = pos
+            break
+    return out

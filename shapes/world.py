@@ -165,7 +165,7 @@ def render(scene: Scene) -> Image.Image:
 
 # ---- captions -------------------------------------------------------------------------------
 
-_POS_PHRASES = {
+POSITION_PHRASES = {
     "top left": ["in the top left", "at the top left", "in the top left corner"],
     "top": ["at the top", "in the top"],
     "top right": ["in the top right", "at the top right", "in the top right corner"],
@@ -177,7 +177,7 @@ _POS_PHRASES = {
     "bottom right": ["in the bottom right", "at the bottom right", "in the bottom right corner"],
 }
 for _corner in ("top left", "top right", "bottom left", "bottom right"):  # hyphenated, as people also type them
-    _POS_PHRASES[_corner] += [f"in the {_corner.replace(' ', '-')}", f"in the {_corner.replace(' ', '-')} corner"]
+    POSITION_PHRASES[_corner] += [f"in the {_corner.replace(' ', '-')}", f"in the {_corner.replace(' ', '-')} corner"]
 # Framings of a one-object caption besides the bare phrase (evaluate.paraphrase draws from them too).
 FRAMES = ("an image of {}", "a picture of {}", "a drawing of {}")
 P_SIZE, P_COLOR, P_POSITION, P_BACKGROUND, P_FULL_STOP = 0.7, 0.85, 0.75, 0.4, 0.15
@@ -216,7 +216,7 @@ def caption(scene: Scene, rng: random.Random, p_empty: float = P_EMPTY_CAPTION,
         o = scene.objects[0]
         text = _article(describe(o, rng))
         if rng.random() < P_POSITION:
-            text += " " + rng.choice(_POS_PHRASES[o.position])
+            text += " " + rng.choice(POSITION_PHRASES[o.position])
         text = rng.choice(["{}", "{}", "{}", *FRAMES]).format(text)
         return _end(text + bg, rng)
     a, b = scene.objects
@@ -226,7 +226,7 @@ def caption(scene: Scene, rng: random.Random, p_empty: float = P_EMPTY_CAPTION,
 
 def full_caption(shape: str, color: str, size: str, position: str, background: str | None = None) -> str:
     """The evaluation prompt for one object with every attribute given."""
-    text = f"{_article(f'{size} {color} {shape}')} {_POS_PHRASES[position][0]}"
+    text = f"{_article(f'{size} {color} {shape}')} {POSITION_PHRASES[position][0]}"
     return text + (f" on {_article(background)} background" if background else "")
 
 

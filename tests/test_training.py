@@ -52,9 +52,9 @@ def test_captions_only_state_true_attributes() -> None:
             for size in world.SIZES:
                 assert (size in c) <= (size == o.size), c
             # a stated position is the object's cell ("top" must not be said of "top left")
-            for phrase_pos, phrases in world._POS_PHRASES.items():
+            for phrase_pos, phrases in world.POSITION_PHRASES.items():
                 if any(c.endswith(p) or f"{p}," in c or f"{p} on a" in c for p in phrases) and phrase_pos != o.position:
-                    assert any(p in c for p in world._POS_PHRASES[o.position]), c
+                    assert any(p in c for p in world.POSITION_PHRASES[o.position]), c
         else:
             assert s.relation in c
     assert 60 < n_empty < 140  # ~10% empty captions, so CFG's unconditional branch is learned
@@ -129,7 +129,7 @@ def test_paraphrases_keep_every_attribute() -> None:
     rng = random.Random(0)
     for shape, color, size, pos in evaluate.targets(100, seed=1):
         p = evaluate.paraphrase(shape, color, size, pos, rng).removesuffix(".")
-        assert f"{size} {color} {shape}" in p and any(p.endswith(ph) for ph in world._POS_PHRASES[pos]), p
+        assert f"{size} {color} {shape}" in p and any(p.endswith(ph) for ph in world.POSITION_PHRASES[pos]), p
 
 
 # ---- tokenizer ------------------------------------------------------------------------------

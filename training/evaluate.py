@@ -87,7 +87,7 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
 
 def paraphrase(shape: str, color: str, size: str, position: str, rng: random.Random) -> str:
     """The same four attributes worded another way: framing, any of the world's position phrases, maybe a full stop."""
-    text = f"{world._article(f'{size} {color} {shape}')} {rng.choice(world._POS_PHRASES[position])}"
+    text = f"{world._article(f'{size} {color} {shape}')} {rng.choice(world.POSITION_PHRASES[position])}"
     text = rng.choice([*world.FRAMES, "{}"]).format(text)
     return text + rng.choice(["", "."])
 

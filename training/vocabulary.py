@@ -30,7 +30,7 @@ def words(n_captions: int = N_CAPTIONS, seed: int = 0) -> list[str]:
     """Sorted words of the world's attribute names, position phrases, framings and n sampled captions."""
     found: set[str] = set()
     names = [*world.SHAPES, *world.COLORS, *world.SIZES, *world.POSITIONS, *world.RELATIONS, *world.FRAMES]
-    names += [p for phrases in world._POS_PHRASES.values() for p in phrases]
+    names += [p for phrases in world.POSITION_PHRASES.values() for p in phrases]
     for name in names:
         found.update(tokenize(name))
     rng = random.Random(seed)

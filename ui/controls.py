@@ -133,7 +133,6 @@ class Controls:
         if values["model"] not in self.app.models:
             raise ValueError(f"model {values['model']!r} is not offered here; choose one of: {', '.join(self.app.models)}")
         method = values.get("guidance") or "cfg"
-        prefix = f"{method}__"
         request = build_request(
             prompt=values["prompt"], negative_prompt=values["negative_prompt"], model=values["model"],
             loader=self.app.loader, scheduler=values["scheduler"], num_inference_steps=values["num_inference_steps"],

@@ -1,7 +1,7 @@
-"""The Explain lab view: five experiments from pipelines/explain.py on the main tab's prompt, model, scheduler,
+"""The Explain lab view: five experiments from pipelines/explain/ on the main tab's prompt, model, scheduler,
 guidance and seed, one sub-tab each, each with a few sentences saying what to look at and why.
 
-Every experiment is a generator of growing reports (pipelines/explain.py). The handlers advance it one step at a
+Every experiment is a generator of growing reports (pipelines/explain/). The handlers advance it one step at a
 time as jobs on the app's one generation worker (so it never runs beside a main-tab run, with the torch thread
 count the model wants) and yield each partial result to the browser; Stop ends it between runs and, through the
 experiment's `cancelled` check, inside a run at the next step boundary. Each experiment is also a named API
@@ -14,7 +14,6 @@ import dataclasses
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -22,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from pipelines import explain
-from pipelines.generate import generate
 from pipelines.outputs import prune_experiments, save_png
 from pipelines.worker import load_here
 from ui.live import as_gr_error, client_of
@@ -336,7 +334,7 @@ class ExplainView:
             sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
             out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
                    self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
-                   self.jump_state: report, self.numbers: _jump_numbers(report)}
+                   self.jump_state: (report, files), self.numbers: _jump_numbers(report)}
             if not report.short_runs:
                 kept = [s for s in report.steps if s.image is not None]
                 shown = [kept[i] for i in explain.frame_steps(len(kept), JUMP_GALLERY_FRAMES)]
@@ -351,17 +349,15 @@ class ExplainView:
                 out |= self._jump_at(report, k0, files)
             yield out
 
-    def _jump_at(self, report: explain.JumpReport, k: int, files: _Files | None = None) -> dict:
-        """The three images at step k; runs the k-step run when the report has none for this k."""
-        files = files or _Files(self.app)
+    def _jump_at(self, report: explain.JumpReport, k: int, files: _Files) -> dict:
+        """The three images at step k; runs the k-step run (explain.short_run) when the report has none for this k.
+        Images go to the experiment's own folder (`files`), not a new one per slider move."""
         k = max(1, min(int(k), len(report.steps)))
         jumped = report.steps[k - 1]
         short = next((r for r in report.short_runs if r.steps == k), None)
         if short is None and k <= report.request.num_inference_steps:
-            result = self._job(report.request, lambda: generate(
-                dataclasses.replace(report.request, num_inference_steps=k), loader=self.app.loader))
-            short_image, short_d = result.image, explain.rms(result.image, report.final)
-        elif short is not None:
+            short = self._job(report.request, lambda: explain.short_run(report, k, loader=self.app.loader))
+        if short is not None:
             short_image, short_d = short.image, short.distance_to_final
         else:
             short_image, short_d = None, None
@@ -376,10 +372,11 @@ class ExplainView:
                 self.jump_short: None if short_image is None else files(f"short_{k}", short_image),
                 self.jump_note: note, self.jump_k: gr.Slider(1, len(report.steps), value=k)}
 
-    def on_jump_k(self, report, k):
-        if report is None:
+    def on_jump_k(self, state, k):
+        if state is None:
             return {self.jump_note: "Run the experiment first."}
-        return self._jump_at(report, k)
+        report, files = state
+        return self._jump_at(report, k, files)
 
     # -- branch --------------------------------------------------------------------------------------------------
 
@@ -543,7 +540,7 @@ class ExplainView:
             event = button.click(self.gpu(fn), inputs_kwargs=extra | inputs, outputs=outputs, api_name=name,
                                  show_progress_on=status, **common)
             stop.click(self.stop, outputs=[status], cancels=[event], queue=False, api_visibility="private")
-        self.jump_k.release(self.gpu(self.on_jump_k), inputs_kwargs=dict(report=self.jump_state, k=self.jump_k),
+        self.jump_k.release(self.gpu(self.on_jump_k), inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),
                             outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k],
                             api_visibility="private", trigger_mode="always_last")
         self.dissect_k.release(self.on_dissect_k, inputs_kwargs=dict(report=self.dissect_state, k=self.dissect_k),

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.observers import LatestObserver, StepRecord, StepRecorder, TeeObserver, TimeLimit

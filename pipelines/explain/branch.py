@@ -1,0 +1,87 @@
+"""2. Branching: one trunk run to a fraction f of the schedule, finished N times with different noise draws."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from PIL import Image
+
+from pipelines.explain.common import MAX_RUNS, Cancelled, _Watch, seeded
+from pipelines.explain.metrics import diversity
+from pipelines.generate import generate
+from pipelines.loading import ModelLoader
+from pipelines.types import GenerationRequest
+
+
+@dataclass(frozen=True)
+class BranchPoint:
+    """N endings of one trunk, branched at one point of the schedule."""
+
+    fraction: float  # f, where in the schedule the branches split (0 = at the start, before the first step)
+    step: int  # loop index from which the branch noise is drawn: round(f · N), below N
+    seeds: tuple[int, ...]  # the branches' noise seeds (the same for every fraction)
+    images: tuple[Image.Image, ...]  # the branches' final images
+    diversity: float  # mean pairwise RMS distance of those images
+
+
+@dataclass(frozen=True)
+class BranchReport:
+    """Branching for one request; grows one branch point at a time."""
+
+    request: GenerationRequest  # the trunk's request, seed and scheduler as run
+    trunk: Image.Image  # the trunk run to the end without branching
+    stochastic: bool  # whether the scheduler draws fresh noise in its steps (if not, every branch is the trunk)
+    scheduler: str  # scheduler key used
+    points: tuple[BranchPoint, ...]  # done so far, in the order asked
+    at: tuple[float, ...]  # every fraction planned
+    done: bool
+
+
+def branch_seed(seed: int, j: int) -> int:
+    """The j-th branch's noise seed: fixed for a trunk seed, different from it and from the other branches'."""
+    return (seed * 1_000_003 + 7_919 * (j + 1)) % 2**63
+
+
+def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, loader: ModelLoader,
+           cancelled: Cancelled | None = None) -> Iterator[BranchReport]:
+    """Run the trunk to each fraction f of the schedule, then finish it `branches` times with different noise.
+
+    Exact: the trunk is deterministic for its seed, so each branch re-runs it and, from step round(f · N) on,
+    draws the scheduler's noise from its own seed (GenerationRequest.branch); the multistep history stays right.
+    """
+    from pipelines.schedulers import is_stochastic
+
+    request = seeded(request)
+    at = tuple(float(f) for f in at)
+    if not at:
+        raise ValueError("give at least one branch point (--at), e.g. 0.1,0.5,0.9")
+    bad = [f for f in at if not 0.0 <= f < 1.0]
+    if bad:
+        raise ValueError(f"branch points are fractions of the schedule from 0 up to (not including) 1, got {bad}")
+    if isinstance(branches, bool) or not isinstance(branches, int) or branches < 2:
+        raise ValueError(f"branches must be a whole number of at least 2 (diversity compares endings), got {branches!r}")
+    if len(at) * branches > MAX_RUNS:
+        raise ValueError(f"{len(at)} branch points × {branches} branches is {len(at) * branches} runs; "
+                         f"at most {MAX_RUNS}")
+    pipe, key = loader.view(request.model, request.scheduler)
+    stochastic = is_stochastic(pipe.scheduler)
+    trunk = generate(request, _Watch(cancelled, keep=False), loader=loader)
+    if trunk.cancelled:
+        return
+    n = trunk.num_steps
+    seeds = tuple(branch_seed(trunk.seed, j) for j in range(branches))
+    report = BranchReport(request, trunk.image, stochastic, trunk.scheduler, (), at, done=False)
+    points: list[BranchPoint] = []
+    for f in at:
+        step = min(n - 1, round(f * request.num_inference_steps))
+        images = []
+        for s in seeds:
+            r = generate(dataclasses.replace(request, branch=(step, s)), _Watch(cancelled, keep=False), loader=loader)
+            if r.cancelled:
+                return
+            images.append(r.image)
+        points.append(BranchPoint(f, step, seeds, tuple(images), diversity(images)))
+        report = dataclasses.replace(report, points=tuple(points), done=len(points) == len(at))
+        yield report

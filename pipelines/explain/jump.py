@@ -1,0 +1,131 @@
+"""1. Jump vs walk: every step's x̂0 of one run against its final image, then separate k-step runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from pipelines.explain.common import Cancelled, _Watch, _X0, seeded
+from pipelines.explain.metrics import rms, sharpness
+from pipelines.generate import generate
+from pipelines.loading import ModelLoader
+from pipelines.types import GenerationRequest
+
+
+@dataclass(frozen=True)
+class JumpStep:
+    """One step of the full run: x̂0 as the model predicts it there ("jump now")."""
+
+    step: int  # 0-based loop index (as trace.json); the run has done step + 1 steps here
+    sigma: float | None  # noise level σ at this step
+    sharpness: float  # high-frequency energy of the decoded x̂0 (see sharpness())
+    distance_to_final: float  # RMS distance of the decoded x̂0 to the final image, [0, 1] pixel units
+    image: np.ndarray | None  # decoded x̂0, (H, W, 3) uint8; None where the report's image budget kept only numbers
+
+
+@dataclass(frozen=True)
+class ShortRun:
+    """A separate run of only k steps ("take k big steps"), against the full run."""
+
+    steps: int  # k, the short run's num_inference_steps
+    image: Image.Image  # its final image
+    sharpness: float  # of its final image
+    distance_to_final: float  # RMS distance to the full run's final image
+    distance_to_jump: float  # RMS distance to the full run's x̂0 after k steps (loop index k - 1)
+
+
+@dataclass(frozen=True)
+class JumpReport:
+    """Jump vs walk for one request; grows as the short runs finish."""
+
+    request: GenerationRequest  # the full run's request, seed filled in
+    final: Image.Image  # the full run's final image ("keep walking")
+    steps: tuple[JumpStep, ...]  # one per loop step of the full run
+    short_runs: tuple[ShortRun, ...]  # the k-step runs done so far, in the order of `short_steps`
+    short_steps: tuple[int, ...]  # every k planned
+    preview: str  # how x̂0 was decoded ("decode" = the full VAE)
+    done: bool  # every planned run has finished
+
+    def image_near(self, i: int) -> JumpStep:
+        """The step with a kept x̂0 image nearest to loop index i (i itself unless the image budget thinned it)."""
+        return nearest_kept(self.steps, i, lambda s: s.image is not None)
+
+
+def frame_steps(num_steps: int, frames: int) -> list[int]:
+    """`frames` loop indices spread evenly from the first step to the last (fewer when the run is shorter)."""
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    frames = min(frames, num_steps)  # a shorter run shows every step, its last one included
+    return sorted({round(i * (num_steps - 1) / max(frames - 1, 1)) for i in range(frames)})
+
+
+def kept_steps(num_steps: int, step_bytes: int, max_bytes: int | None, must: Sequence[int] = ()) -> frozenset[int]:
+    """The loop indices whose decoded x̂0 images an experiment keeps: every step when they fit in `max_bytes` (None:
+    no bound), else as many evenly spaced ones as fit (at least the first and the last), plus `must`."""
+    if max_bytes is None or num_steps * step_bytes <= max_bytes:
+        return frozenset(range(num_steps))
+    return frozenset(frame_steps(num_steps, max(2, max_bytes // max(step_bytes, 1)))) | frozenset(must)
+
+
+def nearest_kept(steps: Sequence[Any], i: int, has: Callable[[Any], bool]) -> Any:
+    """The step nearest to loop index i (the earlier one on a tie) for which has(step) holds."""
+    return min((s for s in steps if has(s)), key=lambda s: (abs(s.step - i), s.step))
+
+
+def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequence[int] | None = None,
+         frames: int = 6, cancelled: Cancelled | None = None, max_image_bytes: int | None = None) -> Iterator[JumpReport]:
+    """Jump vs walk: every step's x̂0 of one run against its final image, then separate k-step runs.
+
+    short_steps: the k of the k-step runs (default: the 1-based steps of `frames` evenly spaced frames, below N).
+    max_image_bytes: the decoded x̂0 images the report may hold (None: every step's). Past it, evenly spaced steps
+    keep theirs (JumpReport.image_near) and the others only their numbers; a long run on a large model would
+    otherwise hold hundreds of MB (200 steps of 512² images: 157 MB).
+    """
+    request = seeded(request)
+    n = request.num_inference_steps
+    if short_steps is None:
+        short_steps = [k + 1 for k in frame_steps(n, frames) if k + 1 < n]
+    short_steps = tuple(dict.fromkeys(int(k) for k in short_steps))
+    bad = [k for k in short_steps if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"short runs must have from 1 to {n} steps (the full run's --steps), got {bad}")
+    watch = _Watch(cancelled)
+    result = generate(request, watch, loader=loader)
+    if result.cancelled:
+        return
+    decode = _X0(request, loader)
+    steps, keep, count = [], frozenset(), len(watch.events)
+    for i, e in enumerate(watch.events):
+        if watch.is_cancelled():  # a thousand-step run decodes a thousand x̂0: stoppable between them too
+            return
+        image = decode(e.denoised)
+        if i == 0:  # the k-step runs are compared with the jump after k steps: those images always stay
+            keep = kept_steps(count, image.nbytes, max_image_bytes, [min(k, count) - 1 for k in short_steps])
+        steps.append(JumpStep(e.step, e.sigma, sharpness(image), rms(image, result.image),
+                              image if i in keep else None))
+    steps_t = tuple(steps)
+    report = JumpReport(request, result.image, steps_t, (), short_steps, decode.kind, done=not short_steps)
+    yield report
+    shorts: list[ShortRun] = []
+    for k in short_steps:
+        short = short_run(report, k, loader=loader, cancelled=cancelled)
+        if short is None:
+            return
+        shorts.append(short)
+        report = dataclasses.replace(report, short_runs=tuple(shorts), done=len(shorts) == len(short_steps))
+        yield report
+
+
+def short_run(report: JumpReport, k: int, *, loader: ModelLoader, cancelled: Cancelled | None = None) -> ShortRun | None:
+    """"Take k big steps": a separate k-step run of the report's request, against its final image and the jump after
+    k steps (the nearest kept image); None when cancelled."""
+    short = generate(dataclasses.replace(report.request, num_inference_steps=k), _Watch(cancelled, keep=False),
+                     loader=loader)
+    if short.cancelled:
+        return None
+    jumped = report.image_near(min(k, len(report.steps)) - 1).image
+    return ShortRun(k, short.image, sharpness(short.image), rms(short.image, report.final), rms(short.image, jumped))

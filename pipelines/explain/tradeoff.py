@@ -1,0 +1,88 @@
+"""5. Diversity vs adherence: for a few guidance scales, N seeds each: prompt adherence by the shapes world's judge
+(embedded model only) and diversity."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from pipelines.explain.common import MAX_RUNS, Cancelled, _Watch, seeded
+from pipelines.explain.metrics import diversity
+from pipelines.explain.sweep import _cell_request
+from pipelines.generate import generate
+from pipelines.loading import ModelLoader
+from pipelines.types import DEFAULT_MODEL, GenerationRequest
+from shapes.judge import prompt_targets as judge_targets
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """N seeds at one guidance scale."""
+
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    images: tuple[Image.Image, ...]
+    adherence: float  # mean over images of the fraction of the prompt's attributes the judge finds right, [0, 1]
+    all_right: float  # fraction of images with every named attribute right
+    diversity: float  # mean pairwise RMS distance of the images
+
+
+@dataclass(frozen=True)
+class TradeoffReport:
+    request: GenerationRequest  # seed = the first of the seeds
+    targets: dict[str, str]  # what the prompt asks for: attribute -> value (color, shape, size, position, background)
+    points: tuple[TradeoffPoint, ...]  # done so far
+    scales: tuple[float, ...]  # every scale planned
+    done: bool
+
+
+def check_judge_model(model: str) -> None:
+    """ValueError unless `model` is the embedded model, the only one whose images the judge can score."""
+    from pipelines.registry import resolve
+
+    embedded = Path(resolve(DEFAULT_MODEL)).resolve()
+    if model != DEFAULT_MODEL and Path(resolve(model)).resolve() != embedded:
+        raise ValueError(f"adherence is measured by the shapes world's judge (shapes/judge.py), which can only "
+                         f"score the embedded model {DEFAULT_MODEL!r}; {model!r} draws other things")
+
+
+def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *, loader: ModelLoader,
+             cancelled: Cancelled | None = None) -> Iterator[TradeoffReport]:
+    """For each guidance scale, `seeds` images (seeds s, s+1, ...): the judge's adherence and the diversity."""
+    check_judge_model(request.model)
+    targets = judge_targets(request.prompt)
+    request = seeded(request)
+    scales = tuple(float(s) for s in scales)
+    if not scales:
+        raise ValueError("give at least one guidance scale, e.g. 1,3,7.5")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+        raise ValueError(f"seeds must be a whole number of at least 2 (diversity compares images), got {seeds!r}")
+    if len(scales) * seeds > MAX_RUNS:
+        raise ValueError(f"{len(scales)} scales × {seeds} seeds is {len(scales) * seeds} runs; at most {MAX_RUNS}")
+    seed_list = tuple((request.seed + i) % 2**63 for i in range(seeds))
+    plan = [_cell_request(request, loader, {"guidance_scale": s}) for s in scales]
+    from shapes.judge import Judge
+
+    judge = Judge()
+    report = TradeoffReport(request, targets, (), scales, done=False)
+    points: list[TradeoffPoint] = []
+    for scale, cell in zip(scales, plan):
+        images = []
+        for s in seed_list:
+            r = generate(dataclasses.replace(cell, seed=s), _Watch(cancelled, keep=False), loader=loader)
+            if r.cancelled:
+                return
+            images.append(r.image)
+        scores = []
+        for v in judge.batch(images):
+            hits = [v.found and getattr(v, k) == want for k, want in targets.items()]
+            scores.append(sum(hits) / len(hits))
+        points.append(TradeoffPoint(scale, seed_list, tuple(images), float(np.mean(scores)),
+                                    float(np.mean([s == 1.0 for s in scores])), diversity(images)))
+        report = dataclasses.replace(report, points=tuple(points), done=len(points) == len(scales))
+        yield report
