@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
 
 # Paper Table 10, SD-XL row (also the values of diffusers' first APG PR, #9626): η = 0, r = 15, β = −0.5.
 ETA = 0.0
@@ -68,7 +68,8 @@ class APG(GuidanceMethod):
         self.paper_form = bool(paper_form)
         self.running_average: torch.Tensor | float = 0.0  # Δ̄, the momentum buffer
 
-    def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext) -> GuidanceOutput:
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
+        pred_cond, pred_uncond = preds.cond, preds.uncond
         diff = pred_cond - pred_uncond
         if self.momentum != 0.0:
             self.running_average = diff + self.momentum * self.running_average

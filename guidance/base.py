@@ -25,28 +25,34 @@ class GuidanceOutput:
     effective_scale: float  # scale actually applied this step (1.0 means conditional prediction only)
 
 
+# The loop's one batched model call stacks the predictions a step needs in this order, as diffusers batches them.
+PREDICTIONS = ("uncond", "cond", "perturbed")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The model's predictions at one step (B, C, H, W) each, by name; one a method did not ask for is None."""
+
+    cond: torch.Tensor  # with the prompt
+    uncond: torch.Tensor | None = None  # with the negative (or empty) prompt
+    perturbed: torch.Tensor | None = None  # with the prompt and the perturbed self-attention (PAG)
+
+
 class GuidanceMethod:
-    """Base class: one instance per generation run, so stateful methods (APG momentum) start fresh."""
+    """Base class: one instance per generation run, so stateful methods (APG momentum) start fresh.
 
-    # True asks the loop for a third pass whose self-attention is perturbed (PAG); it then calls perturbed().
-    perturbed_pass: bool = False
+    A method says which predictions it uses in a run (`uses`) and which it needs at each step (`needs`), and gets
+    them by name in one call; after diffusers' guiders, whose `num_conditions` tells the pipeline how many to make.
+    """
 
-    def wants_uncond(self, ctx: GuidanceContext) -> bool:
-        """Whether this step needs the unconditional pass; False lets the loop skip it (cond-only step)."""
-        return True
+    # Every prediction a run of this method may ask for; "perturbed" makes the loop install the perturbed pass.
+    uses: tuple[str, ...] = ("uncond", "cond")
 
-    def __call__(
-        self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext
-    ) -> GuidanceOutput:
-        """Combine the conditional and unconditional predictions (B, C, H, W) into one."""
-        raise NotImplementedError
+    def needs(self, ctx: GuidanceContext, cfg: bool) -> tuple[str, ...]:
+        """The predictions this step needs, in PREDICTIONS order. cfg is False when the scale turns CFG off (<= 1,
+        as diffusers) or the model is guidance-distilled: then there is no unconditional prediction."""
+        return ("uncond", "cond") if cfg else ("cond",)
 
-    def perturbed(
-        self,
-        pred_cond: torch.Tensor,
-        pred_uncond: torch.Tensor | None,
-        pred_perturbed: torch.Tensor,
-        ctx: GuidanceContext,
-    ) -> GuidanceOutput:
-        """Combine predictions when `perturbed_pass` is set; pred_uncond is None when CFG is off (scale <= 1)."""
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
+        """Combine the predictions this step asked for into one. Not called for a step that needs only "cond"."""
         raise NotImplementedError

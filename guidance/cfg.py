@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
 
 
 def cfg(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -18,5 +18,6 @@ class CFG(GuidanceMethod):
     def __init__(self, guidance_scale: float) -> None:
         self.guidance_scale = guidance_scale
 
-    def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext) -> GuidanceOutput:
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
+        pred_cond, pred_uncond = preds.cond, preds.uncond
         return GuidanceOutput(cfg(pred_cond, pred_uncond, self.guidance_scale), self.guidance_scale)

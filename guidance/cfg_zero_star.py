@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
 
 # Zeroed first steps. Flow models: diffusers' ClassifierFreeZeroStarGuidance default, 1 (its docstring cites the
 # paper's advice: the first ~4% of steps). ε / v / sample models: 0, because there a zero prediction is not "stay
@@ -48,7 +48,8 @@ class CFGZeroStar(GuidanceMethod):
         self.guidance_scale = guidance_scale
         self.zero_init_steps = int(zero_init_steps)
 
-    def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext) -> GuidanceOutput:
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
+        pred_cond, pred_uncond = preds.cond, preds.uncond
         if ctx.step < self.zero_init_steps:
             return GuidanceOutput(torch.zeros_like(pred_cond), 0.0)
         alpha = cfg_zero_star_scale(pred_cond, pred_uncond)

@@ -3,9 +3,7 @@ Sample and Distribution Quality in Diffusion Models", arXiv 2404.07724)."""
 
 from __future__ import annotations
 
-import torch
-
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
 from guidance.cfg import cfg
 
 # Paper, SD-XL (k-diffusion σ): guidance on for σ ∈ (0.28, 5.42]. EDM2 ImageNet-512 models use narrower intervals.
@@ -38,7 +36,7 @@ class Interval(GuidanceMethod):
     """CFG at scale s while σ ∈ [sigma_lo, sigma_hi] and step ∈ [start, stop) of the run; cond-only elsewhere.
 
     D̃ = D_u + s(D_c − D_u) inside the interval, D̃ = D_c outside (the paper's interval is half-open,
-    (σ_lo, σ_hi], which differs from this closed one only on the boundary). Outside, wants_uncond is False so the
+    (σ_lo, σ_hi], which differs from this closed one only on the boundary). Outside, needs() leaves out "uncond" so the
     loop skips the unconditional pass, and effective_scale is 1.0.
 
     Both windows must hold. σ is in the units the loop reports: k-diffusion σ for ε/v models (the paper's units;
@@ -60,13 +58,14 @@ class Interval(GuidanceMethod):
         self.sigma_lo, self.sigma_hi = sigma_lo, sigma_hi
         self.start, self.stop = start, stop
 
-    def wants_uncond(self, ctx: GuidanceContext) -> bool:
-        return in_interval(ctx, self.sigma_lo, self.sigma_hi, self.start, self.stop)
+    def needs(self, ctx: GuidanceContext, cfg: bool) -> tuple[str, ...]:
+        inside = cfg and in_interval(ctx, self.sigma_lo, self.sigma_hi, self.start, self.stop)
+        return ("uncond", "cond") if inside else ("cond",)
 
-    def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext) -> GuidanceOutput:
-        if not self.wants_uncond(ctx):
-            return GuidanceOutput(pred_cond, 1.0)
-        return GuidanceOutput(cfg(pred_cond, pred_uncond, self.guidance_scale), self.guidance_scale)
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
+        if preds.uncond is None:  # outside the interval: the conditional prediction alone
+            return GuidanceOutput(preds.cond, 1.0)
+        return GuidanceOutput(cfg(preds.cond, preds.uncond, self.guidance_scale), self.guidance_scale)
 
 
 def check_interval(params: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
 
 
 def pag_scale_at(pag_scale: float, pag_adaptive_scale: float, timestep: float) -> float:
@@ -42,17 +42,17 @@ def pag(
 class PAG(GuidanceMethod):
     """CFG plus perturbed-attention guidance at scale pag_scale (optionally adaptive in t)."""
 
-    perturbed_pass = True
+    uses = ("uncond", "cond", "perturbed")
 
     def __init__(self, guidance_scale: float, pag_scale: float = 3.0, pag_adaptive_scale: float = 0.0) -> None:
         self.guidance_scale = guidance_scale
         self.pag_scale = pag_scale
         self.pag_adaptive_scale = pag_adaptive_scale
 
-    def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext) -> GuidanceOutput:
-        raise RuntimeError("PAG needs the perturbed pass; the loop calls perturbed() for it")
+    def needs(self, ctx: GuidanceContext, cfg: bool) -> tuple[str, ...]:
+        return ("uncond", "cond", "perturbed") if cfg else ("cond", "perturbed")
 
-    def perturbed(self, pred_cond, pred_uncond, pred_perturbed, ctx):
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
         s_pag = pag_scale_at(self.pag_scale, self.pag_adaptive_scale, ctx.timestep)
-        pred = pag(pred_cond, pred_uncond, pred_perturbed, self.guidance_scale, s_pag)
-        return GuidanceOutput(pred, self.guidance_scale if pred_uncond is not None else 1.0)
+        pred = pag(preds.cond, preds.uncond, preds.perturbed, self.guidance_scale, s_pag)
+        return GuidanceOutput(pred, self.guidance_scale if preds.uncond is not None else 1.0)

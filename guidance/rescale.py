@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
 from guidance.cfg import cfg
 
 
@@ -25,7 +25,8 @@ class Rescale(GuidanceMethod):
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
 
-    def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, ctx: GuidanceContext) -> GuidanceOutput:
+    def __call__(self, preds: Predictions, ctx: GuidanceContext) -> GuidanceOutput:
+        pred_cond, pred_uncond = preds.cond, preds.uncond
         pred = cfg(pred_cond, pred_uncond, self.guidance_scale)
         if self.guidance_rescale > 0.0:  # diffusers skips the rescale at φ = 0; so do we, bit for bit
             pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)

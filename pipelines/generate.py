@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod
+from guidance.base import GuidanceContext, GuidanceMethod, Predictions
 from guidance.registry import create as create_guidance
 from pipelines.families import family_of
 from pipelines.loading import ModelLoader
@@ -50,23 +50,18 @@ def check_timesteps(scheduler, timesteps: torch.Tensor, num_inference_steps: int
 
 
 def apply_guidance(
-    method: GuidanceMethod, output: torch.Tensor, with_uncond: bool, perturbed: bool, ctx: GuidanceContext
+    method: GuidanceMethod, output: torch.Tensor, names: tuple[str, ...], ctx: GuidanceContext
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
-    """Split the batched model output [uncond?, cond, perturbed?] and combine it with the guidance method.
+    """Name the parts of the batched model output (`names`, the step's needs in PREDICTIONS order) and hand them to
+    the guidance method in one call; a step that needs only "cond" is that prediction as it is.
 
     Returns (guided prediction, conditional prediction, unconditional prediction or None, effective scale).
     """
-    if perturbed:
-        parts = output.chunk(2 + with_uncond)
-        pred_uncond = parts[0] if with_uncond else None
-        pred_cond = parts[-2]
-        guided = method.perturbed(pred_cond, pred_uncond, parts[-1], ctx)
-    elif with_uncond:
-        pred_uncond, pred_cond = output.chunk(2)
-        guided = method(pred_cond, pred_uncond, ctx)
-    else:
+    if names == ("cond",):
         return output, output, None, 1.0
-    return guided.pred, pred_cond, pred_uncond, guided.effective_scale
+    preds = Predictions(**dict(zip(names, output.chunk(len(names)))))
+    guided = method(preds, ctx)
+    return guided.pred, preds.cond, preds.uncond, guided.effective_scale
 
 
 @torch.no_grad()
@@ -116,7 +111,7 @@ def generate(
         num_steps = len(timesteps)
 
         # 5. Denoise (PAG methods get their perturbed self-attention installed for the run)
-        perturb = method.perturbed_pass
+        perturb = "perturbed" in method.uses
         traced = None if perturb else loader.traced_unet(pipe)  # small CPU UNets: same output, less Python
         denoised = latents
         steps_completed = 0
@@ -128,20 +123,22 @@ def generate(
                     break
                 if request.branch is not None and i == request.branch[0]:
                     generator.manual_seed(request.branch[1])  # a branch: the same x_t, fresh noise from here on
-                # 5a. Guidance context and whether this step needs the unconditional pass
+                # 5a. Guidance context and the predictions this step needs (the method says: uncond, cond, perturbed)
                 sigma = sigma_at(scheduler, i, t, family.flow)
                 ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)
-                with_uncond = do_cfg and method.wants_uncond(ctx)
+                names = method.needs(ctx, do_cfg)
+                with_uncond = "uncond" in names
 
                 # 5b. Model prediction, batched [uncond, cond, perturbed] as diffusers batches it
-                copies = 1 + with_uncond + perturb
+                copies = len(names)
                 model_input = torch.cat([latents] * copies) if copies > 1 else latents
                 if hasattr(scheduler, "scale_model_input"):
                     model_input = scheduler.scale_model_input(model_input, t)
-                output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale, perturb, traced)
+                output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale,
+                                        "perturbed" in names, traced)
 
                 # 5c. Guidance
-                pred, pred_cond, pred_uncond, effective_scale = apply_guidance(method, output, with_uncond, perturb, ctx)
+                pred, pred_cond, pred_uncond, effective_scale = apply_guidance(method, output, names, ctx)
                 delta_norm = None if pred_uncond is None else float((pred_cond[0] - pred_uncond[0]).float().norm())
 
                 # 5d. Scheduler step x_t -> x_{t-1}; x̂0 from the scheduler where it gives one, else derived

@@ -8,7 +8,7 @@ from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance,
 from diffusers.guiders.guider_utils import rescale_noise_cfg as diffusers_rescale_noise_cfg
 
 from guidance import registry
-from guidance.base import GuidanceContext
+from guidance.base import GuidanceContext, Predictions
 from guidance.cfg import cfg
 from guidance.interval import in_step_range
 
@@ -40,7 +40,7 @@ def guided(guider, step: int, num_steps: int, pred_cond: torch.Tensor, pred_unco
 @pytest.mark.parametrize("scale", [1.5, 7.5])
 def test_cfg_matches_diffusers(scale: float) -> None:
     c, u = preds(0)
-    ours = registry.create("cfg", scale, {})(c, u, ctx())
+    ours = registry.create("cfg", scale, {})(Predictions(c, u), ctx())
     theirs = guided(ClassifierFreeGuidance(guidance_scale=scale), 0, 10, c, u)
     assert torch.equal(ours.pred, theirs)
     assert ours.effective_scale == scale
@@ -49,7 +49,7 @@ def test_cfg_matches_diffusers(scale: float) -> None:
 @pytest.mark.parametrize("phi", [0.3, 0.7, 1.0])
 def test_rescale_matches_diffusers(phi: float) -> None:
     c, u = preds(1)
-    ours = registry.create("rescale", 7.5, {"guidance_rescale": phi})(c, u, ctx()).pred
+    ours = registry.create("rescale", 7.5, {"guidance_rescale": phi})(Predictions(c, u), ctx()).pred
     torch.testing.assert_close(ours, diffusers_rescale_noise_cfg(cfg(c, u, 7.5), c, phi), rtol=0, atol=1e-6)
     torch.testing.assert_close(ours, guided(ClassifierFreeGuidance(7.5, guidance_rescale=phi), 0, 10, c, u), rtol=0, atol=1e-6)
     assert not torch.allclose(ours, cfg(c, u, 7.5))  # the rescale did something
@@ -57,7 +57,7 @@ def test_rescale_matches_diffusers(phi: float) -> None:
 
 def test_rescale_zero_is_cfg() -> None:
     c, u = preds(2)
-    assert torch.equal(registry.create("rescale", 5.0, {"guidance_rescale": 0.0})(c, u, ctx()).pred, cfg(c, u, 5.0))
+    assert torch.equal(registry.create("rescale", 5.0, {"guidance_rescale": 0.0})(Predictions(c, u), ctx()).pred, cfg(c, u, 5.0))
 
 
 @pytest.mark.parametrize("phi", [-0.1, 1.5])
@@ -73,8 +73,8 @@ def test_interval_outside_is_cond_and_skips_uncond() -> None:
     c, u = preds(3)
     method = registry.create("interval", 7.5, {"sigma_lo": 0.5, "sigma_hi": 3.0})
     for sigma in (10.0, 3.01, 0.49, 0.0):
-        assert method.wants_uncond(ctx(sigma=sigma)) is False
-        out = method(c, u, ctx(sigma=sigma))
+        assert method.needs(ctx(sigma=sigma), True) == ("cond",)  # the loop makes no unconditional pass
+        out = method(Predictions(c), ctx(sigma=sigma))
         assert torch.equal(out.pred, c) and out.effective_scale == 1.0
 
 
@@ -82,8 +82,8 @@ def test_interval_inside_is_cfg() -> None:
     c, u = preds(4)
     method = registry.create("interval", 7.5, {"sigma_lo": 0.5, "sigma_hi": 3.0})
     for sigma in (0.5, 1.0, 3.0):  # closed interval: both ends guide
-        assert method.wants_uncond(ctx(sigma=sigma)) is True
-        out = method(c, u, ctx(sigma=sigma))
+        assert ("uncond" in method.needs(ctx(sigma=sigma), True)) is True
+        out = method(Predictions(c, u), ctx(sigma=sigma))
         assert torch.equal(out.pred, cfg(c, u, 7.5)) and out.effective_scale == 7.5
 
 
@@ -94,21 +94,21 @@ def test_interval_step_window_matches_diffusers_start_stop(num_steps: int, start
     method = registry.create("interval", 7.5, {"sigma_lo": 0.0, "sigma_hi": 1000.0, "start": start, "stop": stop})
     for step in range(num_steps):
         guider.set_state(step, num_steps, torch.tensor(0))
-        assert method.wants_uncond(ctx(step, num_steps, sigma=None)) == guider._is_cfg_enabled()
+        assert ("uncond" in method.needs(ctx(step, num_steps, sigma=None), True)) == guider._is_cfg_enabled()
         assert in_step_range(step, num_steps, start, stop) == guider._is_cfg_enabled()
 
 
 def test_interval_sigma_and_steps_both_apply() -> None:
     method = registry.create("interval", 7.5, {"sigma_lo": 0.5, "sigma_hi": 3.0, "start": 0.5})
-    assert not method.wants_uncond(ctx(step=2, num_steps=10, sigma=1.0))  # σ inside, step before start
-    assert method.wants_uncond(ctx(step=5, num_steps=10, sigma=1.0))
-    assert not method.wants_uncond(ctx(step=5, num_steps=10, sigma=5.0))  # step inside, σ above
+    assert not ("uncond" in method.needs(ctx(step=2, num_steps=10, sigma=1.0), True))  # σ inside, step before start
+    assert ("uncond" in method.needs(ctx(step=5, num_steps=10, sigma=1.0), True))
+    assert not ("uncond" in method.needs(ctx(step=5, num_steps=10, sigma=5.0), True))  # step inside, σ above
 
 
 def test_interval_needs_sigma_for_a_sigma_window() -> None:
     method = registry.create("interval", 7.5, {})
     with pytest.raises(ValueError, match="start/stop"):
-        method.wants_uncond(ctx(sigma=None))
+        ("uncond" in method.needs(ctx(sigma=None), True))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_apg_limit_is_cfg(paper_form: int) -> None:
     method = registry.create("apg", 7.5, {"eta": 1.0, "momentum": 0.0, "norm_threshold": 0.0, "paper_form": paper_form})
     for step in range(3):
         c, u = preds(10 + step)
-        out = method(c, u, ctx(step))
+        out = method(Predictions(c, u), ctx(step))
         torch.testing.assert_close(out.pred, cfg(c, u, 7.5), rtol=0, atol=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_apg_matches_diffusers_over_steps(case: dict[str, float], paper_form: in
     )
     for step in range(num_steps):
         c, u = preds(20 + step)
-        ours = method(c, u, ctx(step, num_steps)).pred
+        ours = method(Predictions(c, u), ctx(step, num_steps)).pred
         torch.testing.assert_close(ours, guided(guider, step, num_steps, c, u), rtol=0, atol=1e-6)
 
 
@@ -172,10 +172,10 @@ def test_apg_parts_do_something() -> None:
     c0, u0 = preds(30)
     c1, u1 = preds(31)
     reference = registry.create("apg", 7.5, base)
-    ref = [reference(c0, u0, ctx(0)).pred, reference(c1, u1, ctx(1)).pred]
+    ref = [reference(Predictions(c0, u0), ctx(0)).pred, reference(Predictions(c1, u1), ctx(1)).pred]
     for name, value in (("eta", 0.0), ("norm_threshold", 5.0), ("momentum", -0.5)):
         method = registry.create("apg", 7.5, base | {name: value})
-        outs = [method(c0, u0, ctx(0)).pred, method(c1, u1, ctx(1)).pred]
+        outs = [method(Predictions(c0, u0), ctx(0)).pred, method(Predictions(c1, u1), ctx(1)).pred]
         assert not torch.allclose(outs[1], ref[1], atol=1e-3), name
     assert torch.equal(outs[0], ref[0])  # momentum has nothing to average at the first step
 
@@ -184,7 +184,7 @@ def test_apg_fresh_state_per_run() -> None:
     runs = []
     for _ in range(2):
         method = registry.create("apg", 7.5, {"momentum": -0.5})
-        runs.append([method(*preds(40 + step), ctx(step)).pred for step in range(4)])
+        runs.append([method(Predictions(*preds(40 + step)), ctx(step)).pred for step in range(4)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -199,7 +199,7 @@ def test_cfg_zero_star_matches_diffusers(zero_init_steps: int) -> None:
     guider = ClassifierFreeZeroStarGuidance(guidance_scale=scale, zero_init_steps=zero_init_steps)
     for step in range(num_steps):
         c, u = preds(50 + step)
-        out = method(c, u, ctx(step, num_steps))
+        out = method(Predictions(c, u), ctx(step, num_steps))
         torch.testing.assert_close(out.pred, guided(guider, step, num_steps, c, u), rtol=0, atol=1e-6)
         if step < zero_init_steps:
             assert torch.equal(out.pred, torch.zeros_like(c)) and out.effective_scale == 0.0
@@ -216,7 +216,7 @@ def orthogonal_part(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def test_cfg_zero_star_at_unit_optimal_scale_is_cfg() -> None:
     c, u = preds(60)
     c = u + orthogonal_part(c - u, u)  # ⟨c, u⟩ = ‖u‖², so s* = 1
-    out = registry.create("cfg_zero_star", 5.0, {"zero_init_steps": 1})(c, u, ctx(step=1))
+    out = registry.create("cfg_zero_star", 5.0, {"zero_init_steps": 1})(Predictions(c, u), ctx(step=1))
     torch.testing.assert_close(out.pred, cfg(c, u, 5.0), rtol=0, atol=1e-4)
     assert out.effective_scale == pytest.approx(5.0, abs=1e-4)
 
@@ -224,7 +224,7 @@ def test_cfg_zero_star_at_unit_optimal_scale_is_cfg() -> None:
 def test_cfg_zero_star_effective_scale_at_zero_optimal_scale() -> None:
     c, u = preds(61)
     c = orthogonal_part(c, u)  # s* = 0: the unconditional prediction is dropped, v = s·v_c
-    out = registry.create("cfg_zero_star", 5.0, {"zero_init_steps": 0})(c, u, ctx())
+    out = registry.create("cfg_zero_star", 5.0, {"zero_init_steps": 0})(Predictions(c, u), ctx())
     torch.testing.assert_close(out.pred, 5.0 * c, rtol=0, atol=1e-4)
     assert out.effective_scale == pytest.approx(1.0, abs=1e-4)
 
@@ -263,8 +263,10 @@ def test_every_method_runs_with_defaults(key: str) -> None:
 
 
 def combine(method, c, u, context):
-    """Call a method as the loop does: PAG-style methods also get a perturbed prediction (here 0.9·c)."""
-    return method.perturbed(c, u, 0.9 * c, context) if method.perturbed_pass else method(c, u, context)
+    """Call a method as the loop does: the predictions it asks for, by name (a perturbed one is 0.9·c here)."""
+    names = method.needs(context, True)
+    given = {"uncond": u, "cond": c, "perturbed": 0.9 * c}
+    return method(Predictions(**{k: given[k] for k in names}), context)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -280,7 +282,7 @@ def test_apg_half_precision_matches_diffusers() -> None:
     guider = AdaptiveProjectedGuidance(7.5, adaptive_projected_guidance_momentum=-0.5, eta=0.0)
     for step in range(3):
         c, u = (t.to(torch.bfloat16) for t in preds(72 + step))
-        assert torch.equal(method(c, u, ctx(step, 3)).pred, guided(guider, step, 3, c, u))
+        assert torch.equal(method(Predictions(c, u), ctx(step, 3)).pred, guided(guider, step, 3, c, u))
 
 
 def test_describe_lists_methods_params_and_papers() -> None:
@@ -299,16 +301,17 @@ def test_pag_limits() -> None:
     cond, uncond, ptb = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
     ctx = GuidanceContext(step=0, num_steps=10, timestep=900.0, sigma=5.0)
     # pag_scale 0 is plain CFG; without CFG it is the conditional prediction.
-    torch.testing.assert_close(PAG(5.0, pag_scale=0.0).perturbed(cond, uncond, ptb, ctx).pred,
+    torch.testing.assert_close(PAG(5.0, pag_scale=0.0)(Predictions(cond, uncond, ptb), ctx).pred,
                                cfg(cond, uncond, 5.0), rtol=0, atol=0)
-    torch.testing.assert_close(PAG(1.0, pag_scale=0.0).perturbed(cond, None, ptb, ctx).pred, cond, rtol=0, atol=0)
-    out = PAG(1.0, pag_scale=2.0).perturbed(cond, None, ptb, ctx)
+    torch.testing.assert_close(PAG(1.0, pag_scale=0.0)(Predictions(cond, None, ptb), ctx).pred, cond, rtol=0, atol=0)
+    out = PAG(1.0, pag_scale=2.0)(Predictions(cond, None, ptb), ctx)
     torch.testing.assert_close(out.pred, cond + 2.0 * (cond - ptb))
     assert out.effective_scale == 1.0
     # Adaptive: decays linearly from t = 1000 and never goes negative (diffusers' _get_pag_scale).
     assert pag_scale_at(3.0, 0.01, 1000.0) == 3.0
     assert pag_scale_at(3.0, 0.01, 900.0) == pytest.approx(2.0)
     assert pag_scale_at(3.0, 0.01, 100.0) == 0.0
-    assert PAG.perturbed_pass and not registry.create("cfg", 5.0, {}).perturbed_pass
+    assert "perturbed" in PAG.uses and "perturbed" not in registry.create("cfg", 5.0, {}).uses
+    assert PAG(5.0).needs(ctx, True) == ("uncond", "cond", "perturbed") and PAG(1.0).needs(ctx, False) == ("cond", "perturbed")
     with pytest.raises(ValueError, match=r"pag_scale must be in \[0, 100\]"):
         registry.validate("pag", {"pag_scale": -1})
