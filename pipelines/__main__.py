@@ -107,8 +107,8 @@ def _request_flags(g: argparse.ArgumentParser, scheduler_default: str | None = N
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale s, finite and >= 0; <= 1 disables the unconditional pass "
                         "(default: the model's recommended, else its pipeline's default)")
-    g.add_argument("--guidance", default="cfg", metavar="KEY",
-                   help="guidance method (see `python -m pipelines guidance`; default: cfg)")
+    g.add_argument("--guidance", default=None, metavar="KEY",
+                   help="guidance method (see `python -m pipelines guidance`; default: the model's recommended, else cfg)")
     g.add_argument("--guidance-param", action="append", type=_guidance_param, default=[], metavar="NAME=VALUE",
                    help="a guidance method parameter, repeatable (e.g. guidance_rescale=0.7)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, reported)")
@@ -133,7 +133,7 @@ def _request(args: argparse.Namespace, trace: bool = True):
     request = build_request(
         prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
         scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param),
+        width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param) or None,
         limits=Limits.from_env(os.environ),
     )
     # Measured for this model and size (pipelines/threads.py): 1 for the embedded model, all cores for larger UNets.

@@ -28,8 +28,8 @@ class ApiView:
                 seed=gr.Number(-1, label="seed"),
                 width=gr.Number(0, label="width"),
                 height=gr.Number(0, label="height"),
-                guidance=gr.Textbox("cfg", label="guidance"),
-                guidance_params=gr.Textbox("{}", label="guidance_params"),
+                guidance=gr.Textbox("", label="guidance"),
+                guidance_params=gr.Textbox("", label="guidance_params"),
             )
             self.image = gr.Image(type="filepath", format="png", label="image")
             self.seed = gr.Number(precision=0, label="seed")
@@ -39,10 +39,10 @@ class ApiView:
         @gpu
         async def run_api(http: gr.Request, prompt: str, negative_prompt: str = "", model: str = default_model, scheduler: str = "",
                     num_inference_steps: float = -1, guidance_scale: float = -1, seed: float = -1, width: float = 0,
-                    height: float = 0, guidance: str = "cfg", guidance_params: str = "{}"):
+                    height: float = 0, guidance: str = "", guidance_params: str = ""):
             """Make one image; returns (PNG path with A1111 parameters, seed used, run info). seed -1 is random;
-            num_inference_steps / guidance_scale -1 take the model's recommended values; width/height 0 its
-            native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
+            num_inference_steps / guidance_scale -1 and guidance "" take the model's recommended values; width/height
+            0 its native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
             from pipelines.requests import build_request
 
             try:
