@@ -286,6 +286,7 @@ def main() -> None:
     p.add_argument("--only", default="backgrounds,strict,first_x0,noise_mean_swap,guidance_distance")
     p.add_argument("--strict-n", type=int, default=200)
     p.add_argument("--out", type=Path, default=CACHE / "lesson.json")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--settings", action="store_true",
                    help="instead: compare --schedulers (at the first of --scales) and --scales x --rescales")
     p.add_argument("--schedulers", default="dpmpp_2m,euler_a,ddim,unipc,euler")
@@ -297,7 +298,7 @@ def main() -> None:
     if a.markdown:
         print(lesson_markdown(*(json.loads(f.read_text()) for f in a.markdown)))
         return
-    setup(1)
+    setup(a.threads)
     if a.settings:
         rows = settings(a.model, a.schedulers.split(","), [float(v) for v in a.scales.split(",")],
                         [float(v) for v in a.rescales.split(",")], a.steps, a.strict_n)
