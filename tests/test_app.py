@@ -4,7 +4,6 @@ the page through Chromium (live previews change, the scrubber works, Stop stops)
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -17,17 +16,12 @@ from pipelines.families import family_of
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.types import DEFAULT_MODEL, GenerationRequest
+from tests.serving import serve
 from tests.tiny import tiny_pipeline
 
 gradio_client = pytest.importorskip("gradio_client")
 
 MODEL = "tiny-sd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +31,12 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pipe):
-    """The real app on a free port; yields (url, outputs folder)."""
-    import app
-
+    """The real app on a free port; yields (url, outputs folder, playground)."""
     loader = ModelLoader(device="cpu")
     loader.add(MODEL, pipe)
     outputs = tmp_path_factory.mktemp("outputs")
-    demo = app.build_demo(loader=loader, models=[MODEL], outputs_dir=outputs, preview_interval=0.05)
-    port = free_port()
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield f"http://127.0.0.1:{port}/", outputs, demo.playground
-    demo.close()
+    with serve(loader, outputs, models=[MODEL], preview_interval=0.05) as (url, demo):
+        yield url, outputs, demo.playground
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +260,11 @@ def test_browser_live_previews_scrubber_stop_and_history(server, client):
         # Another visitor sees none of this browser's runs (private by default).
         other = browser.new_context().new_page()
         other.goto(url)
-        other.wait_for_selector("#history")
-        other.wait_for_timeout(1500)  # the history arrives with the page-load event
+        # The history arrives with the page-load event; its label says when it has (and how many runs it holds).
+        other.wait_for_function(
+            "() => { const h = document.querySelector('#history'); return h && h.innerText.includes('Past runs:'); }",
+            timeout=20000)
+        assert "none yet from this browser" in other.locator("#history").inner_text()
         assert other.locator("#history button").count() == 0, other.locator("#history").inner_text()
         assert page.locator("#history button").count() >= 4  # while this one keeps its own
         browser.close()
@@ -327,7 +319,7 @@ def test_restored_run_scrubs_from_its_saved_steps_after_a_restart(server, client
     """A new app on the same outputs folder (a restart) rebuilds a past run's scrubber from steps/tensors.safetensors."""
     import app
     from pipelines.outputs import Trace
-    from pipelines.previews import Previewer, colour_error
+    from pipelines.previews import colour_error
 
     _, outputs, _ = server
     _, _, info = client.predict(prompt="a red circle", num_inference_steps=4, seed=5, api_name="/generate")

@@ -229,19 +229,12 @@ def test_stopping_ends_an_experiment_between_and_inside_runs(loader):
 
 @pytest.fixture(scope="module")
 def explain_server(tmp_path_factory, loader):
-    """The real app around the embedded model on a free port (the pattern of tests/test_app.py's `server`)."""
-    import socket
+    """The real app around the embedded model on a free port (tests/serving.py)."""
+    from tests.serving import serve
 
-    import app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     outputs = tmp_path_factory.mktemp("outputs")
-    demo = app.build_demo(loader=loader, models=[DEFAULT_MODEL], outputs_dir=outputs)
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield f"http://127.0.0.1:{port}/", outputs, demo.playground
-    demo.close()
+    with serve(loader, outputs, models=[DEFAULT_MODEL]) as (url, demo):
+        yield url, outputs, demo.playground
 
 
 @pytest.fixture(scope="module")

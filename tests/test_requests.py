@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from pipelines.loading import ModelLoader
 from pipelines.requests import OWN_SCHEDULER, build_request, parse_guidance_params, whole_number

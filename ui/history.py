@@ -130,7 +130,7 @@ class HistoryView:
         self.mine = gr.BrowserState([], storage_key="diffusion-playground-runs",
                                     secret=browser_secret(app.outputs_dir))
         self.folders = gr.State([])
-        self.gallery = gr.Gallery(label="Past runs (click one to restore its settings)", columns=8, height=260,
+        self.gallery = gr.Gallery(label="Past runs", columns=8, height=260,
                                   fit_columns=False, object_fit="contain", allow_preview=False, elem_id="history",
                                   elem_classes="pixelated", show_label=True)
 
@@ -141,8 +141,11 @@ class HistoryView:
             mine = [*mine, add][-MAX_OWN_RUNS:]
         outputs_dir = self.app.outputs_dir
         items = history(outputs_dir) if self.shared else own_history(outputs_dir, mine)
-        return {self.gallery: [(str(Path(f) / "image.png"), c) for f, c in items], self.folders: [f for f, _ in items],
-                self.mine: mine}
+        # The label says how many runs there are, so "none yet" is visibly loaded, not still on its way.
+        label = (f"Past runs ({len(items)}; click one to restore its settings)" if items else
+                 f"Past runs: none yet{'' if self.shared else ' from this browser'}")
+        return {self.gallery: gr.Gallery([(str(Path(f) / "image.png"), c) for f, c in items], label=label),
+                self.folders: [f for f, _ in items], self.mine: mine}
 
     def on_select(self, controls, live, folders: list[str], evt: gr.SelectData) -> dict:
         """Restore a past run's settings, image, code and (where its steps were kept) its scrubber."""
