@@ -93,9 +93,15 @@ def why_not(key: str, scheduler: SchedulerMixin | Mapping[str, Any]) -> str | No
     kind = schedule_kind(scheduler)
     if spec.kind != kind:
         return f"it is a {spec.kind} sampler and this model has a {kind} schedule"
-    if _config(scheduler).get("rescale_betas_zero_snr") and not _takes(spec.cls, "rescale_betas_zero_snr"):
-        return (f"{spec.cls.__name__} cannot rebuild this model's zero-terminal-SNR schedule "
-                "(rescale_betas_zero_snr) and would sample a schedule it was not trained on")
+    if _config(scheduler).get("rescale_betas_zero_snr"):
+        if not _takes(spec.cls, "rescale_betas_zero_snr"):
+            return (f"{spec.cls.__name__} cannot rebuild this model's zero-terminal-SNR schedule "
+                    "(rescale_betas_zero_snr) and would sample a schedule it was not trained on")
+        if spec.overrides.get("use_karras_sigmas"):
+            # diffusers 0.42: from σ_max = 4096 (its stand-in for ∞) Karras sigmas put several steps on t = 999,
+            # and DPM-Solver then starts its step index at the second of them and runs past its sigmas (21+ steps)
+            return ("Karras sigmas from this model's zero-terminal-SNR σ_max put several steps on the same "
+                    "timestep, and DPM-Solver then runs past its schedule; dpmpp_2m is the same solver without them")
     return None
 
 

@@ -186,6 +186,17 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
                          min_snr_gamma=5)
     assert r["step"] == 3  # same objective: resumed
 
+    # The decoder learns to decode averaged latents to averaged images; the encoder (and so the latents) stays.
+    from training import train_decoder_mean
+
+    encoder = {k: v.clone() for k, v in train_vae.load_vae(tmp_path, tiny=True).encoder.state_dict().items()}
+    d = train_decoder_mean.train(tmp_path, minutes=1, steps=2, lr=1e-3, mean_weight=2, group=2, groups=2, batch_size=2,
+                                 seed=0, warmup=1, tiny=True)
+    assert d["step"] == 2 and np.isfinite(d["after"]["mean_rms"])
+    tuned = train_vae.load_vae(tmp_path, tiny=True)  # now from vae_decoder.pt
+    assert all(torch.equal(v, tuned.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert train_decoder_mean.group_renders(random.Random(0), 2, 3).shape == (6, 3, 64, 64)
+
     # export via the same code path as the real model, with the tiny VAE
     pipe, _ = export.build_pipeline(tmp_path, tiny=True)
     dest = export.export(pipe, tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer")

@@ -82,6 +82,10 @@ def export(pipe: StableDiffusionPipeline, dest: Path, meta: dict | None = None, 
     for name in ("vocab.json", "merges.txt"):
         shutil.copy2(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
     fit_mse = preview.pop("fit_mse")
+    old = dest / "latent_preview.json"
+    if old.exists():  # a decision recorded beside the factors (offer_rgb false: the map is wrong on this VAE) stays
+        kept = {k: v for k, v in json.loads(old.read_text()).items() if k in ("note", "offer_rgb")}
+        preview = kept | preview
     (tmp / "latent_preview.json").write_text(json.dumps(preview, indent=2) + "\n")
     if meta is not None:
         (tmp / "training_meta.json").write_text(json.dumps(meta | {"latent_preview_fit_mse": fit_mse}, indent=2) + "\n")
@@ -112,7 +116,7 @@ def main() -> None:
             "final_loss": state["log"][-1]["loss"] if state["log"] else None,
             "scaling_factor": pipe.vae.config.scaling_factor, "objective": state.get("objective"),
             "init_from": state.get("init_from")}
-    dest = export(pipe, a.dest, meta)
+    dest = export(pipe, a.dest, meta, tokenizer_dir=a.cache / "tokenizer")
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"exported {dest} ({size / 2**20:.1f} MiB)", meta)
 

@@ -123,7 +123,7 @@ def backgrounds(pipe, steps: int, scale: float, rescale: float, n: int = 40, see
     fixed = images(pipe, [f"a large red circle in the center, {t['background']} background" for t in fixed_t],
                    [i % 8 for i in range(len(fixed_t))], steps, scale, rescale)
     return {"named": read_all(imgs, tgts), "fixed_probe": read_all(fixed, fixed_t)["background"],
-            "n": len(tgts), "palette_error": statistics.fmean(palette_error(im, t) for im, t in zip(imgs, tgts)),
+            "n": len(tgts), "palette_error": float(np.nanmean([palette_error(im, t) for im, t in zip(imgs, tgts)])),
             "clipped": statistics.fmean(clipped(im) for im in imgs)}
 
 
@@ -131,7 +131,7 @@ def strict(pipe, steps: int, scale: float, rescale: float, n: int = 200) -> dict
     """The world's one-object prompts (no background named), one seed each, read strictly."""
     tgts = one_object_targets(n, seed=0, background=False)
     imgs = images(pipe, [prompt_of(t) for t in tgts], list(range(n)), steps, scale, rescale)
-    return read_all(imgs, tgts) | {"palette_error": statistics.fmean(palette_error(im, t) for im, t in zip(imgs, tgts)),
+    return read_all(imgs, tgts) | {"palette_error": float(np.nanmean([palette_error(im, t) for im, t in zip(imgs, tgts)])),
                                    "clipped": statistics.fmean(clipped(im) for im in imgs), "n": n}
 
 
