@@ -152,14 +152,16 @@ def test_object_colour_error_looks_at_the_object_only():
 
 
 def test_the_old_linear_map_fails_the_same_bound(runs):
-    """The map fitted on VAE-encoded renders, still on record in latent_preview.json, is what the issue saw."""
+    """The map fitted on VAE-encoded renders, on record in latent_preview.json, is not offered: it misses every image
+    by more than the bound. (Refitted for v2's decoder, which was trained to decode averaged latents and so is closer
+    to linear, it misses by 0.12 on average, 0.09 at best; v1's map missed by 0.34.)"""
     previewer, images = runs
     data = json.loads((ASSET / "latent_preview.json").read_text())
     assert data["offer_rgb"] is False
     old = LatentFormat("old", 4, tuple(map(tuple, data["latent_rgb_factors"])), tuple(data["latent_rgb_bias"]), "old")
     errors = [colour_error(latent_rgb(latents, old).repeat(4, 0).repeat(4, 1), final, 4)
               for final, _, latents, _ in images]
-    assert np.mean(errors) > 5 * MEAN_MAX and np.median(errors) > 3 * PER_IMAGE_MAX, np.round(errors, 3)
+    assert min(errors) > PER_IMAGE_MAX and np.mean(errors) > 3 * MEAN_MAX, np.round(errors, 3)
 
 
 def test_colour_error_is_measured_on_the_latent_grid():

@@ -48,8 +48,9 @@ STYLE = """<style>
 TEXT = {
     "jump": "**Jump vs walk.** At every step the model predicts the clean image x̂0; *jump now* decodes that "
             "prediction, *keep walking* is where the full run ends, and *take k big steps* is a separate run of only "
-            "k steps. Watch the distance to the final image fall step by step: early predictions are a rough guess "
-            "that still has to commit to a background and an outline. A k-step run is not step k of a long run: "
+            "k steps. Watch the distance to the final image fall and the sharpness rise step by step: the first "
+            "prediction is the blurry average of everything the prompt allows, and each step commits to more of one "
+            "image. A k-step run is not step k of a long run: "
             "with so few steps the sampler's small-step assumption breaks and it can land on a different image.",
     "branch": "**Branching.** The trunk runs to a fraction f of the schedule, then finishes several times from the "
               "same x_t with different noise draws. Early branches still end far apart; late ones have already "

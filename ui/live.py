@@ -34,12 +34,13 @@ log = logging.getLogger("playground")
 RENDER_SHARE = 12
 STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
 STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
-WHY = ("**Why many small steps?** Early on, x̂0 is the model's best guess from almost pure noise: a compromise "
-       "between every image that fits the prompt (on large models a blurry *average*; on the embedded model a "
-       "speckled guess whose colours and layout are not yet decided). Jumping straight to it gives that guess. Each "
-       "small step commits to a little more, re-noises less, and asks again, so the guess settles. Scrub from step 1 "
-       "to the end and watch x̂0 go from guess to specific, or try the Explain lab below. The heat map shows where "
-       "the prompt pushes hardest (brighter = larger cond − uncond difference, on one scale for the whole run).")
+WHY = ("**Why many small steps?** At the first step x̂0 is the model's best guess from pure noise: the *average* of "
+       "every image that fits the prompt, a blur in which what the prompt leaves open (a background it does not "
+       "name, the exact outline) is a mix of everything it could still become. Jumping straight to it gives that "
+       "blur. Each small step commits to a little more, re-noises less, and asks again, so the average sharpens into "
+       "one image. Scrub from step 1 to the end and watch x̂0 go from average to specific, or try the Explain lab "
+       "below. The heat map shows where the prompt pushes hardest (brighter = larger cond − uncond difference, on one "
+       "scale for the whole run).")
 
 
 def error_text(error: BaseException, outputs_dir=None) -> str:
