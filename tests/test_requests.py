@@ -24,7 +24,7 @@ def loader():
 def test_sentinels_mean_recommended_random_native_and_own(loader):
     r = build_request(prompt="a red circle", model=DEFAULT_MODEL, loader=loader, num_inference_steps=-1,
                       guidance_scale=-1, seed=-1, width=0, height=0, scheduler="", guidance="")
-    assert (r.num_inference_steps, r.guidance_scale) == (20, 5.0)  # the embedded model's registry entry
+    assert (r.num_inference_steps, r.guidance_scale) == (20, 3.0)  # the embedded model's registry entry
     assert r.seed is None and r.width is None and r.height is None and r.scheduler is None and r.guidance == "cfg"
     assert build_request(prompt="x", model=DEFAULT_MODEL, loader=loader, scheduler=OWN_SCHEDULER).scheduler is None
 
