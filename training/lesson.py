@@ -35,6 +35,7 @@ from pipelines.observers import CollectingObserver
 from pipelines.schedulers import make_scheduler
 from pipelines.types import GenerationRequest
 from shapes import reading, world
+from shapes.judge import MIN_AREA, coverage
 from training.common import ASSET, CACHE, setup
 
 ATTRS = ("color", "shape", "position", "size")
@@ -79,15 +80,13 @@ def images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], 
 
 def palette_error(img: np.ndarray, t: dict[str, str]) -> float:
     """Mean RGB distance of the border (background) and of the object's core from their palette colours."""
-    r = reading.read(img)
     a = img.astype(np.float32)
     border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)])
     errs = []
     if "background" in t:
         errs.append(float(np.linalg.norm(np.median(border, 0) - np.array(world.COLORS[t["background"]]))))
-    from shapes.judge import coverage
-    cov = coverage(img)
-    if r.found and cov is not None:
+    cov = coverage(img)  # the object region reading.read finds (judge.coverage)
+    if cov is not None and (cov[0] > 0.5).sum() >= MIN_AREA:
         errs.append(float(np.linalg.norm(cov[1] - np.array(world.COLORS[t["color"]]))))
     return statistics.fmean(errs) if errs else float("nan")
 

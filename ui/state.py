@@ -132,11 +132,10 @@ class Playground:
         pipe = self.loader.loaded(model)
         if pipe is not None:
             keys = compatible_keys(pipe.scheduler)
-        elif model in MODELS and folder_config(MODELS[model].source) is not None:  # a local folder: its own config
-            keys = compatible_keys(folder_config(MODELS[model].source))
-        elif model in MODELS:
+        elif model in MODELS:  # a local folder says what fits without loading weights; a hub id, its family
+            config = folder_config(MODELS[model].source)
             kind = "flow" if MODELS[model].family == "sd3" else "discrete"
-            keys = [k for k, s in SCHEDULERS.items() if s.kind == kind]
+            keys = compatible_keys(config) if config is not None else [k for k, s in SCHEDULERS.items() if s.kind == kind]
         else:
             keys = list(SCHEDULERS)
         scheduler = pipe.scheduler if pipe is not None else None
