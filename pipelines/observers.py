@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
-from dataclasses import dataclass
-
-import torch
 
 from pipelines.types import StepEvent
 
@@ -107,31 +103,6 @@ class LatestObserver(Observer):
         return self._cancel.is_set()
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """One step kept for scrubbing: first image only, on the CPU. Latents are (1, C, h, w); the tensors are None
-    for a step a bounded StepRecorder thinned out (its numbers stay)."""
-
-    step: int  # 0-based loop index
-    timestep: float  # scheduler timestep t
-    sigma: float | None  # σ at this step
-    latents: torch.Tensor | None  # x_{t-1} after the step
-    denoised: torch.Tensor | None  # x̂0 of the guided prediction
-    denoised_cond: torch.Tensor | None  # x̂0 of the conditional prediction (None without CFG)
-    denoised_uncond: torch.Tensor | None  # x̂0 of the unconditional prediction (None without CFG)
-    guidance_delta_norm: float | None  # ‖ε_c − ε_u‖
-    effective_scale: float  # guidance scale applied at this step
-
-    @property
-    def kept(self) -> bool:
-        return self.latents is not None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.latents, self.denoised, self.denoised_cond,
-                                                           self.denoised_uncond) if t is not None)
-
-
 class StepRecorder(Observer):
     """Keeps every step's tensors (first image, CPU) so a scrubber or an experiment can revisit any step.
 
@@ -140,21 +111,13 @@ class StepRecorder(Observer):
     """
 
     def __init__(self, max_bytes: int | None = None) -> None:
-        self.steps: list[StepRecord] = []
+        self.steps: list[StepEvent] = []  # first image, CPU (StepEvent.first_image); thinned steps: numbers only
         self.max_bytes = max_bytes
         self.stride = 1  # tensors are kept for steps that are multiples of this (and the newest)
         self.nbytes = 0
 
     def on_step(self, event: StepEvent) -> None:
-        def cpu(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[:1].to("cpu")
-
-        record = StepRecord(
-            step=event.step, timestep=event.timestep, sigma=event.sigma, latents=cpu(event.latents),
-            denoised=cpu(event.denoised), denoised_cond=cpu(event.denoised_cond),
-            denoised_uncond=cpu(event.denoised_uncond), guidance_delta_norm=event.guidance_delta_norm,
-            effective_scale=event.effective_scale,
-        )
+        record = event.first_image()
         if self.steps and self.steps[-1].kept and self.steps[-1].step % self.stride:
             self.steps[-1] = self._numbers_only(self.steps[-1])  # was kept only as the newest
         self.steps.append(record)
@@ -165,9 +128,9 @@ class StepRecorder(Observer):
                 if r.kept and r.step % self.stride:
                     self.steps[i] = self._numbers_only(r)
 
-    def _numbers_only(self, record: StepRecord) -> StepRecord:
+    def _numbers_only(self, record: StepEvent) -> StepEvent:
         self.nbytes -= record.nbytes
-        return dataclasses.replace(record, latents=None, denoised=None, denoised_cond=None, denoised_uncond=None)
+        return record.numbers_only()
 
     def nearest_kept(self, index: int) -> int:
         """The index of the kept step closest to `index` (earlier on a tie)."""

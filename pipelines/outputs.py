@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pipelines.limits import Limits
 from pipelines.observers import Observer
@@ -34,7 +36,6 @@ TRACE_FILE = "trace.json"
 TRACE_MAX_BYTES = 4 * 2**20  # Trace.read refuses larger files (a 1000-step trace is ~0.3 MB)
 STEP_TENSORS_FILE = "steps/tensors.safetensors"
 STEP_TENSORS_LIMIT = 32 * 2**20  # bytes: save_step_tensors' default cap (a 64×64 model's 20 steps take ~20 KB)
-STEP_TENSOR_SOURCES = ("latents", "denoised", "denoised_cond", "denoised_uncond")  # StepEvent fields saved
 
 
 def a1111_parameters(request: GenerationRequest, result: GenerationResult) -> str:
@@ -109,19 +110,6 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 @dataclass(frozen=True)
-class TraceStep:
-    """One loop iteration as trace.json records it (StepEvent without the tensors)."""
-
-    step: int  # 0-based loop iteration
-    timestep: float  # scheduler timestep t
-    sigma: float | None  # k-diffusion σ (VP models) or flow σ; None where the scheduler gives none
-    effective_scale: float  # guidance scale applied (1.0 = conditional only, 0.0 = a zeroed step)
-    guidance_delta_norm: float | None  # ‖pred_cond − pred_uncond‖ of the first image; None without CFG
-    elapsed: float  # seconds since the loop started
-    previews: Mapping[str, str]  # preview name -> PNG path relative to the run folder
-
-
-@dataclass(frozen=True)
 class Trace:
     """A finished run's record, written to <folder>/trace.json next to <folder>/image.png."""
 
@@ -136,7 +124,7 @@ class Trace:
     timings: Timings  # per-phase wall-clock seconds
     preview_kinds: Mapping[str, str]  # preview name -> Previewer kind used for it
     latent_format: str  # the model's latent-format record name (pipelines/previews.py)
-    steps: tuple[TraceStep, ...]  # one entry per completed loop iteration
+    steps: tuple[StepEvent, ...]  # one per completed loop iteration: numbers and previews, no tensors
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of trace.json (key names and order as written since the format began)."""
@@ -152,7 +140,7 @@ class Trace:
             "timings": dataclasses.asdict(self.timings),
             "preview_kinds": dict(self.preview_kinds),
             "latent_format": self.latent_format,
-            "steps": [dataclasses.asdict(s) | {"previews": dict(s.previews)} for s in self.steps],
+            "steps": [s.numbers() | {"previews": dict(s.previews)} for s in self.steps],
         }
 
     def write(self, folder: str | os.PathLike) -> Path:
@@ -222,7 +210,7 @@ class Trace:
             timings=timings,
             preview_kinds=_str_map(data, "preview_kinds", where),
             latent_format=_typed(data, "latent_format", str, where),
-            steps=tuple(_trace_step(s, f"{where}: steps[{i}]") for i, s in enumerate(steps_data)),
+            steps=tuple(_trace_step(s, f"{where}: steps[{i}]", len(steps_data)) for i, s in enumerate(steps_data)),
         )
 
 
@@ -259,7 +247,9 @@ def _str_map(data: Mapping[str, Any], key: str, where: str) -> dict[str, str]:
     return value
 
 
-def _trace_step(data: Any, where: str) -> TraceStep:
+def _trace_step(data: Any, where: str, count: int) -> StepEvent:
+    """A step of trace.json (numbers and previews); `count`, the steps recorded, stands in for num_steps in a trace
+    written before num_steps was."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: must be a JSON object, got {type(data).__name__}")
     previews = _str_map(data, "previews", where)
@@ -267,8 +257,10 @@ def _trace_step(data: Any, where: str) -> TraceStep:
         parts = PurePosixPath(rel).parts
         if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
             raise ValueError(f"{where}: preview {name!r} must be a path inside the run folder, got {rel!r}")
-    return TraceStep(
+    return StepEvent(
         step=_typed(data, "step", int, where),
+        num_steps=_typed(data, "num_steps", int, where) if "num_steps" in data else count,
+        latents=None, denoised=None, denoised_cond=None, denoised_uncond=None,
         timestep=_number(data, "timestep", where),
         sigma=_number(data, "sigma", where, optional=True),
         effective_scale=_number(data, "effective_scale", where),
@@ -296,48 +288,38 @@ def _regular_file(path: Path, where: str) -> None:
 # --- per-step tensors -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StepTensors:
-    """The first image's tensors of one step, as saved for scrubbing: (C, h, w), float16."""
-
-    step: int  # 0-based loop iteration
-    latents: torch.Tensor  # x_{t-1} after the step
-    denoised: torch.Tensor  # x̂0 of the guided prediction
-    denoised_cond: torch.Tensor | None  # x̂0 of the conditional prediction (None without CFG)
-    denoised_uncond: torch.Tensor | None  # x̂0 of the unconditional prediction (None without CFG)
+# The file: one float16 tensor (C, h, w) per step and field, named "<step:04d>.<field>" (field one of
+# StepEvent.TENSORS), first image of the batch only, with metadata {"format": STEP_TENSORS_FORMAT}. The numbers of
+# each step live in trace.json; load_step_tensors puts the two back together.
+STEP_TENSORS_FORMAT = "playground-step-tensors-1"
 
 
-def save_step_tensors(folder: str | os.PathLike, steps: Sequence[StepEvent | StepTensors],
+def save_step_tensors(folder: str | os.PathLike, steps: Sequence[StepEvent],
                       limit_bytes: int = STEP_TENSORS_LIMIT) -> bool:
-    """Write <folder>/steps/tensors.safetensors with float16 copies of each step's latents, denoised,
-    denoised_cond and denoised_uncond (first image of the batch only), if they fit in limit_bytes.
+    """Write <folder>/steps/tensors.safetensors with float16 copies of each step's tensors (first image of the
+    batch only), if they fit in limit_bytes.
 
     Returns whether the file was written; nothing is written when the tensors would exceed the limit.
     """
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     size = 0
     for s in steps:
-        for source in STEP_TENSOR_SOURCES:
-            value = getattr(s, source)
-            if value is None:
-                continue
-            t = _first_image_fp16(value)
+        for name, value in s.tensors().items():
+            t = value[0] if value.ndim == 4 else value
+            t = t.detach().to("cpu", torch.float16).contiguous()
             size += t.numel() * t.element_size()
             if size > limit_bytes:
                 return False
-            tensors[f"{s.step:04d}.{source}"] = t
+            tensors[f"{s.step:04d}.{name}"] = t
     path = Path(folder) / STEP_TENSORS_FILE
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "playground-step-tensors-1"}))
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": STEP_TENSORS_FORMAT}))
     return True
 
 
-def load_step_tensors(folder: str | os.PathLike) -> tuple[StepTensors, ...]:
-    """The steps saved by save_step_tensors, in step order; ValueError when the file is missing or malformed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def load_step_tensors(folder: str | os.PathLike, steps: Sequence[StepEvent]) -> tuple[StepEvent, ...]:
+    """`steps` (a trace's records: numbers, no tensors) with the tensors saved by save_step_tensors put back, as
+    float32 (1, C, h, w), the form a StepRecorder keeps; ValueError when the file is missing or malformed or holds
+    a step `steps` lacks, or lacks one it has."""
     path = Path(folder) / STEP_TENSORS_FILE
     _regular_file(path, str(path))
     try:
@@ -346,23 +328,20 @@ def load_step_tensors(folder: str | os.PathLike) -> tuple[StepTensors, ...]:
         raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
     by_step: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in flat.items():
-        step, _, source = key.partition(".")
-        if not step.isdigit() or source not in STEP_TENSOR_SOURCES:
-            raise ValueError(f"{path}: unexpected tensor {key!r}; keys are <step>.<{'|'.join(STEP_TENSOR_SOURCES)}>")
-        by_step.setdefault(int(step), {})[source] = t
+        step, _, name = key.partition(".")
+        if not step.isdigit() or name not in StepEvent.TENSORS:
+            raise ValueError(f"{path}: unexpected tensor {key!r}; keys are <step>.<{'|'.join(StepEvent.TENSORS)}>")
+        by_step.setdefault(int(step), {})[name] = t.float().unsqueeze(0)
+    numbers = {s.step: s for s in steps}
+    if set(by_step) != set(numbers):
+        raise ValueError(f"{path}: holds steps {sorted(by_step)}, the trace records steps {sorted(numbers)}")
     out = []
     for step in sorted(by_step):
         found = by_step[step]
         if "latents" not in found or "denoised" not in found:
             raise ValueError(f"{path}: step {step} lacks latents or denoised")
-        out.append(StepTensors(step=step, **{k: found.get(k) for k in STEP_TENSOR_SOURCES}))
+        out.append(dataclasses.replace(numbers[step], **{k: found.get(k) for k in StepEvent.TENSORS}))
     return tuple(out)
-
-
-def _first_image_fp16(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (C, h, w) float16, contiguous, on the CPU; (C, h, w) passes through as float16."""
-    t = t[0] if t.ndim == 4 else t
-    return t.detach().to("cpu", torch.float16).contiguous()
 
 
 class TraceWriter(Observer):
@@ -383,9 +362,9 @@ class TraceWriter(Observer):
         self.previewer = previewer
         wanted = previews if previews is not None else self.DEFAULT_PREVIEWS
         self.previews = {name: (src, previewer.resolve(kind)) for name, (src, kind) in wanted.items()}
-        self.steps: list[TraceStep] = []
+        self.steps: list[StepEvent] = []  # numbers and previews
         self.tensors_limit_bytes = tensors_limit_bytes
-        self._tensors: list[StepTensors] | None = [] if tensors_limit_bytes > 0 else None
+        self._tensors: list[StepEvent] | None = [] if tensors_limit_bytes > 0 else None  # first image, fp16
         self._tensor_bytes = 0
         self.tensors_saved = False  # set by finish()
 
@@ -398,19 +377,10 @@ class TraceWriter(Observer):
             rel = f"steps/{event.step:03d}_{name}.png"
             save_png(self.out_dir / rel, self.previewer.render(kind, latents))
             previews[name] = rel
-        self.steps.append(TraceStep(
-            step=event.step,
-            timestep=event.timestep,
-            sigma=event.sigma,
-            effective_scale=event.effective_scale,
-            guidance_delta_norm=event.guidance_delta_norm,
-            elapsed=round(event.elapsed, 4),
-            previews=previews,
-        ))
+        self.steps.append(dataclasses.replace(event.numbers_only(), elapsed=round(event.elapsed, 4), previews=previews))
         if self._tensors is not None:
-            kept = StepTensors(event.step, *(None if getattr(event, k) is None else _first_image_fp16(getattr(event, k))
-                                             for k in STEP_TENSOR_SOURCES))
-            self._tensor_bytes += sum(t.numel() * t.element_size() for t in vars(kept).values() if torch.is_tensor(t))
+            kept = event.first_image(torch.float16)
+            self._tensor_bytes += kept.nbytes
             if self._tensor_bytes <= self.tensors_limit_bytes:
                 self._tensors.append(kept)
             else:  # nothing will be saved: stop holding memory for it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -102,19 +102,60 @@ class _FrozenParams(dict):
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What the loop hands the observer after each iteration. Latent tensors are (B, C, h, w), detached."""
+    """One denoising step: what the loop hands the observer after each iteration, and the one record of a step
+    everywhere else (the scrubber's recorder, trace.json, the step tensors file).
+
+    From the loop the tensors are (B, C, h, w), detached, on the model's device. `first_image()` is the kept form
+    (first image, CPU); a record read from trace.json, or thinned out by a bounded recorder, has no tensors
+    (`kept` is False) and only its numbers. `previews` names the preview files a TraceWriter wrote for the step.
+    """
 
     step: int  # 0-based index of this loop iteration
     num_steps: int  # total iterations (len(timesteps); 2N-1 for Heun)
     timestep: float  # scheduler timestep t
     sigma: float | None  # k-diffusion σ (VP models) or flow σ (flow models) at this step
-    latents: torch.Tensor  # x_{t-1}: latents after the scheduler step, in the scheduler's space
-    denoised: torch.Tensor  # x̂0: predicted clean latents from the guided prediction
+    latents: torch.Tensor | None  # x_{t-1}: latents after the scheduler step, in the scheduler's space
+    denoised: torch.Tensor | None  # x̂0: predicted clean latents from the guided prediction
     denoised_cond: torch.Tensor | None  # x̂0 of the conditional prediction alone (None without CFG)
     denoised_uncond: torch.Tensor | None  # x̂0 of the unconditional prediction alone (None without CFG)
     guidance_delta_norm: float | None  # ‖pred_cond − pred_uncond‖ (L2 over the first image), None without CFG
     effective_scale: float  # guidance scale applied at this step (1.0 = conditional only)
     elapsed: float  # seconds since the loop started
+    previews: Mapping[str, str] = field(default_factory=dict)  # preview name -> PNG path relative to the run folder
+
+    TENSORS = ("latents", "denoised", "denoised_cond", "denoised_uncond")  # the fields that hold tensors
+
+    @property
+    def kept(self) -> bool:
+        """Whether this record holds its tensors (False for a trace's record or a thinned-out step)."""
+        return self.latents is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this record holds, by field name (None fields left out)."""
+        return {k: getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None}
+
+    def first_image(self, dtype: torch.dtype | None = None) -> StepEvent:
+        """This step with each tensor cut to the first image of the batch, (1, C, h, w), detached, on the CPU,
+        contiguous (and in `dtype` when given): what a recorder or a file keeps."""
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:1].detach().to("cpu", dtype).contiguous()
+
+        return replace(self, **{k: cut(getattr(self, k)) for k in self.TENSORS})
+
+    def numbers_only(self) -> StepEvent:
+        """This step without its tensors."""
+        return replace(self, **{k: None for k in self.TENSORS})
+
+    def numbers(self) -> dict[str, Any]:
+        """The step's numbers as trace.json records them (key order as written since the format began, then
+        num_steps)."""
+        return {"step": self.step, "timestep": self.timestep, "sigma": self.sigma,
+                "effective_scale": self.effective_scale, "guidance_delta_norm": self.guidance_delta_norm,
+                "elapsed": self.elapsed, "num_steps": self.num_steps}
 
 
 @dataclass(frozen=True)

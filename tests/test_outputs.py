@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,18 +15,17 @@ from pipelines.generate import generate
 from pipelines.observers import CollectingObserver, TeeObserver
 from pipelines.outputs import (
     STEP_TENSORS_FILE,
-    StepTensors,
     Trace,
     TraceWriter,
     load_step_tensors,
     save_step_tensors,
 )
 from pipelines.previews import Previewer
-from pipelines.types import GenerationRequest
+from pipelines.types import GenerationRequest, StepEvent
 
 KEYS = ["image", "seed", "request", "scheduler", "family", "width", "height", "cancelled", "timings",
         "preview_kinds", "latent_format", "steps"]
-STEP_KEYS = ["step", "timestep", "sigma", "effective_scale", "guidance_delta_norm", "elapsed", "previews"]
+STEP_KEYS = ["step", "timestep", "sigma", "effective_scale", "guidance_delta_norm", "elapsed", "num_steps", "previews"]
 
 
 def request(**kw) -> GenerationRequest:
@@ -84,7 +84,8 @@ def test_trace_written_before_this_reader_existed_reads(tmp_path: Path) -> None:
     (tmp_path / "trace.json").write_text(json.dumps(old))
     trace = Trace.read(tmp_path)
     assert trace.request.model == "tiny-shapes" and trace.steps[0].timestep == 999.0 and trace.steps[0].sigma is None
-    assert trace.to_dict() == old | {"steps": [old["steps"][0] | {"timestep": 999.0}]}
+    assert trace.steps[0].num_steps == 1 and not trace.steps[0].kept  # num_steps: the steps recorded, then
+    assert trace.to_dict() == old | {"steps": [old["steps"][0] | {"timestep": 999.0, "num_steps": 1}]}
 
 
 def _set(data: dict, path: tuple, value) -> dict:
@@ -177,13 +178,20 @@ def test_symlinked_trace_json_is_refused(run, tmp_path: Path) -> None:
 def test_writer_saves_first_image_fp16_tensors_of_every_step(run) -> None:
     folder, _, events, writer, _ = run
     assert writer.tensors_saved and (folder / STEP_TENSORS_FILE).is_file()
-    loaded = load_step_tensors(folder)
+    from safetensors.torch import load_file
+
+    flat = load_file(folder / STEP_TENSORS_FILE)  # the file: fp16 (C, h, w) per step and field
+    assert all(t.dtype == torch.float16 and t.ndim == 3 for t in flat.values()) and len(flat) == 4 * len(events)
+    loaded = load_step_tensors(folder, Trace.read(folder).steps)
     assert [s.step for s in loaded] == [e.step for e in events]
     for saved, event in zip(loaded, events):
-        for source in ("latents", "denoised", "denoised_cond", "denoised_uncond"):
+        # the record as a StepRecorder keeps it: numbers from trace.json, first image (1, C, h, w) float32
+        assert saved.numbers_only() == dataclasses.replace(event.numbers_only(), elapsed=saved.elapsed,
+                                                           previews=saved.previews)
+        for source in StepEvent.TENSORS:
             t = getattr(saved, source)
-            assert t.dtype == torch.float16 and t.shape == getattr(event, source).shape[1:]
-            torch.testing.assert_close(t.float(), getattr(event, source)[0].float(), rtol=1e-3, atol=1e-3)
+            assert t.dtype == torch.float32 and t.shape == getattr(event, source)[:1].shape
+            torch.testing.assert_close(t, getattr(event, source)[:1].float(), rtol=1e-3, atol=1e-3)
 
 
 def test_save_respects_the_limit_and_keeps_missing_cond_uncond(run, tmp_path: Path) -> None:
@@ -191,11 +199,13 @@ def test_save_respects_the_limit_and_keeps_missing_cond_uncond(run, tmp_path: Pa
     per_step = 4 * events[0].latents[0].numel() * 2  # four fp16 tensors
     assert save_step_tensors(tmp_path, events, limit_bytes=len(events) * per_step - 1) is False
     assert not (tmp_path / STEP_TENSORS_FILE).exists()
-    no_cfg = [StepTensors(e.step, e.latents, e.denoised, None, None) for e in events]
+    no_cfg = [dataclasses.replace(e, denoised_cond=None, denoised_uncond=None) for e in events]
     assert save_step_tensors(tmp_path, no_cfg, limit_bytes=len(events) * per_step // 2) is True
-    loaded = load_step_tensors(tmp_path)
+    loaded = load_step_tensors(tmp_path, [e.numbers_only() for e in events])
     assert all(s.denoised_cond is None and s.denoised_uncond is None for s in loaded)
-    torch.testing.assert_close(loaded[-1].denoised.float(), events[-1].denoised[0].float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(loaded[-1].denoised, events[-1].denoised[:1].float(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"holds steps \[0, 1, 2\], the trace records steps \[0, 1\]"):
+        load_step_tensors(tmp_path, [e.numbers_only() for e in events[:2]])
 
 
 def test_writer_over_the_limit_saves_nothing(tiny_loader, tmp_path: Path) -> None:
@@ -209,11 +219,11 @@ def test_load_refuses_foreign_tensor_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     with pytest.raises(ValueError, match="does not exist"):
-        load_step_tensors(tmp_path)
+        load_step_tensors(tmp_path, ())
     (tmp_path / "steps").mkdir()
     save_file({"weights": torch.zeros(2)}, tmp_path / STEP_TENSORS_FILE)
     with pytest.raises(ValueError, match="unexpected tensor 'weights'"):
-        load_step_tensors(tmp_path)
+        load_step_tensors(tmp_path, ())
     (tmp_path / STEP_TENSORS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        load_step_tensors(tmp_path)
+        load_step_tensors(tmp_path, ())

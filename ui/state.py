@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
-from pipelines.observers import LatestObserver, StepRecord, StepRecorder, TeeObserver, TimeLimit
+from pipelines.observers import LatestObserver, StepRecorder, TeeObserver, TimeLimit
 from pipelines.limits import Limits
 from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, prune_outputs,
                                save_png)
@@ -25,7 +25,7 @@ from pipelines.previews import Previewer
 from pipelines.registry import MODELS
 from pipelines.requests import OWN_SCHEDULER, missing_embedded
 from pipelines.schedulers import SCHEDULERS, compatible_keys, folder_config
-from pipelines.types import GenerationRequest, GenerationResult
+from pipelines.types import GenerationRequest, GenerationResult, StepEvent
 from pipelines.worker import GenerationWorker, generate_here, load_here
 from ui.render import guidance_map, heat, upscale
 
@@ -88,7 +88,7 @@ class Run:
         return self.folder.name
 
     @property
-    def steps(self) -> list[StepRecord]:
+    def steps(self) -> list[StepEvent]:
         return self.recorder.steps
 
 
@@ -282,24 +282,12 @@ class Playground:
         if trace.request.model not in self.models or not (folder / "steps" / "tensors.safetensors").is_file():
             return None
         try:
-            tensors = load_step_tensors(folder)
-            pipe, _ = self.loader.view(trace.request.model, trace.request.scheduler)
+            steps = load_step_tensors(folder, trace.steps)
+            self.loader.view(trace.request.model, trace.request.scheduler)
         except ValueError:
             return None
         run = Run(request=trace.request, folder=folder, x0_choice="auto")
-        numbers = {s.step: s for s in trace.steps}
-        for t in tensors:
-            n = numbers.get(t.step)
-            if n is None:
-                return None
-
-            def batch(x):
-                return None if x is None else x.float().unsqueeze(0)
-
-            run.recorder.steps.append(StepRecord(
-                step=t.step, timestep=n.timestep, sigma=n.sigma, latents=batch(t.latents), denoised=batch(t.denoised),
-                denoised_cond=batch(t.denoised_cond), denoised_uncond=batch(t.denoised_uncond),
-                guidance_delta_norm=n.guidance_delta_norm, effective_scale=n.effective_scale))
+        run.recorder.steps.extend(steps)
         run.previewer = self.loader.previewer(trace.request.model)
         run.latents_kind, run.x0_kind, run.live_x0_kind = self.loader.profile(trace.request.model).previews.view_kinds(
             "auto", trace.width * trace.height)
