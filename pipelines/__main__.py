@@ -196,7 +196,7 @@ def _sweep(args: argparse.Namespace) -> int:
     y = explain.parse_axis(args.y) if args.y else None
     loader, _, request = _request(args)
     report = _run(explain.sweep(request, x, y, loader=loader), lambda r: f"cell {len(r.cells)}/{r.total}")
-    explain.write_sweep(report, args.out)
+    report.write(args.out)
     seeds = sorted({c.result.seed for c in report.cells})
     print(f"wrote {os.path.join(args.out, 'grid.png')} ({len(report.cells)} cells, "
           f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
@@ -210,7 +210,7 @@ def _jump(args: argparse.Namespace) -> int:
     shorts = None if args.short_runs is None else _number_list(args.short_runs, int)
     report = _run(explain.jump(request, loader=loader, short_steps=shorts, frames=args.frames),
                   lambda r: f"short runs {len(r.short_runs)}/{len(r.short_steps)}")
-    explain.write_jump(report, args.out, frames=args.frames)
+    report.write(args.out, frames=args.frames)
     picks = explain.frame_steps(len(report.steps), args.frames)
     print(f"wrote {os.path.join(args.out, 'jump.png')} (seed {report.request.seed}); by step, RMS distance of x̂0 to "
           "the final image / sharpness: " + ", ".join(
@@ -225,7 +225,7 @@ def _branch(args: argparse.Namespace) -> int:
     loader, _, request = _request(args)
     report = _run(explain.branch(request, at, args.branches, loader=loader),
                   lambda r: f"branch point {len(r.points)}/{len(r.at)}")
-    explain.write_branch(report, args.out)
+    report.write(args.out)
     note = "" if report.stochastic else f" ({report.scheduler} draws no noise after the start: branches are identical)"
     print(f"wrote {os.path.join(args.out, 'grid.png')} (seed {report.request.seed}, {report.scheduler}); diversity by "
           "branch point: " + ", ".join(f"{p.fraction:g}: {p.diversity:.4f}" for p in report.points) + note)
@@ -237,7 +237,7 @@ def _dissect(args: argparse.Namespace) -> int:
 
     loader, _, request = _request(args)
     report = _run(explain.dissect(request, loader=loader), lambda r: "")
-    explain.write_dissect(report, args.out, frames=args.frames)
+    report.write(args.out, frames=args.frames)
     where = "" if report.interval is None else f"; guidance on at steps {report.interval[0] + 1}-{report.interval[1] + 1}"
     print(f"wrote {os.path.join(args.out, 'dissect.png')} (seed {report.request.seed}, {len(report.steps)} steps{where})")
     return 0
@@ -252,7 +252,7 @@ def _tradeoff(args: argparse.Namespace) -> int:
     loader, _, request = _request(args)
     report = _run(explain.tradeoff(request, scales, args.seeds, loader=loader),
                   lambda r: f"scale {len(r.points)}/{len(r.scales)}")
-    explain.write_tradeoff(report, args.out)
+    report.write(args.out)
     print(f"wrote {os.path.join(args.out, 'tradeoff.png')} (seeds {report.request.seed}..{report.request.seed + args.seeds - 1}); "
           "guidance scale: adherence / diversity: " + ", ".join(
               f"{p.guidance_scale:g}: {p.adherence:.2f}/{p.diversity:.3f}" for p in report.points))

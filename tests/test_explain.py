@@ -4,10 +4,12 @@ shows a user are the trends this model really has. Few steps and few branches ke
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import explain
 from pipelines.generate import generate
@@ -183,6 +185,69 @@ def test_dissect_marks_the_guidance_interval(loader):
     assert plain.interval is None and all(s.guided for s in plain.steps)
 
 
+PATH_KEYS = {"image", "images", "final", "trunk"}  # what write() adds to to_dict(): image paths, relative to OUT
+
+
+def _flat(value) -> list[str]:
+    """The paths in a path-key's value: one, none (None), or lists / dicts of them."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [p for v in value for p in _flat(v)]
+    return [] if value is None else [value]
+
+
+def _split(data):
+    """(data without its image-path keys, the paths they named), through nested dicts and lists."""
+    if isinstance(data, list):
+        pairs = [_split(v) for v in data]
+        return [n for n, _ in pairs], [p for _, ps in pairs for p in ps]
+    if not isinstance(data, dict):
+        return data, []
+    numbers, paths = {}, []
+    for k, v in data.items():
+        if k in PATH_KEYS:
+            paths += _flat(v)
+        else:
+            numbers[k], more = _split(v)
+            paths += more
+    return numbers, paths
+
+
+def test_every_report_writes_its_numbers_and_the_images_it_kept(loader, jumps, tmp_path):
+    """write() saves OUT/<experiment>.json: exactly to_dict() (what the UI and the API show) plus the paths of the
+    images it wrote, each a PNG under OUT, and the experiment's picture. A thinned report writes the images it kept;
+    σ = ∞ (a zero-terminal-SNR model's first step) is the string "inf" in both, so the files are strict JSON."""
+    size = jumps[0].steps[0].image.nbytes
+    thin = explain.finish(explain.jump(request(loader, *PROMPTS[0]), loader=loader, short_steps=[5],
+                                       max_image_bytes=4 * size))
+    thin = dataclasses.replace(thin, steps=(dataclasses.replace(thin.steps[0], sigma=float("inf")), *thin.steps[1:]))
+    small = dict(num_inference_steps=3)
+    reports = {  # experiment -> (report, its picture)
+        "jump": (thin, "jump.png"),
+        "dissect": (explain.finish(explain.dissect(request(loader, num_inference_steps=6), loader=loader,
+                                                   max_image_bytes=3 * 3 * size)), "dissect.png"),
+        "branch": (explain.finish(explain.branch(request(loader, **small), [0.0, 0.5], 2, loader=loader)), "grid.png"),
+        "sweep": (explain.finish(explain.sweep(request(loader, **small), explain.parse_axis("guidance_scale=1,3"),
+                                               loader=loader)), "grid.png"),
+        "tradeoff": (explain.finish(explain.tradeoff(request(loader, **small), [1.0, 3.0], 2, loader=loader)),
+                     "tradeoff.png"),
+    }
+    written = {}
+    for name, (report, picture) in reports.items():
+        out = tmp_path / name
+        written[name] = data = report.write(out)
+        assert json.loads((out / f"{name}.json").read_text()) == data, name
+        numbers, paths = _split(data)
+        assert numbers == report.to_dict() and numbers["experiment"] == name and numbers["done"], name
+        json.dumps(numbers, allow_nan=False)
+        assert paths and all(Image.open(out / p).format == "PNG" for p in paths + [picture]), (name, paths)
+    assert written["jump"]["steps"][0]["sigma"] == "inf" == thin.to_dict()["steps"][0]["sigma"]
+    kept = sorted(set(explain.frame_steps(20, 4)) | {4})
+    assert [s["step"] for s in written["jump"]["steps"] if s["image"]] == thin.to_dict()["image_steps"] == kept
+    assert [s["step"] for s in written["dissect"]["steps"] if s["images"]] == explain.frame_steps(6, 3)
+
+
 def test_tradeoff_scores_adherence_and_diversity_with_the_judge(loader):
     report = explain.finish(explain.tradeoff(request(loader, "a large red circle in the center", 10,
                                                      num_inference_steps=10), [1.0, 5.0], 3, loader=loader))
@@ -264,6 +329,8 @@ def test_every_explain_view_is_a_named_endpoint_that_runs_on_the_worker(explain_
     assert dissect[0].startswith("Done") and len(dissect[-1]["steps"]) == 6
     tradeoff = explain_client.predict(**MAIN, tradeoff_scales="1,5", tradeoff_seeds=2, api_name="/explain_tradeoff")
     assert [p["guidance_scale"] for p in tradeoff[-1]["points"]] == [1.0, 5.0]
+    for name, numbers in zip(("jump", "branch", "sweep", "dissect", "tradeoff"), (jump, branch, sweep, dissect, tradeoff)):
+        assert numbers[-1]["experiment"] == name and numbers[-1]["done"] and numbers[-1]["seed"] == 3, name
     assert playground.worker.thread is not None and playground.worker.thread.is_alive()
 
 

@@ -335,7 +335,7 @@ class ExplainView:
             sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
             out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
                    self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
-                   self.jump_state: (report, files), self.numbers: _jump_numbers(report)}
+                   self.jump_state: (report, files), self.numbers: report.to_dict()}
             if not report.short_runs:
                 kept = [s for s in report.steps if s.image is not None]
                 shown = [kept[i] for i in explain.frame_steps(len(kept), JUMP_GALLERY_FRAMES)]
@@ -405,7 +405,7 @@ class ExplainView:
                     "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
             last = report.points[-1]
             yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
-                   self.numbers: _branch_numbers(report),
+                   self.numbers: report.to_dict(),
                    self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
                                        f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "
                                        f"Last: f={last.fraction:g} (from step {last.step + 1}), diversity {last.diversity:.4f}."}
@@ -428,7 +428,7 @@ class ExplainView:
                       x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
             cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
             yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
-                   self.numbers: _sweep_numbers(report),
+                   self.numbers: report.to_dict(),
                    self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} cells"
                                       + ("" if "seed" in (x.name, y.name if y else "") else
                                          f", seed {report.request.seed} in every cell") + "."}
@@ -462,7 +462,7 @@ class ExplainView:
             else:
                 where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
             yield {self.dissect_push: _frame(push, "step", DISSECT_PUSH), self.dissect_move: _frame(move, "step", DISSECT_MOVE),
-                   self.dissect_state: report, self.numbers: _dissect_numbers(report),
+                   self.dissect_state: report, self.numbers: report.to_dict(),
                    self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4))
 
     def _dissect_at(self, report: explain.DissectReport, k: int) -> dict:
@@ -510,7 +510,7 @@ class ExplainView:
             rows += [{"guidance_scale": p.guidance_scale, "value": p.diversity, "series": TRADEOFF_SERIES[1]} for p in report.points]
             wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
             yield {self.tradeoff_gallery: gr.Gallery(value=items, columns=seeds),
-                   self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: _tradeoff_numbers(report),
+                   self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: report.to_dict(),
                    self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
                                          f"{len(report.scales)} scales; the judge checks {wanted}."}
 
@@ -549,46 +549,3 @@ class ExplainView:
                                         self.dissect_k], api_visibility="private", trigger_mode="always_last")
         self.sweep_gallery.select(self.on_cell, inputs=[self.sweep_state],
                                   outputs=[*self.controls.restore_outputs, self.sweep_status], api_visibility="private")
-
-
-# -- numbers for the JSON panel and the API -------------------------------------------------------------------------
-
-
-def _r(x):
-    return explain._r(x)
-
-
-def _jump_numbers(r: explain.JumpReport) -> dict:
-    return {"experiment": "jump", "seed": r.request.seed, "done": r.done,
-            "steps": [{"step": s.step, "sigma": _r(s.sigma), "sharpness": _r(s.sharpness),
-                       "distance_to_final": _r(s.distance_to_final)} for s in r.steps],
-            "short_runs": [{"steps": s.steps, "sharpness": _r(s.sharpness), "distance_to_final": _r(s.distance_to_final),
-                            "distance_to_jump": _r(s.distance_to_jump)} for s in r.short_runs],
-            "image_steps": [s.step for s in r.steps if s.image is not None]}  # steps whose x̂0 image is kept
-
-
-def _branch_numbers(r: explain.BranchReport) -> dict:
-    return {"experiment": "branch", "seed": r.request.seed, "scheduler": r.scheduler, "stochastic": r.stochastic,
-            "done": r.done, "at": [p.fraction for p in r.points], "steps": [p.step for p in r.points],
-            "diversity": [_r(p.diversity) for p in r.points]}
-
-
-def _sweep_numbers(r: explain.SweepReport) -> dict:
-    return {"experiment": "sweep", "seed": r.request.seed, "done": r.done,
-            "x": {"name": r.x.name, "values": list(r.x.values)},
-            "y": None if r.y is None else {"name": r.y.name, "values": list(r.y.values)},
-            "cells": [{"x": c.x, "y": c.y, "settings": dict(c.settings), "seed": c.result.seed} for c in r.cells]}
-
-
-def _dissect_numbers(r: explain.DissectReport) -> dict:
-    return {"experiment": "dissect", "seed": r.request.seed, "interval": None if r.interval is None else list(r.interval),
-            "steps": [{"step": s.step, "sigma": _r(s.sigma), "guided": s.guided,
-                       "guidance_delta_norm": _r(s.guidance_delta_norm), "effective_scale": _r(s.effective_scale),
-                       "x0_change": _r(s.x0_change)} for s in r.steps],
-            "image_steps": [s.step for s in r.steps if s.x0 is not None]}  # steps whose images are kept
-
-
-def _tradeoff_numbers(r: explain.TradeoffReport) -> dict:
-    return {"experiment": "tradeoff", "targets": r.targets, "done": r.done,
-            "points": [{"guidance_scale": p.guidance_scale, "adherence": _r(p.adherence), "all_right": _r(p.all_right),
-                        "diversity": _r(p.diversity), "seeds": list(p.seeds)} for p in r.points]}

@@ -15,6 +15,9 @@ generate() and its StepEvents.
 - tradeoff: for a few guidance scales, N seeds each: prompt adherence (the shapes world's judge, embedded model
   only) and diversity.
 
+Every report has to_dict() (its numbers, JSON-ready: what the UI's JSON panel and the API return) and write(out)
+(its images, its picture from figures.py and OUT/<experiment>.json: to_dict() plus the image paths; the CLI's files).
+
 Distances are RMS over RGB pixels in [0, 1]; sharpness is the mean squared Laplacian of the luminance in [0, 1]
 (high-frequency energy: a blurry average has little, crisp edges a lot).
 """
@@ -26,11 +29,9 @@ from pipelines.explain.jump import JumpReport, JumpStep, ShortRun, frame_steps, 
 from pipelines.explain.metrics import diversity, pixels, rms, sharpness
 from pipelines.explain.sweep import AXES, Axis, SweepCell, SweepReport, parse_axis, sweep
 from pipelines.explain.tradeoff import TradeoffPoint, TradeoffReport, check_judge_model, judge_targets, tradeoff
-from pipelines.explain.writers import _r, write_branch, write_dissect, write_jump, write_sweep, write_tradeoff
 
 __all__ = ["AXES", "Axis", "BranchPoint", "BranchReport", "Cancelled", "DissectReport", "DissectStep", "JumpReport",
            "JumpStep", "MAX_CELLS", "MAX_RUNS", "ShortRun", "SweepCell", "SweepReport", "TradeoffPoint",
            "TradeoffReport", "branch", "branch_seed", "check_judge_model", "dissect", "diversity", "finish",
            "frame_steps", "judge_targets", "jump", "kept_steps", "nearest_kept", "parse_axis", "pixels", "rms",
-           "seeded", "sharpness", "sweep", "tradeoff", "write_branch", "write_dissect", "write_jump", "write_sweep",
-           "write_tradeoff", "_X0", "_r"]
+           "seeded", "sharpness", "sweep", "tradeoff", "_X0"]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
-from pipelines.explain.common import MAX_RUNS, Cancelled, _Watch, seeded
+from pipelines.explain.common import MAX_RUNS, Cancelled, _r, _save, _Watch, seeded
+from pipelines.explain.figures import branch_figure
 from pipelines.explain.metrics import diversity
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.outputs import write_json
 from pipelines.types import GenerationRequest
 
 
@@ -37,6 +40,26 @@ class BranchReport:
     points: tuple[BranchPoint, ...]  # done so far, in the order asked
     at: tuple[float, ...]  # every fraction planned
     done: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers, JSON-ready (as the UI and the API show them): per branch point done, its step and diversity."""
+        return {"experiment": "branch", "seed": self.request.seed, "request": self.request.to_dict(), "done": self.done,
+                "scheduler": self.scheduler, "stochastic": self.stochastic, "at": [p.fraction for p in self.points],
+                "steps": [p.step for p in self.points],
+                "branch_seeds": list(self.points[0].seeds) if self.points else [],
+                "diversity": [_r(p.diversity) for p in self.points]}
+
+    def write(self, out: str | Path) -> dict[str, Any]:
+        """OUT/branch.json (to_dict() and the image paths, relative to OUT), OUT/grid.png (figures.branch_figure),
+        OUT/trunk.png and OUT/branches/f<f>_<j>.png."""
+        out = Path(out)
+        data = self.to_dict() | {
+            "images": [[_save(out, f"branches/f{p.fraction:.2f}_{j}.png", image) for j, image in enumerate(p.images)]
+                       for p in self.points],
+            "trunk": _save(out, "trunk.png", self.trunk, {"request": self.request.to_json()})}
+        _save(out, "grid.png", branch_figure(self))
+        write_json(out / "branch.json", data)
+        return data
 
 
 def branch_seed(seed: int, j: int) -> int:

@@ -1,17 +1,22 @@
 """What every Explain experiment shares: the step watcher, running an experiment to its end, a fixed seed,
-x̂0 decoding as the model's profile says, and the limits on how many runs one may make."""
+x̂0 decoding as the model's profile says, the limits on how many runs one may make, and the numbers and images
+of a report's to_dict() / write()."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipelines.loading import ModelLoader
 from pipelines.observers import Observer
+from pipelines.outputs import save_png
 from pipelines.types import GenerationRequest, StepEvent
 
 
@@ -20,8 +25,6 @@ R = TypeVar("R")
 
 MAX_CELLS = 64  # sweep grids larger than this are refused (each cell is a full run)
 MAX_RUNS = 200  # branch / tradeoff experiments making more runs than this are refused
-
-
 
 
 class _Watch(Observer):
@@ -50,8 +53,6 @@ def finish(experiment: Iterator[R]) -> R:
     return report
 
 
-
-
 def seeded(request: GenerationRequest) -> GenerationRequest:
     """The request with its seed fixed (a random one drawn once), so every run of an experiment shares it."""
     return request if request.seed is not None else dataclasses.replace(request, seed=random.randrange(2**32))
@@ -70,3 +71,16 @@ class _X0:
 
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
         return self.previewer.render(self.kind, latents)
+
+
+def _r(x: float | None, digits: int = 6) -> float | str | None:
+    """A number for JSON: rounded; "inf" / "nan" as strings (σ is ∞ at a zero-terminal-SNR model's first step)."""
+    if x is None:
+        return None
+    return round(float(x), digits) if math.isfinite(x) else str(float(x))
+
+
+def _save(out: Path, name: str, image: Image.Image | np.ndarray, text: dict[str, str] | None = None) -> str:
+    """Write `image` as the PNG out/name and return `name`, the path the experiment's JSON gives it."""
+    save_png(out / name, image, text)
+    return name

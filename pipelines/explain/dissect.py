@@ -4,15 +4,18 @@ effective scale and how much x̂0 still moves."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
-from pipelines.explain.common import Cancelled, _Watch, _X0, seeded
-from pipelines.explain.jump import kept_steps, nearest_kept
+from pipelines.explain.common import Cancelled, _r, _save, _Watch, _X0, seeded
+from pipelines.explain.figures import dissect_figure
+from pipelines.explain.jump import frame_steps, kept_steps, nearest_kept
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.outputs import write_json
 from pipelines.types import GenerationRequest
 
 
@@ -46,6 +49,29 @@ class DissectReport:
     def images_near(self, i: int) -> DissectStep:
         """The step with kept images nearest to loop index i (i itself unless the image budget thinned it)."""
         return nearest_kept(self.steps, i, lambda s: s.x0 is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers, JSON-ready (as the UI and the API show them): what guidance did at each step."""
+        return {"experiment": "dissect", "seed": self.request.seed, "request": self.request.to_dict(),
+                "done": self.done, "preview": self.preview,
+                "interval": None if self.interval is None else list(self.interval),
+                "steps": [{"step": s.step, "timestep": _r(s.timestep, 3), "sigma": _r(s.sigma), "guided": s.guided,
+                           "guidance_delta_norm": _r(s.guidance_delta_norm), "effective_scale": _r(s.effective_scale),
+                           "x0_change": _r(s.x0_change)} for s in self.steps],
+                "image_steps": [s.step for s in self.steps if s.x0 is not None]}  # steps whose images are kept
+
+    def write(self, out: str | Path, frames: int = 6) -> dict[str, Any]:
+        """OUT/dissect.json (to_dict() and the image paths, relative to OUT), OUT/dissect.png (figures.dissect_figure
+        at `frames` steps), OUT/final.png and OUT/steps/NNN_{x0,cond,uncond}.png per kept step."""
+        out = Path(out)
+        data = self.to_dict() | {"final": _save(out, "final.png", self.final, {"request": self.request.to_json()})}
+        for row, s in zip(data["steps"], self.steps):
+            images = {"x0": s.x0, "cond": s.x0_cond, "uncond": s.x0_uncond}
+            row["images"] = {name: _save(out, f"steps/{s.step:03d}_{name}.png", image)
+                             for name, image in images.items() if image is not None}
+        _save(out, "dissect.png", dissect_figure(self, frame_steps(len(self.steps), frames)))
+        write_json(out / "dissect.json", data)
+        return data
 
 
 def dissect(request: GenerationRequest, *, loader: ModelLoader, cancelled: Cancelled | None = None,

@@ -1,11 +1,19 @@
-"""Pictures of the experiments' results: labelled image grids and line charts drawn with PIL."""
+"""Pictures of the experiments' results: labelled image grids and line charts drawn with PIL, and the one picture
+of each experiment that its report's write() saves."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # annotations only: the experiment modules import this one to draw their pictures (a cycle)
+    from pipelines.explain.branch import BranchReport
+    from pipelines.explain.dissect import DissectReport
+    from pipelines.explain.jump import JumpReport
+    from pipelines.explain.sweep import SweepReport
+    from pipelines.explain.tradeoff import TradeoffReport
 
 
 def _pil(image: np.ndarray | Image.Image) -> Image.Image:
@@ -99,3 +107,94 @@ def stack(*images: Image.Image) -> Image.Image:
         canvas.paste(i, (0, y))
         y += i.height
     return canvas
+
+
+# -- one picture per experiment -------------------------------------------------------------------------------------
+
+
+def jump_figure(report: JumpReport, picks: Sequence[int]) -> Image.Image:
+    """x̂0 at the loop indices `picks` above the k-step runs of as many steps, the final image, and a chart of the
+    distance to the final image and the sharpness per step."""
+    n = len(report.steps)
+    by_k = {r.steps: r for r in report.short_runs}
+    top = [report.steps[k].image for k in picks] + [report.final]
+    bottom = [by_k[k + 1].image if k + 1 in by_k else None for k in picks] + [None]
+    labels = [f"{k + 1} of {n}, d={report.steps[k].distance_to_final:.2f}" for k in picks] + ["final"]
+    pictures = grid_image([top, bottom], col_labels=labels, row_labels=["jump now: x0 at step k", "a k-step run"],
+                          title=f"{report.request.prompt!r}, seed {report.request.seed}: jump from step k, or take k "
+                                f"big steps, or keep walking (d = RMS distance to the final image)")
+    chart = line_chart([s.step + 1 for s in report.steps],
+                       {"distance to final": [s.distance_to_final for s in report.steps],
+                        "x0 sharpness": [s.sharpness for s in report.steps]},
+                       title="per step of the full run", x_label="step", size=(max(420, pictures.width // 2), 200))
+    return stack(pictures, chart)
+
+
+def branch_figure(report: BranchReport) -> Image.Image:
+    """A row per branch point (the trunk, then a column per noise seed) and, for several points, diversity against f."""
+    n = report.request.num_inference_steps
+    rows = [[report.trunk, *p.images] for p in report.points]
+    kind = "stochastic" if report.stochastic else "deterministic: no noise after the start, so every branch is the same"
+    noises = [f"noise {j + 1}" for j in range(len(report.points[0].images))]
+    pictures = grid_image(rows, col_labels=["no branch"] + noises,
+                          row_labels=[f"f={p.fraction:g} (step {p.step} of {n}) div={p.diversity:.3f}"
+                                      for p in report.points],
+                          title=f"{report.request.prompt!r}, seed {report.request.seed}, {report.scheduler} ({kind})",
+                          x_title="branches: same x_t at f, different noise draws afterwards", y_title="branch point f")
+    if len(report.points) < 2:
+        return pictures
+    return stack(pictures, line_chart([p.fraction for p in report.points],
+                                      {"diversity": [p.diversity for p in report.points]},
+                                      title="diversity of the endings against the branch point", x_label="f"))
+
+
+def sweep_figure(report: SweepReport) -> Image.Image:
+    """The grid with labelled axes (a cell not run yet is blank)."""
+    x, y = report.x, report.y
+    rows: list[list[Image.Image | None]] = [[None] * len(x.values) for _ in (y.values if y else [None])]
+    for c in report.cells:
+        rows[c.row][c.col] = c.image
+    return grid_image(rows, col_labels=[x.label(v) for v in x.values],
+                      row_labels=[y.label(v) for v in y.values] if y else [],
+                      title=f"{report.request.prompt!r}" + ("" if "seed" in (x.name, y.name if y else "") else
+                                                           f", seed {report.request.seed} in every cell"),
+                      x_title=f"x: {x.name}", y_title=f"y: {y.name}" if y else "")
+
+
+def dissect_figure(report: DissectReport, picks: Sequence[int]) -> Image.Image:
+    """Conditional, unconditional and guided x̂0 at the loop indices `picks` (the guided row only where no step
+    ran the unconditional pass), over a chart of ‖ε_c − ε_u‖, the effective scale and how much x̂0 moves per step."""
+    n = len(report.steps)
+    rows = [[report.steps[k].x0_cond for k in picks], [report.steps[k].x0_uncond for k in picks],
+            [report.steps[k].x0 for k in picks]]
+    if all(i is None for i in rows[0]):
+        rows = rows[2:]
+    pictures = grid_image(rows, col_labels=[f"step {k + 1} of {n}" for k in picks],
+                          row_labels=(["conditional x0", "unconditional x0"] if len(rows) == 3 else []) + ["guided x0"],
+                          title=f"{report.request.prompt!r}, seed {report.request.seed}, {report.request.guidance} "
+                                f"scale {report.request.guidance_scale:g}"
+                                + ("" if report.interval is None else
+                                   f"; guidance on at steps {report.interval[0] + 1}-{report.interval[1] + 1} only"))
+    chart = line_chart([s.step + 1 for s in report.steps],
+                       {"|eps_c - eps_u|": [s.guidance_delta_norm for s in report.steps],
+                        "effective scale": [s.effective_scale for s in report.steps],
+                        "|x0_k - x0_k-1|": [s.x0_change for s in report.steps]},
+                       title="per step", x_label="step", size=(max(420, pictures.width // 2), 220))
+    return stack(pictures, chart)
+
+
+def tradeoff_figure(report: TradeoffReport) -> Image.Image:
+    """A row per guidance scale (a column per seed) and, for several scales, adherence and diversity against it."""
+    wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
+    pictures = grid_image([list(p.images) for p in report.points],
+                          col_labels=[f"seed {s}" for s in report.points[0].seeds],
+                          row_labels=[f"CFG {p.guidance_scale:g}: adh {p.adherence:.2f} div {p.diversity:.3f}"
+                                      for p in report.points], min_side=96,
+                          title=f"{report.request.prompt!r}: the judge checks {wanted}", y_title="guidance scale")
+    if len(report.points) < 2:
+        return pictures
+    return stack(pictures, line_chart([p.guidance_scale for p in report.points],
+                                      {"adherence": [p.adherence for p in report.points],
+                                       "diversity": [p.diversity for p in report.points]},
+                                      title="adherence (judge) and diversity against the guidance scale",
+                                      x_label="guidance scale"))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from pipelines.explain.common import Cancelled, _Watch, _X0, seeded
+from pipelines.explain.common import Cancelled, _r, _save, _Watch, _X0, seeded
+from pipelines.explain.figures import jump_figure
 from pipelines.explain.metrics import rms, sharpness
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.outputs import write_json
 from pipelines.types import GenerationRequest
 
 
@@ -53,6 +56,30 @@ class JumpReport:
     def image_near(self, i: int) -> JumpStep:
         """The step with a kept x̂0 image nearest to loop index i (i itself unless the image budget thinned it)."""
         return nearest_kept(self.steps, i, lambda s: s.image is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers, JSON-ready (as the UI and the API show them): per step and per k-step run."""
+        return {"experiment": "jump", "seed": self.request.seed, "request": self.request.to_dict(), "done": self.done,
+                "preview": self.preview,
+                "steps": [{"step": s.step, "sigma": _r(s.sigma), "sharpness": _r(s.sharpness),
+                           "distance_to_final": _r(s.distance_to_final)} for s in self.steps],
+                "short_runs": [{"steps": r.steps, "compare_step": r.steps - 1, "sharpness": _r(r.sharpness),
+                                "distance_to_final": _r(r.distance_to_final),
+                                "distance_to_jump": _r(r.distance_to_jump)} for r in self.short_runs],
+                "image_steps": [s.step for s in self.steps if s.image is not None]}  # steps whose x̂0 image is kept
+
+    def write(self, out: str | Path, frames: int = 6) -> dict[str, Any]:
+        """OUT/jump.json (to_dict() and the image paths, relative to OUT), OUT/jump.png (figures.jump_figure at
+        `frames` steps), OUT/final.png, OUT/x0/NNN.png per kept step and OUT/short_K.png per k-step run."""
+        out = Path(out)
+        data = self.to_dict() | {"final": _save(out, "final.png", self.final, {"request": self.request.to_json()})}
+        for row, s in zip(data["steps"], self.steps):
+            row["image"] = None if s.image is None else _save(out, f"x0/{s.step:03d}.png", s.image)
+        for row, r in zip(data["short_runs"], self.short_runs):
+            row["image"] = _save(out, f"short_{r.steps}.png", r.image)
+        _save(out, "jump.png", jump_figure(self, frame_steps(len(self.steps), frames)))
+        write_json(out / "jump.json", data)
+        return data
 
 
 def frame_steps(num_steps: int, frames: int) -> list[int]:

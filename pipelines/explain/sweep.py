@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
-from pipelines.explain.common import MAX_CELLS, Cancelled, _Watch, seeded
+from pipelines.explain.common import MAX_CELLS, Cancelled, _r, _save, _Watch, seeded
+from pipelines.explain.figures import sweep_figure
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.outputs import save_image, write_json
 from pipelines.types import GenerationRequest, GenerationResult
 
 
@@ -98,6 +101,28 @@ class SweepReport:
     @property
     def total(self) -> int:
         return len(self.x.values) * (len(self.y.values) if self.y else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers, JSON-ready (as the UI and the API show them): the axes and each cell done."""
+        return {"experiment": "sweep", "seed": self.request.seed, "request": self.request.to_dict(), "done": self.done,
+                "x": {"name": self.x.name, "values": list(self.x.values)},
+                "y": None if self.y is None else {"name": self.y.name, "values": list(self.y.values)},
+                "cells": [{"row": c.row, "col": c.col, "x": c.x, "y": c.y, "settings": dict(c.settings),
+                           "seed": c.result.seed, "steps_completed": c.result.steps_completed,
+                           "scheduler": c.result.scheduler, "seconds": _r(c.result.timings.total, 3)}
+                          for c in self.cells]}
+
+    def write(self, out: str | Path) -> dict[str, Any]:
+        """OUT/sweep.json (to_dict() and the image paths, relative to OUT), OUT/grid.png (figures.sweep_figure) and
+        OUT/cells/RR_CC.png (each with its request metadata)."""
+        out = Path(out)
+        data = self.to_dict()
+        for row, c in zip(data["cells"], self.cells):
+            row["image"] = f"cells/{c.row:02d}_{c.col:02d}.png"
+            save_image(out / row["image"], c.result)
+        _save(out, "grid.png", sweep_figure(self))
+        write_json(out / "sweep.json", data)
+        return data
 
 
 def _cell_request(base: GenerationRequest, loader: ModelLoader, settings: dict[str, Any]) -> GenerationRequest:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from pipelines.explain.common import MAX_RUNS, Cancelled, _Watch, seeded
+from pipelines.explain.common import MAX_RUNS, Cancelled, _r, _save, _Watch, seeded
+from pipelines.explain.figures import tradeoff_figure
 from pipelines.explain.metrics import diversity
 from pipelines.explain.sweep import _cell_request
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
+from pipelines.outputs import write_json
 from pipelines.types import DEFAULT_MODEL, GenerationRequest
 from shapes.judge import prompt_targets as judge_targets
 
@@ -34,11 +36,33 @@ class TradeoffPoint:
 
 @dataclass(frozen=True)
 class TradeoffReport:
+    """Diversity vs adherence for one prompt; grows one guidance scale at a time."""
+
     request: GenerationRequest  # seed = the first of the seeds
     targets: dict[str, str]  # what the prompt asks for: attribute -> value (color, shape, size, position, background)
     points: tuple[TradeoffPoint, ...]  # done so far
     scales: tuple[float, ...]  # every scale planned
     done: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers, JSON-ready (as the UI and the API show them): the judge's targets and each scale done."""
+        return {"experiment": "tradeoff", "seed": self.request.seed, "request": self.request.to_dict(),
+                "done": self.done, "targets": dict(self.targets),
+                "points": [{"guidance_scale": p.guidance_scale, "adherence": _r(p.adherence),
+                            "all_right": _r(p.all_right), "diversity": _r(p.diversity), "seeds": list(p.seeds)}
+                           for p in self.points]}
+
+    def write(self, out: str | Path) -> dict[str, Any]:
+        """OUT/tradeoff.json (to_dict() and the image paths, relative to OUT), OUT/tradeoff.png
+        (figures.tradeoff_figure) and OUT/images/cfg<s>_<seed>.png."""
+        out = Path(out)
+        data = self.to_dict()
+        for row, p in zip(data["points"], self.points):
+            row["images"] = [_save(out, f"images/cfg{p.guidance_scale:g}_{s}.png", image)
+                             for s, image in zip(p.seeds, p.images)]
+        _save(out, "tradeoff.png", tradeoff_figure(self))
+        write_json(out / "tradeoff.json", data)
+        return data
 
 
 def check_judge_model(model: str) -> None:
