@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch  # the parent only builds the 17M UNet's folder; every timing runs in a fresh process
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "models" / "tiny-shapes"
 PROMPT = "a large red circle in the center"
@@ -44,13 +47,8 @@ print(f"RUN {time.perf_counter() - t:.4f} THREADS {torch.get_num_threads()}")
 def mid_unet_folder(dest: Path) -> Path:
     """The embedded model with its UNet replaced by an SD-shaped one of ~17 M parameters (random weights: speed
     does not depend on them), 128x128 images from 32x32 latents."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
     pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED)
-    torch_seed = 0
-    import torch
-
-    torch.manual_seed(torch_seed)
+    torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(64, 128, 256, 256), attention_head_dim=8, norm_num_groups=32,
@@ -98,8 +96,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cases = {"embedded 64²": (EMBEDDED, 64), "SD-shaped 17M UNet 128²": (mid_unet_folder(tmp / "mid"), 128)}
-        from diffusers import UNet2DConditionModel
-
         mid = UNet2DConditionModel.from_pretrained(tmp / "mid" / "unet")
         print(f"SD-shaped UNet: {sum(p.numel() for p in mid.parameters()) / 1e6:.1f} M parameters")
         print(f"{a.steps} steps, CFG {a.scale:g}, {a.rounds} rounds, each side a fresh process, alternating")

@@ -11,6 +11,7 @@ import argparse
 import statistics
 import time
 
+import diffusers
 import torch
 
 from pipelines.generate import generate
@@ -55,8 +56,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=None)
     args = parser.parse_args()
-
-    import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
     loader = ModelLoader()

@@ -32,6 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+from gradio_client import Client
+from gradio_client.utils import apply_diff
+
+from pipelines.registry import MODELS
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a small yellow heart in the top left"
 FINAL_IMAGE, LIVE_X0, RUN_ID = 4, 3, 7  # indices among the stream's outputs (ui/live.py LiveView.live_outputs)
@@ -97,11 +103,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--eager", action="store_true", help="run the app's UNet eagerly (PLAYGROUND_TRACE=0)")
     args = parser.parse_args()
-    import httpx
-    from gradio_client import Client
-
-    from pipelines.registry import MODELS
-
     folder = MODELS["tiny-shapes"].source
     outputs = tempfile.mkdtemp(prefix="ui-overhead-")
     port = free_port()
@@ -130,8 +131,6 @@ def main() -> None:
 
         def queue_event(fn_index: int, data: list, t0: float, marks: dict) -> list:
             """Join the queue as the page does and read its server-sent events; returns the last outputs."""
-            from gradio_client.utils import apply_diff
-
             http.post(f"{base}/gradio_api/queue/join", json={
                 "data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
             outputs: list = []

@@ -21,6 +21,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from diffusers import AutoencoderTiny
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from pipelines.families import Family, family_of
@@ -231,8 +235,6 @@ class PreviewDecoder(nn.Module):
 
 def save_preview_decoder(decoder: PreviewDecoder, path: str | os.PathLike) -> Path:
     """Write fp16 weights with the config as safetensors metadata (one file, nothing to keep in sync)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in decoder.state_dict().items()}
     save_file(tensors, str(path), metadata={"config": json.dumps(asdict(decoder.config), sort_keys=True)})
@@ -242,9 +244,6 @@ def save_preview_decoder(decoder: PreviewDecoder, path: str | os.PathLike) -> Pa
 
 def load_preview_decoder(path: str | os.PathLike) -> PreviewDecoder:
     """A PreviewDecoder from save_preview_decoder's file, float32 on the CPU, in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
@@ -262,8 +261,6 @@ def cached_taesd(repo: str | None, channels: int) -> Path | None:
     `channels` latent channels, else None. Never downloads: the weights then load from that folder."""
     if repo is None:
         return None
-    from huggingface_hub import try_to_load_from_cache
-
     config = try_to_load_from_cache(repo, "config.json")
     if not isinstance(config, str):  # None (not cached) or the "known not to exist" sentinel
         return None
@@ -378,8 +375,6 @@ class Previewer:
         diffusers' DecoderTiny soft-clamps its input to ±3 (tanh(x/3)·3) and returns images in [-1, 1].
         """
         if self._taesd is None:
-            from diffusers import AutoencoderTiny
-
             if self._taesd_folder is None:
                 raise ValueError(f"no TAESD weights in the local cache for the {self.format.name} latent format")
             vae = self.pipe.vae

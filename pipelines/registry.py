@@ -6,10 +6,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Mapping
 
 from pipelines.traced import SMALL_DENOISER_PARAMS, num_params
-from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipelines.errors import shown
+from pipelines.families import family_of
 from pipelines.limits import ENV_VARS, Limits
 from pipelines.loading import ModelLoader
 from pipelines.profile import Recommended, recommended_for
@@ -121,8 +122,6 @@ def text_field(name: str, value: Any, limit: int, variable: str | None = None) -
 def native_size(model: str, pipe: Any) -> int:
     """The side in pixels that width / height 0 render: the loaded pipeline's, else the registry entry's."""
     if pipe is not None:
-        from pipelines.families import family_of
-
         return family_of(pipe).default_size(pipe)
     return MODELS[model].size
 

@@ -30,6 +30,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from pipelines.registry import MODELS
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -157,8 +159,6 @@ def _default_config_json(kind: str) -> str:
     """The config a key is measured with when no model is given: the embedded model's, or diffusers' flow default."""
     if kind == "flow":
         return json.dumps(dict(FlowMatchEulerDiscreteScheduler().config))
-    from pipelines.registry import MODELS
-
     path = Path(MODELS["tiny-shapes"].source) / "scheduler" / "scheduler_config.json"
     return path.read_text()
 

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
+from guidance.registry import validate as _validate_guidance
+
 # Key of the embedded model (trained in training/, shipped in assets/models/tiny-shapes); see pipelines/registry.py.
 DEFAULT_MODEL = "tiny-shapes"
 
@@ -74,8 +76,6 @@ class GenerationRequest:
                                  f"({self.num_inference_steps - 1}) and seed from 0 to 2**63-1, or None; got {self.branch!r}")
             object.__setattr__(self, "branch", b)
         # Guidance method and parameters are validated against the registry here, once.
-        from guidance.registry import validate as _validate_guidance
-
         _validate_guidance(self.guidance, params)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from pipelines.generate import generate
+
 T = TypeVar("T")
 
 
@@ -82,8 +84,6 @@ def load_here(worker: GenerationWorker, request, *, loader):
 
 def generate_here(worker: GenerationWorker, request, observer=None, *, loader):
     """generate(request, observer) inside a job of `worker`, with torch's thread count chosen for the model."""
-    from pipelines.generate import generate
-
     load_here(worker, request, loader=loader)
     return generate(request, observer, loader=loader)
 

@@ -10,8 +10,10 @@ from typing import Any
 import gradio as gr
 
 from guidance.registry import METHODS
-from pipelines.registry import MODELS
+from pipelines.loading import hub_offline, is_available_offline
 from pipelines.profile import Recommended
+from pipelines.prompts import prompt_notes as notes_on_prompt
+from pipelines.registry import MODELS, model_vocabulary, resolve
 from pipelines.requests import OWN_SCHEDULER, build_request, recommended
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.render import display_source
@@ -51,8 +53,6 @@ def guidance_range(recommended_scale: float) -> tuple[float, float]:
 
 def model_label(model: str) -> str:
     """Dropdown label: hub models that are not on this machine say so (they download on first use, or fail offline)."""
-    from pipelines.loading import hub_offline, is_available_offline
-
     if is_available_offline(model):
         return model
     return f"{model} (not downloaded{': offline' if hub_offline() else ''})"
@@ -162,22 +162,16 @@ class Controls:
             return f"⚠️ {missing}"
         entry = MODELS.get(model)
         text = f"`{display_source(model)}`" + (f" — {entry.note}" if entry else "")
-        from pipelines.loading import is_available_offline
-
         if model != DEFAULT_MODEL and self.app.loader.loaded(model) is None and not is_available_offline(model):
             text = f"⚠️ {offline_hint(model)}  \n{text}"
         return text
 
     def prompt_notes(self, prompt: str, negative_prompt: str, model: str) -> str:
-        from pipelines.prompts import prompt_notes
-
-        from pipelines.registry import model_vocabulary
-
         pipe = self.app.loader.loaded(model)
         if pipe is None and model == DEFAULT_MODEL and self.app.missing_embedded(model) is None:
             pipe = self.app.loader.get(model)  # the embedded model loads in under a second: worth it for the notes
         try:
-            notes = prompt_notes(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model))
+            notes = notes_on_prompt(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model))
         except ValueError as e:
             notes = [str(e)]
         return "  \n".join(f"ℹ️ {n}" for n in notes)
@@ -247,9 +241,6 @@ class Controls:
 
 def offline_hint(model: str) -> str:
     """One actionable line for a hub model that is not on this machine."""
-    from pipelines.loading import hub_offline
-    from pipelines.registry import resolve
-
     source = resolve(model)
     if hub_offline():
         return (f"`{source}` is not in the local Hugging Face cache and this machine is offline (HF_HUB_OFFLINE=1): "

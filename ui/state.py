@@ -23,8 +23,8 @@ from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step
                                save_png)
 from pipelines.previews import Previewer
 from pipelines.registry import MODELS
-from pipelines.requests import OWN_SCHEDULER, missing_embedded
-from pipelines.schedulers import SCHEDULERS, compatible_keys, folder_config
+from pipelines.requests import OWN_SCHEDULER, build_request, missing_embedded
+from pipelines.schedulers import SCHEDULERS, compatible_keys, describe_choice, folder_config
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent
 from pipelines.worker import GenerationWorker, generate_here, load_here
 from ui.render import guidance_map, heat, upscale
@@ -127,8 +127,6 @@ class Playground:
 
     def scheduler_choices(self, model: str) -> list[tuple[str, str]]:
         """(label, key) for the schedulers that fit `model`, each saying whether it is stochastic and what a step costs."""
-        from pipelines.schedulers import describe_choice
-
         pipe = self.loader.loaded(model)
         if pipe is not None:
             keys = compatible_keys(pipe.scheduler)
@@ -171,8 +169,6 @@ class Playground:
         models load on first use as before (on ZeroGPU, CUDA is only there inside a request)."""
         if self.loader.device.type != "cpu":
             return None
-        from pipelines.requests import build_request
-
         def job():
             t = time.perf_counter()
             try:
