@@ -11,7 +11,17 @@ import os
 import sys
 import time
 
+import diffusers
+import torch
+import transformers
+
+from guidance.registry import describe
+from pipelines import explain
+from pipelines.generate import generate
+from pipelines.loading import ModelLoader
+from pipelines.outputs import TraceWriter
 from pipelines.registry import MODELS
+from pipelines.requests import Limits, build_request
 from pipelines.schedulers import SCHEDULERS
 from pipelines.types import DEFAULT_MODEL, MAX_STEPS
 
@@ -123,11 +133,6 @@ def _request(args: argparse.Namespace, trace: bool = True):
     """(loader, pipeline, request) from the shared flags, through the same builder as the UI and the HTTP API.
     trace: whether small UNets run through TorchScript traces (pipelines/traced.py): a trace costs ~0.5 s once and
     saves ~6 ms per UNet call on the embedded model, so it pays from about the fifth 20-step run of a process."""
-    from pipelines.loading import ModelLoader
-    import torch
-
-    from pipelines.requests import Limits, build_request
-
     loader = ModelLoader(device=args.device, trace=trace)
     pipe = loader.get(args.model)  # loads once (validating the model first); generate() reuses it
     request = build_request(
@@ -143,16 +148,11 @@ def _request(args: argparse.Namespace, trace: bool = True):
 
 
 def _threads() -> str:
-    import torch
-
     n = torch.get_num_threads()
     return f"{n} thread{'s' if n > 1 else ''}"
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipelines.generate import generate
-    from pipelines.outputs import TraceWriter
-
     loader, pipe, request = _request(args, trace=False)  # one image: a trace would cost more than it saves
     # The loaded model's previewer (a scheduler view's config does not name the folder with its preview decoder);
     # "fast" is the model's cheapest faithful colour preview (tiny decoder, TAESD, map), as in the app.
@@ -182,8 +182,6 @@ def _number_list(text: str, cast) -> list:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pipelines import explain
-
     given = [f for f in (args.x, args.guidance_scales, args.steps_list) if f]
     if len(given) > 1:
         raise ValueError("give the x axis once: --x, --guidance-scales or --steps-list")
@@ -204,8 +202,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _jump(args: argparse.Namespace) -> int:
-    from pipelines import explain
-
     loader, _, request = _request(args)
     shorts = None if args.short_runs is None else _number_list(args.short_runs, int)
     report = _run(explain.jump(request, loader=loader, short_steps=shorts, frames=args.frames),
@@ -219,8 +215,6 @@ def _jump(args: argparse.Namespace) -> int:
 
 
 def _branch(args: argparse.Namespace) -> int:
-    from pipelines import explain
-
     at = _number_list(args.at, float)
     loader, _, request = _request(args)
     report = _run(explain.branch(request, at, args.branches, loader=loader),
@@ -233,8 +227,6 @@ def _branch(args: argparse.Namespace) -> int:
 
 
 def _dissect(args: argparse.Namespace) -> int:
-    from pipelines import explain
-
     loader, _, request = _request(args)
     report = _run(explain.dissect(request, loader=loader), lambda r: "")
     report.write(args.out, frames=args.frames)
@@ -244,8 +236,6 @@ def _dissect(args: argparse.Namespace) -> int:
 
 
 def _tradeoff(args: argparse.Namespace) -> int:
-    from pipelines import explain
-
     scales = _number_list(args.scales, float)
     explain.check_judge_model(args.model)  # before loading a model the judge cannot score
     explain.judge_targets(args.prompt)
@@ -272,9 +262,6 @@ def _run(experiment, progress):
 
 def _quiet_library_progress() -> None:
     """Loading bars from diffusers/transformers would bury the one line this command prints."""
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
@@ -298,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tradeoff":
             return _tradeoff(args)
         if args.command == "guidance":
-            from guidance.registry import describe
-
             print(describe())
         elif args.command == "schedulers":
             for spec in SCHEDULERS.values():

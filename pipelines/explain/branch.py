@@ -15,6 +15,7 @@ from pipelines.explain.metrics import diversity
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
+from pipelines.schedulers import is_stochastic
 from pipelines.types import GenerationRequest
 
 
@@ -74,8 +75,6 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
     Exact: the trunk is deterministic for its seed, so each branch re-runs it and, from step round(f · N) on,
     draws the scheduler's noise from its own seed (GenerationRequest.branch); the multistep history stays right.
     """
-    from pipelines.schedulers import is_stochastic
-
     request = seeded(request)
     at = tuple(float(f) for f in at)
     if not at:

@@ -14,6 +14,7 @@ from pipelines.explain.figures import sweep_figure
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import save_image, write_json
+from pipelines.requests import build_request
 from pipelines.types import GenerationRequest, GenerationResult
 
 
@@ -127,8 +128,6 @@ class SweepReport:
 
 def _cell_request(base: GenerationRequest, loader: ModelLoader, settings: dict[str, Any]) -> GenerationRequest:
     """The base request with `settings` applied, validated by the one request builder."""
-    from pipelines.requests import build_request
-
     values = dict(prompt=base.prompt, negative_prompt=base.negative_prompt, model=base.model, scheduler=base.scheduler,
                   num_inference_steps=base.num_inference_steps, guidance_scale=base.guidance_scale, seed=base.seed,
                   width=base.width, height=base.height, guidance=base.guidance,

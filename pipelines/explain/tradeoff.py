@@ -18,8 +18,9 @@ from pipelines.explain.sweep import _cell_request
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
+from pipelines.registry import resolve
 from pipelines.types import DEFAULT_MODEL, GenerationRequest
-from shapes.judge import prompt_targets as judge_targets
+from shapes.judge import Judge, prompt_targets as judge_targets
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ class TradeoffReport:
 
 def check_judge_model(model: str) -> None:
     """ValueError unless `model` is the embedded model, the only one whose images the judge can score."""
-    from pipelines.registry import resolve
-
     embedded = Path(resolve(DEFAULT_MODEL)).resolve()
     if model != DEFAULT_MODEL and Path(resolve(model)).resolve() != embedded:
         raise ValueError(f"adherence is measured by the shapes world's judge (shapes/judge.py), which can only "
@@ -90,8 +89,6 @@ def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *,
         raise ValueError(f"{len(scales)} scales × {seeds} seeds is {len(scales) * seeds} runs; at most {MAX_RUNS}")
     seed_list = tuple((request.seed + i) % 2**63 for i in range(seeds))
     plan = [_cell_request(request, loader, {"guidance_scale": s}) for s in scales]
-    from shapes.judge import Judge
-
     judge = Judge()
     report = TradeoffReport(request, targets, (), scales, done=False)
     points: list[TradeoffPoint] = []
