@@ -142,7 +142,8 @@ def build_demo(
         then = dict(fn=after_run, inputs=[live.run_id, history.mine],
                     outputs=[*live.after_outputs, history.gallery, history.folders, history.mine],
                     show_progress="hidden", api_visibility="private")
-        gen_event = controls.generate_btn.click(run_ui, api_name="generate_stream", concurrency_limit=concurrent_streams,
+        # Private: the API's stream is /generate_stream (ui/api.py), with /generate's parameters, not these widgets.
+        gen_event = controls.generate_btn.click(run_ui, api_visibility="private", concurrency_limit=concurrent_streams,
                                                 **common)
         gen_event.then(**then)
         submit_event = controls.prompt.submit(run_ui, api_visibility="private", **common)

@@ -109,6 +109,119 @@ def test_a_stream_whose_client_goes_away_stops_its_run(server, client):
     assert _quick(client)["steps_completed"] == 3
 
 
+API_PARAMETERS = ["prompt", "negative_prompt", "model", "scheduler", "num_inference_steps", "guidance_scale", "seed",
+                  "width", "height", "guidance", "guidance_params"]
+
+
+def test_generate_and_generate_stream_take_one_request_shape(server):
+    """/gradio_api/info: the stream takes /generate's parameters by the same names with the same defaults (none of
+    the UI's widgets: randomize_seed, x0_preview, per-method sliders), and the UI's own Generate events are private."""
+    url, _ = server
+    endpoints = httpx.get(f"{url}gradio_api/info").json()["named_endpoints"]
+    shape = {api: [(p["parameter_name"], p["parameter_has_default"], p["parameter_default"])
+                   for p in endpoints[api]["parameters"]] for api in ("/generate", "/generate_stream")}
+    assert shape["/generate_stream"] == shape["/generate"], shape
+    assert [name for name, _, _ in shape["/generate"]] == API_PARAMETERS
+    assert dict((n, d) for n, _, d in shape["/generate"]) == {
+        "prompt": None, "negative_prompt": "", "model": MODEL, "scheduler": "", "num_inference_steps": -1,
+        "guidance_scale": -1, "seed": -1, "width": 0, "height": 0, "guidance": "", "guidance_params": ""}
+    assert [r["label"] for r in endpoints["/generate_stream"]["returns"]] == [
+        "status", "latents x_t", "predicted x0", "image", "seed", "info"]
+    assert [r["label"] for r in endpoints["/generate"]["returns"]] == ["image", "seed", "info"]
+    assert not [name for name in endpoints if "run_ui" in name], sorted(endpoints)
+
+
+def test_the_stream_shows_steps_and_ends_on_generates_image(server, client):
+    """Per-step previews (x_t and x̂0 files, no image yet), then the image, seed and info: the same pixels as
+    /generate's for the same seed and settings."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    settings = dict(prompt="a red circle", num_inference_steps=60, guidance_scale=5, seed=3, width=64, height=64)
+    job = client.submit(**settings, api_name="/generate_stream")
+    final = job.result(timeout=120)
+    updates = job.outputs()
+    status, latents, x0, image, seed, info = final
+    n = info["steps_completed"]  # 61: PNDM runs one more
+    assert n >= 60 and seed == 3 and (info["width"], info["height"]) == (64, 64), info
+    assert status.startswith(f"Done: {n} steps") and "seed 3" in status, status
+    assert Path(latents).is_file() and Path(x0).is_file(), final  # the last step's previews
+    assert updates[-1] == final and len(updates) >= 3, updates
+    steps = []
+    for update in updates[:-1]:
+        assert update[3:] == (None, 3, None), update  # no image or info before the end; the seed from the start
+        match = re.fullmatch(rf"Step (\d+) / {n} · [\d.]+ it/s · σ = \S+", update[0])
+        if match:
+            assert Path(update[1]).is_file() and Path(update[2]).is_file(), update
+            steps.append(int(match[1]))
+    assert steps and steps == sorted(set(steps)) and steps[-1] <= n, updates  # newest only, never the same twice
+
+    path, api_seed, api_info = client.predict(**settings, api_name="/generate")
+    assert api_seed == 3 and api_info.keys() == info.keys() and api_info["run"] != info["run"]
+    assert {k: v for k, v in api_info.items() if k not in ("run", "seconds")} == {
+        k: v for k, v in info.items() if k not in ("run", "seconds")}
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(path)))
+
+
+def test_the_stream_refuses_bad_input_saying_what_is_allowed_and_keeps_serving(server, client):
+    from pipelines.families import family_of
+
+    _, playground = server
+    pipe = playground.loader.loaded(MODEL) or playground.loader.get(MODEL)
+    factor = family_of(pipe).size_multiple(pipe)
+    width = 4 * factor + 1
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        client.predict(prompt="x", width=width, num_inference_steps=2, api_name="/generate_stream")
+    text = str(e.value)
+    assert f"width {width} is not a multiple of {factor}" in text and "use a multiple of" in text, text
+    assert str(ROOT) not in text and "Traceback" not in text
+    assert not playground.pending
+    *_, seed, info = client.predict(prompt="x", num_inference_steps=2, seed=1, api_name="/generate_stream")
+    assert seed == 1 and info["steps_completed"] == 3
+    assert _quick(client)["steps_completed"] == 3
+
+
+def test_the_pages_generate_button_still_streams_its_run(server):
+    """The Generate button's event, private now, as the page drives it (queue join + server-sent events): step
+    statuses while it goes, then the final image and the seed it drew, in the page's own outputs."""
+    import json
+    import re
+
+    from gradio_client.utils import apply_diff
+
+    url, _ = server
+    config = httpx.get(f"{url}config").json()
+    widgets = {c["id"]: c for c in config["components"]}
+    button = next(i for i, c in widgets.items() if c["type"] == "button" and c["props"].get("value") == "Generate")
+    event = next(d for d in config["dependencies"] if [button, "click"] in d["targets"] and d["outputs"])
+    assert event["api_visibility"] == "private"
+    values = [widgets[i]["props"].get("value") for i in event["inputs"]]
+    prompt = next(n for n, i in enumerate(event["inputs"]) if widgets[i]["props"].get("label") == "Prompt")
+    values[prompt] = "a red circle"
+    session = "page-test"
+    httpx.post(f"{url}gradio_api/queue/join", json={"data": values, "fn_index": event["id"], "session_hash": session,
+                                                    "event_data": None, "trigger_id": None}).raise_for_status()
+    statuses, outputs = [], []
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as stream:
+        for line in stream.iter_lines():
+            msg = json.loads(line[5:]) if line.startswith("data:") else {}
+            if msg.get("msg") in ("process_generating", "process_completed") and msg.get("output", {}).get("data"):
+                data = msg["output"]["data"]
+                outputs = ([apply_diff(o, d) for o, d in zip(outputs, data)]
+                           if msg["msg"] == "process_generating" and outputs else list(data))
+                statuses.append(outputs[0])
+            if msg.get("msg") == "process_completed":
+                assert msg.get("success"), msg
+                break
+    assert any(re.match(r"Step \d+ / 51 · ", s) for s in statuses), statuses  # the tiny model's 50 PNDM steps + 1
+    done = re.match(r"Done: 51 steps .* seed (\d+)\.", statuses[-1])
+    assert done and outputs[-1] == int(done[1]), (statuses[-1], outputs[-1])  # the seed field shows the seed drawn
+    final = outputs[4]  # live.final_image
+    assert final and Path(final["path"]).is_file(), final
+
+
 def test_a_bounded_recorder_thins_old_steps_and_keeps_the_newest():
     import torch
 
@@ -201,7 +314,8 @@ def embedded_client(tmp_path_factory):
 
 def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
     """tests/test_limits.py's table, through HTTP: every row whose values /generate's fields can carry (and whose
-    model is this server's) is refused with the same message, in one line without server paths."""
+    model is this server's) is refused with the same message, in one line without server paths, by /generate and
+    by /generate_stream (one request shape)."""
     import re
 
     from tests.test_limits import BAD_INPUTS
@@ -212,11 +326,12 @@ def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
             and all(isinstance(v, str) for k, v in kw.items() if k not in numeric)]
     assert len(rows) >= 25, len(rows)  # 29 of the 56 today
     for kwargs, message in rows:
-        with pytest.raises(gradio_client.exceptions.AppError) as e:
-            embedded_client.predict(**({"prompt": "a red circle"} | kwargs), api_name="/generate")
-        text = str(e.value)
-        assert re.search(message, text), (kwargs, text[:300])
-        assert str(ROOT) not in text and "Traceback" not in text
+        for api in ("/generate", "/generate_stream"):
+            with pytest.raises(gradio_client.exceptions.AppError) as e:
+                embedded_client.predict(**({"prompt": "a red circle"} | kwargs), api_name=api)
+            text = str(e.value)
+            assert re.search(message, text), (api, kwargs, text[:300])
+            assert str(ROOT) not in text and "Traceback" not in text
     _, seed, info = embedded_client.predict(prompt="a red circle", num_inference_steps=3, seed=4, api_name="/generate")
     assert seed == 4 and info["steps_completed"] == 3
 
@@ -305,7 +420,7 @@ def test_an_explain_experiment_holds_a_bounded_set_of_images_and_says_so(tmp_pat
 
 def test_every_handler_that_runs_the_model_goes_through_the_gpu_decorator(tmp_path):
     """On ZeroGPU, CUDA is there only inside @spaces.GPU handlers: build_demo's `gpu` must wrap the Generate
-    stream, /generate, every Explain experiment and the jump slider's k-step run (it runs one on demand)."""
+    stream, /generate, /generate_stream, every Explain experiment and the jump slider's k-step run (it runs one on demand)."""
     import app
 
     wrapped = []
@@ -315,6 +430,6 @@ def test_every_handler_that_runs_the_model_goes_through_the_gpu_decorator(tmp_pa
         return fn
 
     demo = app.build_demo(loader=ModelLoader(device="cpu"), models=[MODEL], outputs_dir=tmp_path, gpu=gpu)
-    assert sorted(wrapped) == sorted(["run_ui", "run_api", "run_jump", "run_branch", "run_sweep", "run_dissect",
-                                      "run_tradeoff", "on_jump_k"]), wrapped
+    assert sorted(wrapped) == sorted(["run_ui", "run_api", "run_api_stream", "run_jump", "run_branch", "run_sweep",
+                                      "run_dissect", "run_tradeoff", "on_jump_k"]), wrapped
     demo.close()

@@ -1,75 +1,143 @@
-"""The named HTTP endpoint /generate: plain parameter names and defaults, so
-`client.predict(prompt=..., api_name="/generate")` works; the same request builder as the UI and the CLI."""
+"""The named HTTP endpoints /generate and /generate_stream: one request shape (plain parameter names and defaults,
+the same hidden widgets for both), so `client.predict(prompt=..., api_name="/generate")` and
+`client.submit(prompt=..., api_name="/generate_stream")` take the same values; the same request builder as the UI
+and the CLI."""
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import secrets
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from ui.live import as_gr_error, client_of
-from ui.state import Playground
+from pipelines.types import GenerationRequest
+from ui.live import as_gr_error, client_of, finished_status, live_steps, starting_status, step_status, waiting_status
+from ui.state import Playground, Run
+
+X0_PREVIEW = "fast"  # the API's runs preview x̂0 the cheap way (the UI's x0_preview "fast"); the image is the same
+
+
+def parameters(default_model: str) -> dict[str, gr.Component]:
+    """The request's parameters as hidden widgets: name -> widget holding its default. The one definition of
+    /generate's and /generate_stream's parameters (both endpoints take these very widgets)."""
+    return dict(
+        prompt=gr.Textbox(label="prompt"),
+        negative_prompt=gr.Textbox("", label="negative_prompt"),  # "" = none
+        model=gr.Textbox(default_model, label="model"),
+        scheduler=gr.Textbox("", label="scheduler"),  # "" keeps the model's own
+        num_inference_steps=gr.Number(-1, label="num_inference_steps"),  # -1 = the model's recommended
+        guidance_scale=gr.Number(-1, label="guidance_scale"),  # -1 = the model's recommended
+        seed=gr.Number(-1, label="seed"),  # -1 = random; the seed used comes back
+        width=gr.Number(0, label="width"),  # 0 = the model's native size
+        height=gr.Number(0, label="height"),
+        guidance=gr.Textbox("", label="guidance"),  # "" = the model's recommended method (and its parameters)
+        guidance_params=gr.Textbox("", label="guidance_params"),  # JSON object of the method's parameters
+    )
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """The small dict both endpoints return with the image: run folder, scheduler, family, size, steps, seconds."""
+    result = run.result
+    assert result is not None
+    return {"run": run.run_id, "scheduler": result.scheduler, "family": result.family, "width": result.width,
+            "height": result.height, "steps_completed": result.steps_completed,
+            "seconds": round(result.timings.total, 3)}
 
 
 class ApiView:
-    """Hidden widgets that give /generate its parameter names, and the handler behind them."""
+    """Hidden widgets that give /generate and /generate_stream their parameter names and defaults, and the two
+    handlers behind them."""
 
     def __init__(self, app: Playground, gpu: Callable, concurrency_limit: int = 1) -> None:
         self.app = app
-        default_model = app.default_model
         with gr.Group(visible=False):
-            self.inputs = dict(
-                prompt=gr.Textbox(label="prompt"),
-                negative_prompt=gr.Textbox("", label="negative_prompt"),
-                model=gr.Textbox(default_model, label="model"),
-                scheduler=gr.Textbox("", label="scheduler"),
-                num_inference_steps=gr.Number(-1, label="num_inference_steps"),
-                guidance_scale=gr.Number(-1, label="guidance_scale"),
-                seed=gr.Number(-1, label="seed"),
-                width=gr.Number(0, label="width"),
-                height=gr.Number(0, label="height"),
-                guidance=gr.Textbox("", label="guidance"),
-                guidance_params=gr.Textbox("", label="guidance_params"),
-            )
+            self.inputs = parameters(app.default_model)
+            self.status = gr.Textbox(label="status")
+            self.latents = gr.Image(type="filepath", format="png", label="latents x_t")
+            self.x0 = gr.Image(type="filepath", format="png", label="predicted x0")
             self.image = gr.Image(type="filepath", format="png", label="image")
             self.seed = gr.Number(precision=0, label="seed")
             self.info = gr.JSON(label="info")
             self.button = gr.Button()
+            self.stream_button = gr.Button()
 
         @gpu
-        async def run_api(http: gr.Request, prompt: str, negative_prompt: str = "", model: str = default_model, scheduler: str = "",
-                    num_inference_steps: float = -1, guidance_scale: float = -1, seed: float = -1, width: float = 0,
-                    height: float = 0, guidance: str = "", guidance_params: str = ""):
+        async def run_api(http: gr.Request, **values: Any):
             """Make one image; returns (PNG path with A1111 parameters, seed used, run info). seed -1 is random;
             num_inference_steps / guidance_scale -1 and guidance "" take the model's recommended values; width/height
             0 its native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
-            from pipelines.requests import build_request
-
-            try:
-                model = model or default_model
-                if model not in app.models:
-                    raise ValueError(f"model {model!r} is not offered here; choose one of: {', '.join(app.models)}")
-                request = build_request(
-                    prompt=prompt, negative_prompt=negative_prompt, model=model, loader=app.loader, scheduler=scheduler,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, width=width,
-                    height=height, guidance=guidance, guidance_params=guidance_params, limits=app.limits)
-            except ValueError as e:
-                raise as_gr_error(e, app.outputs_dir) from None
+            run = self.start(self.request(values), http)
             # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this task,
             # and Run.wait stops the run at its next step, so the worker is free for the next caller.
-            try:
-                run = app.start(request, "fast", getattr(http, "session_hash", None), client_of(http))
-            except ValueError as e:
-                raise as_gr_error(e, app.outputs_dir) from None
             await run.wait()
             if run.error is not None:
                 raise as_gr_error(run.error, app.outputs_dir) from None
-            result = run.result
-            info = {"run": run.run_id, "scheduler": result.scheduler, "family": result.family,
-                    "width": result.width, "height": result.height, "steps_completed": result.steps_completed,
-                    "seconds": round(result.timings.total, 3)}
-            return str(run.folder / "image.png"), result.seed, info
+            return str(run.folder / "image.png"), run.result.seed, run_info(run)
 
+        @gpu
+        def run_api_stream(http: gr.Request, **values: Any) -> Iterator[tuple]:
+            """Make one image, streaming (status, x_t preview, x̂0 preview, image, seed, info): per-step previews
+            (PNG paths, the newest step only, throttled) with image and info None, then the final image, the seed
+            used and the info /generate returns. Takes /generate's parameters, with the same defaults."""
+            request = self.request(values)
+            run = self.start(request, http)
+            try:
+                yield starting_status(app, run), None, None, None, request.seed, None
+                previews = (None, None)
+                for item in live_steps(app, run, lambda event: self.previews(run, event.step)):
+                    if isinstance(item, int):
+                        yield waiting_status(item), *previews, None, request.seed, None
+                        continue
+                    event, previews = item
+                    yield step_status(event), *previews, None, request.seed, None
+                run.done.wait()
+                if run.error is not None:
+                    raise as_gr_error(run.error, app.outputs_dir) from None
+                result = run.result
+                if run.steps:  # the previews end on the last step
+                    previews = self.previews(run, len(run.steps) - 1)
+                yield (finished_status(run, result), *previews, str(run.folder / "image.png"), result.seed,
+                       run_info(run))
+            except Exception as e:  # e.g. a preview that fails to render: one client-safe line (logged), no traceback
+                raise as_gr_error(e, app.outputs_dir) from None
+            finally:  # the client cancelled or went away: stop the worker at the next step
+                if not run.done.is_set():
+                    run.latest.cancel()
+
+        # One concurrency group with the Generate button's stream: see build_demo.
         self.button.click(run_api, inputs_kwargs=self.inputs, outputs=[self.image, self.seed, self.info],
-                          api_name="generate", concurrency_id="generate",
-                          concurrency_limit=concurrency_limit)  # one group with the Generate stream: see build_demo
+                          api_name="generate", concurrency_id="generate", concurrency_limit=concurrency_limit)
+        self.stream_button.click(run_api_stream, inputs_kwargs=self.inputs,
+                                 outputs=[self.status, self.latents, self.x0, self.image, self.seed, self.info],
+                                 api_name="generate_stream", concurrency_id="generate",
+                                 concurrency_limit=concurrency_limit)
+
+    def request(self, values: dict[str, Any]) -> GenerationRequest:
+        """Both endpoints' values -> a validated request, its seed drawn when random (so a stream can show it from
+        the start); a gr.Error that says what is allowed when refused."""
+        from pipelines.requests import build_request
+
+        app = self.app
+        try:
+            model = values.get("model") or app.default_model
+            if model not in app.models:
+                raise ValueError(f"model {model!r} is not offered here; choose one of: {', '.join(app.models)}")
+            # The widgets are named as build_request's keywords (`parameters`).
+            request = build_request(**(values | {"model": model}), loader=app.loader, limits=app.limits)
+        except ValueError as e:
+            raise as_gr_error(e, app.outputs_dir) from None
+        if request.seed is None:
+            request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
+        return request
+
+    def start(self, request: GenerationRequest, http: gr.Request | None) -> Run:
+        """Queue the run on the worker; a gr.Error when this client already has too many runs waiting."""
+        try:
+            return self.app.start(request, X0_PREVIEW, getattr(http, "session_hash", None), client_of(http))
+        except ValueError as e:
+            raise as_gr_error(e, self.app.outputs_dir) from None
+
+    def previews(self, run: Run, step: int) -> tuple[str | None, str | None]:
+        """The x_t and x̂0 previews of `step` (PNG paths), in the live kinds."""
+        return self.app.render(run, step, "latents"), self.app.render(run, step, "x0_live")

@@ -17,17 +17,18 @@ import dataclasses
 import logging
 import secrets
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import gradio as gr
 
 from pipelines.errors import client_message
-from pipelines.types import GenerationResult
+from pipelines.types import GenerationResult, StepEvent
 from ui.render import diffusers_code
 from ui.state import Playground, Run, kind_label
 from ui.theme import captioned_image
 
 log = logging.getLogger("playground")
+T = TypeVar("T")
 
 # After a live preview took r seconds, the next waits >= RENDER_SHARE·r: previews, which compete with the
 # denoising loop for the CPU, stay under ~1/13 of the run.
@@ -135,16 +136,8 @@ class LiveView:
 
     def finished(self, run: Run, result: GenerationResult) -> dict:
         """Outputs once the image exists: final image, status, seed, code."""
-        t = result.timings
-        rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
-        what = (f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled
-                else f"Done: {result.steps_completed} steps")
-        if result.cancelled and run.time_limit is not None and run.time_limit.expired:
-            what += (f" (runs here may take at most {run.time_limit.seconds:g} s; the server's "
-                     f"PLAYGROUND_MAX_RUN_SECONDS sets it)")
         return {
-            self.status: f"{what} in {t.denoise:.2f} s ({rate:.1f} it/s), {result.width}×{result.height}, "
-                         f"{result.scheduler}, seed {result.seed}. Saved as run `{run.run_id}`.",
+            self.status: finished_status(run, result),
             self.final_image: str(run.folder / "image.png"),
             self.run_id: run.run_id,
         }
@@ -201,37 +194,18 @@ class LiveView:
             return dict(shown)
 
         try:
-            loading = app.loader.loaded(run.request.model) is None
-            cleared = self.cleared("Loading model…" if loading else "Starting…")
-            yield show(cleared)
-            next_at = 0.0
+            yield show(self.cleared(starting_status(app, run)))
             captioned = False
-            ahead = 0
-            while not run.done.is_set():
-                event = run.latest.take(timeout=0.25)
-                if event is None and run.thread is None:  # still queued: say where, when that changes
-                    now_ahead = app.ahead_of(run)
-                    if now_ahead != ahead and now_ahead:
-                        yield show({self.status: f"Waiting: {now_ahead} run{'s' if now_ahead != 1 else ''} ahead of yours…"})
-                    ahead = now_ahead
-                if event is None or event.step + 1 == event.num_steps:
-                    continue  # the last step's previews come with the result, a moment later
-                now = time.perf_counter()
-                if now < next_at:  # too soon: wait, then show whatever is newest by then
-                    if run.done.wait(next_at - now):
-                        break  # finished meanwhile: the result (with the last step's previews) comes next
-                    event = run.latest.take(timeout=0) or event
-                t0 = time.perf_counter()
-                out = self.previews(run, event.step)
-                spent = time.perf_counter() - t0  # rendering only: the yield below waits on Gradio and the browser
-                rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
-                sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
-                out[self.status] = f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}"
+            for item in live_steps(app, run, lambda event: self.previews(run, event.step)):
+                if isinstance(item, int):
+                    yield show({self.status: waiting_status(item)})
+                    continue
+                event, out = item
+                out[self.status] = step_status(event)
                 if not captioned:
                     out |= self.captions(run)
                     captioned = True
                 yield show(out)
-                next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
             run.done.wait()
             if run.error is not None:
                 gr.Warning(error_text(run.error, app.outputs_dir))
@@ -286,6 +260,64 @@ class LiveView:
                           outputs=[self.scrub_latents, self.scrub_x0, self.scrub_cond, self.scrub_uncond,
                                    self.scrub_delta, self.step_info],
                           show_progress="hidden", trigger_mode="always_last", api_visibility="private")
+
+
+def starting_status(app: Playground, run: Run) -> str:
+    """The status line before the first step."""
+    return "Loading model…" if app.loader.loaded(run.request.model) is None else "Starting…"
+
+
+def waiting_status(ahead: int) -> str:
+    return f"Waiting: {ahead} run{'s' if ahead != 1 else ''} ahead of yours…"
+
+
+def step_status(event: StepEvent) -> str:
+    """The status line while a step's previews are shown: step, speed so far, noise level."""
+    rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
+    sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
+    return f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}"
+
+
+def finished_status(run: Run, result: GenerationResult) -> str:
+    """The status line once the image exists (done, or stopped and why)."""
+    t = result.timings
+    rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
+    what = (f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled
+            else f"Done: {result.steps_completed} steps")
+    if result.cancelled and run.time_limit is not None and run.time_limit.expired:
+        what += (f" (runs here may take at most {run.time_limit.seconds:g} s; the server's "
+                 f"PLAYGROUND_MAX_RUN_SECONDS sets it)")
+    return (f"{what} in {t.denoise:.2f} s ({rate:.1f} it/s), {result.width}×{result.height}, "
+            f"{result.scheduler}, seed {result.seed}. Saved as run `{run.run_id}`.")
+
+
+def live_steps(app: Playground, run: Run, render: Callable[[StepEvent], T]) -> Iterator[int | tuple[StepEvent, T]]:
+    """While `run` goes: `(event, render(event))` for the newest step, stale steps skipped, at least
+    app.preview_interval and RENDER_SHARE × the last render's time apart; while it waits in the worker's queue,
+    the number of runs ahead of it whenever that changes. The last step is left out (its previews come with the
+    result, a moment later). Ends once the run is done; its outcome is then on `run`. The one throttle of the
+    Generate button's stream and of /generate_stream."""
+    next_at = 0.0
+    ahead = 0
+    while not run.done.is_set():
+        event = run.latest.take(timeout=0.25)
+        if event is None and run.thread is None:  # still queued: say where, when that changes
+            now_ahead = app.ahead_of(run)
+            if now_ahead != ahead and now_ahead:
+                yield now_ahead
+            ahead = now_ahead
+        if event is None or event.step + 1 == event.num_steps:
+            continue  # the last step's previews come with the result, a moment later
+        now = time.perf_counter()
+        if now < next_at:  # too soon: wait, then show whatever is newest by then
+            if run.done.wait(next_at - now):
+                break  # finished meanwhile: the result (with the last step's previews) comes next
+            event = run.latest.take(timeout=0) or event
+        t0 = time.perf_counter()
+        rendered = render(event)
+        spent = time.perf_counter() - t0  # rendering only: the caller's yield waits on Gradio and the client
+        yield event, rendered
+        next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
 
 
 def client_of(http: gr.Request | None) -> str | None:
