@@ -40,7 +40,8 @@ from pipelines.registry import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a small yellow heart in the top left"
-FINAL_IMAGE, LIVE_X0, RUN_ID = 4, 3, 7  # indices among the stream's outputs (ui/live.py LiveView.live_outputs)
+FINAL_IMAGE, LIVE_X0, RUN_ID = 4, 3, 7  # indices among the page stream's outputs (ui/live.py LiveView.live_outputs)
+API_STREAM_IMAGE = 3  # /generate_stream yields (status, x_t, x̂0, image, seed, info): ui/api.py
 
 STOCK = """
 import json, sys, time
@@ -111,9 +112,6 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         client = Client(f"{base}/", verbose=False, download_files=False)
         http = httpx.Client(timeout=120)
-        params = http.get(f"{base}/gradio_api/info").json()["named_endpoints"]["/generate_stream"]["parameters"]
-        names = [p["parameter_name"] for p in params]
-        defaults = {p["parameter_name"]: p.get("parameter_default") for p in params}
         api, final, first, cold, final_client = [], [], [], [], []
         stock_warm: list[float] = []
 
@@ -125,7 +123,11 @@ def main() -> None:
 
         config = http.get(f"{base}/config").json()
         deps = config["dependencies"]
-        stream_id = next(d["id"] for d in deps if d.get("api_name") == "generate_stream")
+        widgets = {c["id"]: c for c in config["components"]}
+        button = next(i for i, c in widgets.items() if c["type"] == "button" and c["props"].get("value") == "Generate")
+        page_event = next(d for d in deps if [button, "click"] in d["targets"] and d["outputs"])  # private: the page's
+        stream_id = page_event["id"]
+        page_inputs = [widgets[i]["props"] for i in page_event["inputs"]]
         after_id = next(d["id"] for d in deps if d.get("trigger_after") == stream_id)  # the scrubber and history
         session = "benchmark-page"  # one page: a browser keeps its session across runs
 
@@ -159,21 +161,22 @@ def main() -> None:
             """Submit to first live preview and to final image, read off the server-sent events of one page
             session as a browser reads them (gradio_client polls its message queue every 50 ms, which no
             browser does); then the follow-up event the page fires (scrubber, history), untimed."""
-            values = defaults | {"prompt": PROMPT, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
-                                 "seed": seed, "randomize_seed": False}
+            mine = {"Prompt": PROMPT, "Steps": args.steps, "Guidance scale": args.guidance_scale, "Seed": seed,
+                    "Random seed": False}  # by the widgets' labels; the rest as the page starts
+            values = [mine.get(w.get("label"), w.get("value")) for w in page_inputs]
             marks: dict[str, float] = {}
             t = time.perf_counter()
-            outputs = queue_event(stream_id, [values[n] for n in names], t, marks)
+            outputs = queue_event(stream_id, values, t, marks)
             queue_event(after_id, [outputs[RUN_ID]], t, {})
             return marks.get("first", float("nan")), marks.get("final", float("nan"))
 
         def generate_stream_client(seed: int) -> float:
             t = time.perf_counter()
             job = client.submit(prompt=PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                seed=seed, randomize_seed=False, api_name="/generate_stream")
+                                seed=seed, api_name="/generate_stream")
             to_final = float("nan")
             for update in job:
-                if to_final != to_final and _is_file(update[FINAL_IMAGE]):
+                if to_final != to_final and _is_file(update[API_STREAM_IMAGE]):
                     to_final = time.perf_counter() - t
             return to_final
 
