@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from pipelines.requests import build_request
 from pipelines.types import GenerationRequest
 from ui.live import as_gr_error, client_of, finished_status, live_steps, starting_status, step_status, waiting_status
 from ui.state import Playground, Run
@@ -116,8 +117,6 @@ class ApiView:
     def request(self, values: dict[str, Any]) -> GenerationRequest:
         """Both endpoints' values -> a validated request, its seed drawn when random (so a stream can show it from
         the start); a gr.Error that says what is allowed when refused."""
-        from pipelines.requests import build_request
-
         app = self.app
         try:
             model = values.get("model") or app.default_model

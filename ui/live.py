@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 
 import gradio as gr
+import pandas as pd  # a Gradio dependency
 
 from pipelines.errors import client_message
 from pipelines.types import GenerationResult, StepEvent
@@ -165,8 +166,6 @@ class LiveView:
             self.scrub: gr.Slider(1, max(n, 2), value=n, step=1, interactive=n > 1)}
 
     def step_plots(self, run: Run) -> dict:
-        import pandas as pd  # a Gradio dependency
-
         # σ = ∞ (the first step of a zero-terminal-SNR schedule) has no place on a plot; the table shows it
         sigma_rows = [(s.step + 1, s.sigma) for s in run.steps if s.sigma is not None and s.sigma < float("inf")]
         delta_rows = [(s.step + 1, s.guidance_delta_norm) for s in run.steps if s.guidance_delta_norm is not None]
