@@ -49,9 +49,11 @@ def test_the_background_named_in_the_prompt_is_drawn(loader):
 
 def test_the_first_x0_is_the_blurry_mean_of_its_endings(loader):
     """Step 1 of 20 (euler_a, CFG 1), four prompts: the decoded x̂0 is no sharper than twice the pixel mean of 16
-    endings from the same x_T (v2: 0.46-1.79x; v1: 3.3-6.5x on these, speckle) and within 0.15 RMS of it (v2:
-    0.11-0.15; issue 20 asks 0.12, which two of these four prompts meet: EVAL.md)."""
+    endings from the same x_T (v2: 0.43-1.73x; v1: 3.3-6.5x on these, speckle), within 0.12 RMS of it on at least
+    three of the four (issue 20; v2: 0.076-0.102 there) and within 0.15 on all (the blue star: 0.137, where the
+    sampler's endings favour some backgrounds over others: EVAL.md)."""
     res = lesson.first_x0(DEFAULT_MODEL, loader, prompts=lesson.FIRST_X0_PROMPTS, seeds=(0,))
     for row in res["rows"]:
         assert row["hf_vs_mean"] <= 2.0, row
         assert row["rms"] <= 0.15, row
+    assert sum(row["rms"] <= 0.12 for row in res["rows"]) >= 3, res["rows"]
