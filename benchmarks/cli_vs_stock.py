@@ -51,7 +51,7 @@ def mid_unet_folder(dest: Path) -> Path:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(64, 128, 256, 256), attention_head_dim=8, norm_num_groups=32,
+        block_out_channels=(32, 64, 128, 256), attention_head_dim=8, norm_num_groups=32,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=pipe.text_encoder.config.hidden_size,

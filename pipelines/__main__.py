@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "text chunks), DIR/trace.json (one entry per denoising step) and DIR/steps/ "
                                    "(per-step latent→RGB and x̂0 previews).")
     _request_flags(g)
-    g.add_argument("--x0-preview", choices=("decode", "fast", "approx", "taesd", "rgb", "channels", "none"), default="decode",
-                   help="how steps/*_x0.png is rendered: full VAE decode (default), the model's fast colour preview, a named kind, or not at all")
+    g.add_argument("--x0-preview", choices=("auto", "decode", "fast", "approx", "taesd", "rgb", "channels", "none"), default="auto",
+                   help="how steps/*_x0.png is rendered: auto (default: on a CPU the model's faithful fast preview, such as "
+                        "its tiny decoder, else a full VAE decode), decode, fast, a named kind, or none")
     g.add_argument("--latents-preview", choices=("fast", "approx", "taesd", "rgb", "channels", "decode", "none"), default="fast",
                    help="how steps/*_latents.png is rendered (default: fast = the model's tiny preview decoder, TAESD or latent→RGB map)")
 
@@ -158,7 +159,8 @@ def _generate(args: argparse.Namespace) -> int:
     # "fast" is the model's cheapest faithful colour preview (tiny decoder, TAESD, map), as in the app.
     policy = loader.profile(request.model).previews
     previews = {name: (src, policy.kind(kind)) for name, src, kind in (
-        ("latents", "latents", args.latents_preview), ("x0", "denoised", args.x0_preview)) if kind != "none"}
+        ("latents", "latents", args.latents_preview),
+        ("x0", "denoised", policy.cli_x0() if args.x0_preview == "auto" else args.x0_preview)) if kind != "none"}
     writer = TraceWriter(args.out, loader.previewer(request.model), previews)
     t0 = time.perf_counter()
     result = generate(request, writer, loader=loader)

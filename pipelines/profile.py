@@ -59,6 +59,11 @@ class PreviewPolicy:
         """The Explain lab's x̂0 images: decoded where the scrubber decodes, else the fast preview."""
         return self.view_kinds("auto", pixels)[1]
 
+    def cli_x0(self) -> str:
+        """The CLI trace's x̂0 previews: on a CPU the fast preview where the model has a faithful one (a tiny decoder,
+        TAESD or a colour map: a full VAE decode every step would cost more than the step), else decoded."""
+        return self.fast if self.on_cpu and self.fast != "channels" else "decode"
+
     def kind(self, wanted: str) -> str:
         """A named kind, or 'fast' for this model's fast one; refuses a kind the model does not offer."""
         return resolve_kind(wanted, self.offered, self.fast)

@@ -186,18 +186,21 @@ def test_tradeoff_refuses_a_model_the_judge_cannot_score(model_dir, tmp_path, ca
 @pytest.mark.skipif(not (ROOT / "assets" / "models" / "tiny-shapes" / "model_index.json").exists(),
                     reason="embedded model not installed")
 def test_default_model_previews_show_the_final_image(tmp_path):
-    """The CLI's last-step x_t (fast preview) and x̂0 (full decode) of the default model show the final image: its
+    """The CLI's last-step x_t and x̂0 of the default model (both the model's tiny preview decoder by default on a
+    CPU; the x̂0 also decoded by the VAE when asked) show the final image: its
     previews come from the model's own preview decoder, as in the app (they once used SD 1.5's latent->RGB factors,
     0.33 mean |RGB| away, because the previewer was built from a scheduler view that does not name the folder)."""
     import numpy as np
 
     for i, prompt in enumerate(("a small green triangle in the top right", "a large red star on a blue background")):
         out = tmp_path / str(i)
-        proc = run_cli("generate", "--prompt", prompt, "--seed", str(i), "--out", str(out))
+        x0 = ("approx", "decode")[i]
+        proc = run_cli("generate", "--prompt", prompt, "--seed", str(i), "--out", str(out),
+                       *(["--x0-preview", "decode"] if x0 == "decode" else []))
         assert proc.returncode == 0, proc.stderr
         trace = json.loads((out / "trace.json").read_text())
         last = trace["steps"][-1]
-        assert trace["preview_kinds"] == {"latents": "approx", "x0": "decode"} and trace["latent_format"] == "tiny-shapes"
+        assert trace["preview_kinds"] == {"latents": "approx", "x0": x0} and trace["latent_format"] == "tiny-shapes"
         final = np.asarray(Image.open(out / "image.png").convert("RGB"), dtype=np.float32) / 255
         for name in ("latents", "x0"):
             preview = np.asarray(Image.open(out / last["previews"][name]).convert("RGB"), dtype=np.float32) / 255

@@ -76,7 +76,8 @@ def test_every_entry_point_reads_the_same_profile(loader, tmp_path):
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     trace = json.loads((out / "trace.json").read_text())
-    assert trace["preview_kinds"] == {"latents": profile.previews.kind("fast"), "x0": "decode"}
+    assert trace["preview_kinds"] == {"latents": profile.previews.kind("fast"), "x0": profile.previews.cli_x0()}
+    assert profile.previews.cli_x0() == "approx"  # the embedded model's tiny preview decoder, not a VAE decode
     req = trace["request"]
     assert (req["num_inference_steps"], req["guidance_scale"], req["scheduler"], req["guidance"]) == (
         rec.num_inference_steps, rec.guidance_scale, rec.scheduler, rec.guidance)
