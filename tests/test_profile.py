@@ -81,6 +81,8 @@ def test_every_entry_point_reads_the_same_profile(loader, tmp_path):
     req = trace["request"]
     assert (req["num_inference_steps"], req["guidance_scale"], req["scheduler"], req["guidance"]) == (
         rec.num_inference_steps, rec.guidance_scale, rec.scheduler, rec.guidance)
-    # Its process has torch's own count (2 here) to choose from; the probe keeps one, as the app's worker does.
+    # Its process has torch's own count to choose from and measures again (pipelines/threads.py): one thread, or
+    # all when they win by CLI_MARGIN. On two cores the embedded model is near a tie, so either can come out; in one
+    # process the UI, the API and the Explain lab above all read the one measured count.
     found = re.search(r"on (\d+) threads?", proc.stdout)
-    assert found and int(found.group(1)) == expected_threads == 1, proc.stdout
+    assert found and 1 <= int(found.group(1)) <= (os.cpu_count() or 1), proc.stdout
