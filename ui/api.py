@@ -5,12 +5,11 @@ and the CLI."""
 
 from __future__ import annotations
 
-import dataclasses
-import secrets
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from pipelines.explain.common import seeded
 from pipelines.requests import build_request
 from pipelines.types import GenerationRequest
 from ui.live import as_gr_error, client_of, finished_status, live_steps, starting_status, step_status, waiting_status
@@ -120,15 +119,12 @@ class ApiView:
         app = self.app
         try:
             model = values.get("model") or app.default_model
-            if model not in app.models:
-                raise ValueError(f"model {model!r} is not offered here; choose one of: {', '.join(app.models)}")
+            app.check_offered(model)
             # The widgets are named as build_request's keywords (`parameters`).
             request = build_request(**(values | {"model": model}), loader=app.loader, limits=app.limits)
         except ValueError as e:
             raise as_gr_error(e, app.outputs_dir) from None
-        if request.seed is None:
-            request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
-        return request
+        return seeded(request)  # drawn now, so a stream shows it from the start
 
     def start(self, request: GenerationRequest, http: gr.Request | None) -> Run:
         """Queue the run on the worker; a gr.Error when this client already has too many runs waiting."""

@@ -130,8 +130,7 @@ class Controls:
 
     def request(self, values: dict[str, Any]) -> tuple[GenerationRequest, str]:
         """Widget values (as `inputs` names them) -> (validated request, x̂0 preview choice); ValueError if refused."""
-        if values["model"] not in self.app.models:
-            raise ValueError(f"model {values['model']!r} is not offered here; choose one of: {', '.join(self.app.models)}")
+        self.app.check_offered(values["model"])
         method = values.get("guidance") or "cfg"
         request = build_request(
             prompt=values["prompt"], negative_prompt=values["negative_prompt"], model=values["model"],

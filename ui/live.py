@@ -13,9 +13,7 @@ few outputs it changes and sends all of them every time, and the scrubber, plots
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import secrets
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -23,6 +21,7 @@ import gradio as gr
 import pandas as pd  # a Gradio dependency
 
 from pipelines.errors import client_message
+from pipelines.explain.common import seeded
 from pipelines.types import GenerationResult, StepEvent
 from ui.render import diffusers_code
 from ui.state import Playground, Run, kind_label
@@ -338,8 +337,7 @@ def generate_handler(app: Playground, controls, live: LiveView, gpu: Callable) -
             gr.Warning(str(e))
             yield {c: v for c, v in live.error(e).items() if c in live.live_outputs} | {controls.seed: seed}
             return
-        if request.seed is None:  # drawn here rather than in generate(), so the seed field shows it from the start
-            request = dataclasses.replace(request, seed=secrets.randbelow(2**32))
+        request = seeded(request)  # drawn now rather than in generate(), so the seed field shows it from the start
         try:
             run = app.start(request, x0_choice, getattr(http, "session_hash", None), client_of(http))
         except ValueError as e:  # this client has too many runs waiting

@@ -145,6 +145,11 @@ class Playground:
             return None
         return missing_embedded(model)
 
+    def check_offered(self, model: str) -> None:
+        """Refuse a model outside this app's list (the UI and both API endpoints ask before building a request)."""
+        if model not in self.models:
+            raise ValueError(f"model {model!r} is not offered here; choose one of: {', '.join(self.models)}")
+
     # -- running ---------------------------------------------------------------------------------------
 
     def start(self, request: GenerationRequest, x0_choice: str, session: str | None, client: str | None = None) -> Run:
