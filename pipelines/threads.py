@@ -21,7 +21,9 @@ import torch
 SERVING_MARGIN = 1.5  # N threads must be this much faster than one to take a core from a serving process
 CLI_MARGIN = 1.2  # ... and this much in a plain process: a 3-call probe on a shared CPU varies by 5-15%, and
 # a tiny UNet whose two threads only tie with one must not flip between runs (the 17M UNet at 128² wins by 1.7x)
-LARGE_CALL_SECONDS = 0.5  # a first call this slow on one thread is a model big enough to split: no further probe
+LARGE_CALL_SECONDS = 0.1  # a first call this slow on one thread is a model big enough to split: no further probe
+# (the embedded model's first call takes 0.02-0.03 s, the 17M UNet's at 128² 0.19 s; the full probe cost that one
+# 1.2 s, a third of its 30-step run, in every CLI process)
 
 
 @dataclass(frozen=True)
@@ -50,23 +52,36 @@ def probe_inputs(denoiser, latent_hw: tuple[int, int]) -> dict | None:
 
 
 @torch.no_grad()
-def time_call(denoiser, inputs: dict, threads: int, calls: int = 3, give_up: float = float("inf")) -> float:
-    """Fastest of `calls` denoiser calls at `threads` threads, after one warm-up call; just the warm-up's time when
-    that took longer than `give_up` seconds."""
+def time_calls(denoiser, inputs: dict, counts: tuple[int, ...], rounds: int = 3) -> dict[int, float]:
+    """Fastest of `rounds` denoiser calls at each thread count in `counts`, after one warm-up call at each. The counts
+    alternate call by call, so a burst of load from another process slows both sides instead of deciding the race
+    (one count timed after the other flipped the embedded model's choice in one process of six)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    best = {n: float("inf") for n in counts}
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            denoiser(**inputs)
+        for _ in range(rounds):
+            for n in counts:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                denoiser(**inputs)
+                best[n] = min(best[n], time.perf_counter() - t0)
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def first_call(denoiser, inputs: dict) -> float:
+    """Seconds of one call on one thread (the model's first: it pays allocation too, so it errs toward 'large')."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
         denoiser(**inputs)
-        first = time.perf_counter() - t0
-        if first > give_up:
-            return first
-        best = float("inf")
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            denoiser(**inputs)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return time.perf_counter() - t0
     finally:
         torch.set_num_threads(before)
 
@@ -80,10 +95,11 @@ def choose(denoiser, latent_hw: tuple[int, int], device: torch.device, default: 
         return ThreadChoice(default, {}, "no probe for this denoiser: torch's own count")
     # One thread first: a small model's call is milliseconds there, and a second thread that has to share its core
     # with another process can be 20x slower (tests/conftest.py), which must not read as "large".
-    one = time_call(denoiser, inputs, 1, give_up=LARGE_CALL_SECONDS)
+    one = first_call(denoiser, inputs)
     if one > LARGE_CALL_SECONDS:
         return ThreadChoice(default, {1: one}, f"one call takes {one:.2f} s on one thread: large enough to split")
-    many = time_call(denoiser, inputs, default)
+    timed = time_calls(denoiser, inputs, (1, default))
+    one, many = timed[1], timed[default]
     margin = SERVING_MARGIN if serving else CLI_MARGIN
     threads = default if one >= margin * many else 1
     return ThreadChoice(threads, {1: one, default: many},
