@@ -3,6 +3,10 @@ its image and code, and its scrubber (from memory, or from the step tensors save
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
 import os
 import re
@@ -94,58 +98,129 @@ def own_history(outputs_dir: Path, run_ids: list[str], limit: int = HISTORY_LIMI
     return items
 
 
-def browser_secret(outputs_dir: Path) -> str:
-    """The key the browser's list of own runs is encrypted with: PLAYGROUND_SECRET, else one kept beside the
-    outputs (created once), so the list survives a restart."""
+LEGACY_KEY_FILE = ".browser-secret"  # where the key used to be kept: inside the served outputs folder
+STORAGE_KEY = "diffusion-playground-history"  # the browser's localStorage entry (the old one held a list)
+# gr.BrowserState encrypts in the browser (CryptoJS AES) with its `secret`, which it therefore sends to every visitor
+# in /config: that wrapping hides nothing from anyone who can read the page. This fixed, public value only keeps the
+# entry readable across restarts; the list inside is a token the server signs (sign_runs) with a key it never sends.
+STORAGE_WRAP = "public: integrity comes from the server's signature"
+TOKEN_CHARS = 16_384  # a signed list of MAX_OWN_RUNS ids is at most ~14 KB; anything longer is not one of ours
+
+
+def key_file() -> Path | None:
+    """Where the history key is kept when PLAYGROUND_SECRET is unset: a private folder outside every folder Gradio
+    serves ($XDG_CACHE_HOME or ~/.cache, then diffusion-playground/history-key); None when PLAYGROUND_SECRET is set."""
     if os.environ.get("PLAYGROUND_SECRET"):
-        return os.environ["PLAYGROUND_SECRET"]
-    path = outputs_dir / ".browser-secret"
+        return None
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "diffusion-playground" / "history-key"
+
+
+def history_key() -> bytes:
+    """The key the server signs each browser's list of own runs with: PLAYGROUND_SECRET, else key_file()'s (created
+    once, mode 0600), so a browser's history survives a restart. It never leaves the server."""
+    path = key_file()
+    secret = os.environ["PLAYGROUND_SECRET"] if path is None else _read_or_create(path)
+    # A key of its own for this one use, whatever else the secret may protect.
+    return hmac.new(secret.encode(), b"diffusion-playground history v1", hashlib.sha256).digest()
+
+
+def _read_or_create(path: Path) -> str:
     try:
-        return path.read_text().strip() or _new_secret(path)
-    except OSError:
-        return _new_secret(path)
-
-
-def _new_secret(path: Path) -> str:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot read the history key %s (%s): histories last until the server restarts", path, e)
+        return secrets.token_hex(32)
     value = secrets.token_hex(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # written whole under a temporary name, then linked: two servers starting at once agree on one key
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(value)
-    except OSError as e:  # read-only outputs: the list then lasts until the server restarts
-        log.warning("cannot keep the browser secret in %s: %s", path.parent, e)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            value = path.read_text().strip() or value
+        finally:
+            tmp.unlink()
+    except OSError as e:  # a read-only home: the lists then last until the server restarts
+        log.warning("cannot keep the history key in %s (%s): histories last until the server restarts", path, e)
     return value
+
+
+def sign_runs(run_ids: list[str], key: bytes) -> str:
+    """A browser's run ids as the token it keeps: "v1.<base64url JSON list>.<base64url HMAC-SHA256>". Not secret
+    (they are the browser's own runs), but only the server can make one that verify_runs accepts."""
+    body = base64.urlsafe_b64encode(json.dumps(run_ids, separators=(",", ":")).encode()).decode()
+    tag = base64.urlsafe_b64encode(hmac.new(key, f"v1.{body}".encode(), hashlib.sha256).digest()).decode()
+    return f"v1.{body}.{tag}"
+
+
+def verify_runs(token: Any, key: bytes) -> list[str]:
+    """The run ids in a token sign_runs made with `key`; [] for anything else (a forged or plain list, another
+    key's token, the old encrypted list, garbage): what comes from the browser is never trusted unsigned."""
+    if not isinstance(token, str) or len(token) > TOKEN_CHARS or token.count(".") != 2:
+        return []
+    version, body, tag = token.split(".")
+    expected = base64.urlsafe_b64encode(hmac.new(key, f"v1.{body}".encode(), hashlib.sha256).digest()).decode()
+    if version != "v1" or not hmac.compare_digest(tag, expected):
+        return []
+    try:
+        run_ids = json.loads(base64.urlsafe_b64decode(body))
+    except ValueError:
+        return []
+    if not isinstance(run_ids, list):
+        return []
+    return [r for r in run_ids if isinstance(r, str) and RUN_ID.match(r)][-MAX_OWN_RUNS:]
+
+
+def _remove_legacy_key(outputs_dir: Path) -> None:
+    """The key older versions kept in the outputs folder, which Gradio serves: nothing trusts it now."""
+    legacy = outputs_dir / LEGACY_KEY_FILE
+    try:
+        if legacy.is_file() and not legacy.is_symlink():
+            legacy.unlink()
+            log.info("removed %s: the history key is no longer kept in the outputs folder", legacy)
+    except OSError as e:
+        log.warning("cannot remove the old history key %s: %s", legacy, e)
 
 
 class HistoryView:
     """A gallery of past runs; its folders are kept in a State so a click maps back to a run.
 
-    Private by default: each browser sees only the runs it made (their ids live in its own encrypted
-    BrowserState, and run ids are 96 random bits that no other client is sent); `shared` shows everyone's newest
+    Private by default: each browser sees only the runs it made (their ids live in its BrowserState as a list the
+    server signed, and run ids are 96 random bits that no other client is sent); `shared` shows everyone's newest
     runs (PLAYGROUND_SHARED_HISTORY=1, for a private machine)."""
 
     def __init__(self, app: Playground, shared: bool = False) -> None:
         self.app = app
         self.shared = shared
-        self.mine = gr.BrowserState([], storage_key="diffusion-playground-runs",
-                                    secret=browser_secret(app.outputs_dir))
+        self.key = history_key()
+        _remove_legacy_key(app.outputs_dir)
+        self.mine = gr.BrowserState("", storage_key=STORAGE_KEY, secret=STORAGE_WRAP)  # holds sign_runs' token
         self.folders = gr.State([])
         self.gallery = gr.Gallery(label="Past runs", columns=8, height=260,
                                   fit_columns=False, object_fit="contain", allow_preview=False, elem_id="history",
                                   elem_classes="pixelated", show_label=True)
 
-    def outputs(self, mine: list[str] | None = None, add: str | None = None) -> dict:
-        """Gallery and folders (and this browser's run ids, with `add` appended when given)."""
-        mine = [r for r in (mine if isinstance(mine, list) else []) if isinstance(r, str)]
-        if add and add not in mine:
-            mine = [*mine, add][-MAX_OWN_RUNS:]
+    def outputs(self, mine: str | None = None, add: str | None = None) -> dict:
+        """Gallery and folders, and this browser's signed list of run ids (`mine`, the token from its BrowserState,
+        with `add` appended when given; a token that does not verify counts as no runs)."""
+        run_ids = verify_runs(mine, self.key)
+        if add and add not in run_ids:
+            run_ids = [*run_ids, add][-MAX_OWN_RUNS:]
         outputs_dir = self.app.outputs_dir
-        items = history(outputs_dir) if self.shared else own_history(outputs_dir, mine)
+        items = history(outputs_dir) if self.shared else own_history(outputs_dir, run_ids)
         # The label says how many runs there are, so "none yet" is visibly loaded, not still on its way.
         label = (f"Past runs ({len(items)}; click one to restore its settings)" if items else
                  f"Past runs: none yet{'' if self.shared else ' from this browser'}")
         return {self.gallery: gr.Gallery([(str(Path(f) / "image.png"), c) for f, c in items], label=label),
-                self.folders: [f for f, _ in items], self.mine: mine}
+                self.folders: [f for f, _ in items], self.mine: sign_runs(run_ids, self.key)}
 
     def on_select(self, controls, live, folders: list[str], evt: gr.SelectData) -> dict:
         """Restore a past run's settings, image, code and (where its steps were kept) its scrubber."""
