@@ -39,7 +39,7 @@ from ui.api import ApiView
 from ui.controls import Controls
 from ui.explain import EXPERIMENT_IMAGE_BYTES, ExplainView
 from ui.history import LEGACY_KEY_FILE, HistoryView, key_file as history_key_file
-from ui.live import LiveView, generate_handler
+from ui.live import LiveView, admission_validator, generate_handler
 from ui.state import Playground
 from ui.theme import CSS, theme
 
@@ -149,6 +149,11 @@ class _Blocks(gr.Blocks):
         # copy into its cache per streamed preview cost ~6 ms of the server's Python, taken from the loop.
         # (Process-wide in Gradio: the last launched playground's outputs folder.)
         gr.set_static_paths([self.outputs_dir])
+        # uvicorn rewrites the client address from X-Forwarded-For when the peer is in FORWARDED_ALLOW_IPS (default
+        # 127.0.0.1): a local caller could then forge six addresses and get six clients' slots. The playground reads
+        # the header itself, only as far as PLAYGROUND_TRUSTED_PROXY_HOPS says (ui/clients.py). Process-wide: read by
+        # uvicorn when launch() builds its server.
+        os.environ["FORWARDED_ALLOW_IPS"] = ""
         return super().launch(*args, **kwargs)
 
 
@@ -181,6 +186,7 @@ def build_demo(
     shared_history: bool = False,
     experiment_image_bytes: int = EXPERIMENT_IMAGE_BYTES,
     gpu: Callable[[Callable], Callable] = gpu,
+    trusted_proxy_hops: int = 0,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
@@ -191,7 +197,8 @@ def build_demo(
     at once: they then wait on the one worker, which tells each its place, instead of in Gradio's queue;
     `shared_history` shows every visitor everyone's runs (default: each browser sees its own);
     `experiment_image_bytes` the decoded x̂0 images one Explain-lab jump or dissection keeps in memory; `gpu` the
-    decorator of every handler that runs the model (spaces.GPU on ZeroGPU, else none)."""
+    decorator of every handler that runs the model (spaces.GPU on ZeroGPU, else none); `trusted_proxy_hops` how many
+    proxies in front of the server append to X-Forwarded-For (0: the client is the TCP peer; ui/clients.py)."""
     limits = limits or Limits()
     if models is None:  # heavy hub models only where the hardware can run them (Limits.heavy_allowed)
         device = loader.device.type if loader is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,7 +212,7 @@ def build_demo(
     outputs_dir.mkdir(parents=True, exist_ok=True)
     clean_orphans(outputs_dir)  # what a killed process left; before any run of this one
     app = Playground(loader, models, default_model, outputs_dir, preview_interval, worker,
-                     max_runs_per_client=max_runs_per_client, limits=limits)
+                     max_runs_per_client=max_runs_per_client, limits=limits, trusted_proxy_hops=trusted_proxy_hops)
 
     # Gradio's own cache (the API's returned files, anything uploaded) is swept hourly of files older than a day.
     with _Blocks(title="Diffusion playground", delete_cache=(3600, 86400)) as demo:
@@ -232,7 +239,8 @@ def build_demo(
         # The stream sends only what changes while a run goes; the scrubber, code and history follow (ui/live.py).
         # always_last: a click while the previous run is still finishing runs next instead of being dropped.
         common = dict(inputs_kwargs=controls.inputs, outputs=[*live.live_outputs, controls.seed], show_progress="minimal",
-                      show_progress_on=live.status, concurrency_id="generate", trigger_mode="always_last")
+                      show_progress_on=live.status, concurrency_id="generate", trigger_mode="always_last",
+                      validator=admission_validator(app))  # counted against the client when queued
         then = dict(fn=after_run, inputs=[live.run_id, history.mine],
                     outputs=[*live.after_outputs, history.gallery, history.folders, history.mine],
                     show_progress="hidden", api_visibility="private")
@@ -254,6 +262,13 @@ def build_demo(
         # Gradio stops streaming the run (cancels=); the observer's flag stops the loop itself within one step.
         controls.stop_btn.click(stop_ui, inputs=[history.mine], outputs=outputs, cancels=[gen_event, submit_event], queue=False,
                                 api_visibility="private")
+        def on_leave(http: gr.Request):
+            """The browser tab closed or the client went away (Gradio's heartbeat for the session ended): its run and
+            its experiment stop at their next step, on every endpoint the session used."""
+            app.stop(getattr(http, "session_hash", None))
+            explain.stop(http)
+
+        demo.unload(on_leave)
         live.wire_scrub()
         controls.wire()
         explain.wire()
@@ -272,9 +287,14 @@ if __name__ == "__main__":
     if not per_client.isdigit() or int(per_client) < 1:
         raise SystemExit(f"error: PLAYGROUND_MAX_RUNS_PER_CLIENT must be a whole number >= 1, got {per_client!r}")
     per_client = int(per_client)
+    hops = os.environ.get("PLAYGROUND_TRUSTED_PROXY_HOPS") or ("1" if os.environ.get("SPACE_ID") else "0")
+    if not hops.isdigit():
+        raise SystemExit(f"error: PLAYGROUND_TRUSTED_PROXY_HOPS must be a whole number >= 0 (how many proxies in front "
+                         f"of the server append to X-Forwarded-For; 1 on a Hugging Face Space), got {hops!r}")
     try:  # PLAYGROUND_DTYPE / PLAYGROUND_TRACE / PLAYGROUND_DEFAULT_MODEL values that are not allowed
         demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs", limits=limits,
-                          max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1")
+                          max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1",
+                          trusted_proxy_hops=int(hops))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     demo.playground.warm_up()  # load and trace the default model on the worker while the server starts

@@ -2,28 +2,92 @@
 tradeoff: pipelines/explain/) and the listings (guidance, schedulers, models).
 
 Same API as the UI: a GenerationRequest from pipelines.requests.build_request, handed to generate().
+A refusal is one line on stderr, `error: ...`, and an exit status that says what kind (EXIT_STATUS).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import diffusers
-import torch
-import transformers
+# Before transformers is imported: its import-time notices (e.g. "requires torchvision (not installed)") would
+# otherwise come before a refusal's one line; _quiet_library_progress sets the same level once it is imported.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from guidance.registry import describe
-from pipelines import explain
-from pipelines.generate import generate
-from pipelines.loading import ModelLoader
-from pipelines.outputs import TraceWriter
-from pipelines.registry import MODELS
-from pipelines.requests import Limits, build_request
-from pipelines.schedulers import SCHEDULERS
-from pipelines.types import DEFAULT_MODEL, MAX_STEPS
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from guidance.registry import describe  # noqa: E402
+from pipelines import explain  # noqa: E402
+from pipelines.errors import NonFiniteLatents, shown  # noqa: E402
+from pipelines.generate import generate  # noqa: E402
+from pipelines.loading import ModelLoader  # noqa: E402
+from pipelines.outputs import TraceWriter  # noqa: E402
+from pipelines.registry import MODELS  # noqa: E402
+from pipelines.requests import Limits, build_request  # noqa: E402
+from pipelines.schedulers import SCHEDULERS  # noqa: E402
+from pipelines.types import DEFAULT_MODEL, MAX_STEPS  # noqa: E402
+
+
+EXIT_OK = 0
+EXIT_IO = 1  # files could not be read or written during the run (disk full, folder removed, ...)
+EXIT_REFUSED = 2  # bad input, refused before or while loading: the line says what is allowed
+EXIT_NON_FINITE = 3  # the run made NaN/inf latents and stopped (pipelines.errors.NonFiniteLatents)
+EXIT_STATUS = ("exit status: 0 done; 1 files could not be read or written; 2 refused (bad input, one line saying what "
+               "is allowed); 3 the run made NaN or infinite latents and stopped (the line names the step, the "
+               "scheduler and what to try)")
+
+# Kernel interfaces, not storage: an --out resolved under them is refused whatever the permissions say (root may
+# create folders in some of them).
+KERNEL_FILESYSTEMS = (Path("/proc"), Path("/sys"))
+_DEVICE_FORM = re.compile(r"cpu|mps|cuda(?::[0-9]+)?")
+
+
+def check_out(out: str) -> None:
+    """Refuse an --out that cannot become a folder of results, before any model loads: an existing file (or a path
+    through one), a path under /proc or /sys, a folder this process cannot create files in. Leaves nothing behind."""
+    try:
+        path = Path(out).resolve()  # symlinks followed: /proc/self/cwd/x is the working folder's x, which is fine
+        for root in KERNEL_FILESYSTEMS:
+            if path == root or root in path.parents:
+                raise ValueError(f"--out {shown(out)} is under {root}, a kernel filesystem, not storage; "
+                                 "choose a folder on disk")
+        existing = path
+        while not existing.exists():  # the nearest folder that exists: the run creates the rest
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"goes through {shown(str(existing))}, a file"
+            raise ValueError(f"--out {shown(out)} {where}, not a folder; name a folder (created if missing)")
+        with tempfile.TemporaryFile(dir=existing):  # the honest test: os.access says yes to root on read-only places
+            pass
+    except (OSError, RuntimeError) as e:  # RuntimeError: Python 3.11's resolve() on a symlink loop
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ValueError(f"--out {shown(out)} cannot be written ({reason}); choose a folder you can write to") from None
+
+
+def usable_devices() -> list[str]:
+    """The --device values this torch build and machine can run: cpu, cuda and cuda:N per GPU, mps."""
+    devices = ["cpu"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices += ["cuda", *(f"cuda:{n}" for n in range(gpus))] if gpus else []
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a --device this machine cannot use, before any model loads; None picks one (ModelLoader)."""
+    if device is None or device in (usable := usable_devices()):
+        return
+    if not _DEVICE_FORM.fullmatch(device):
+        raise ValueError(f"--device {shown(device)} is not a device: a device is cpu, cuda, cuda:N or mps; "
+                         f"usable here: {', '.join(usable)}")
+    raise ValueError(f"--device {device!r} is not available with this torch build ({torch.__version__}) on this "
+                     f"machine; usable here: {', '.join(usable)}")
 
 
 def _guidance_param(text: str) -> tuple[str, float]:
@@ -37,7 +101,8 @@ def _guidance_param(text: str) -> tuple[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Diffusion playground command line.")
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Diffusion playground command line.",
+                                     epilog=EXIT_STATUS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make one image and write image.png, trace.json and steps/ to --out",
@@ -105,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _request_flags(g: argparse.ArgumentParser, scheduler_default: str | None = None) -> None:
     """The flags that make a GenerationRequest, shared by generate and every experiment."""
+    g.epilog = EXIT_STATUS
     g.add_argument("--prompt", required=True, help="text prompt; an empty string generates unconditionally")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -126,8 +192,10 @@ def _request_flags(g: argparse.ArgumentParser, scheduler_default: str | None = N
     g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of the model's factor "
                                                            "(default: the model's native size)")
     g.add_argument("--height", type=int, default=None, help="height in pixels, as --width")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    g.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N or mps where available (default: cuda if available, else cpu)")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created if missing; checked before the model loads)")
 
 
 def _request(args: argparse.Namespace, trace: bool = True):
@@ -270,10 +338,18 @@ def _quiet_library_progress() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _error(e: BaseException) -> None:
+    """The one stderr line of a refusal (a message over several lines is joined)."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_progress()
     try:
+        if getattr(args, "out", None) is not None:  # before any model loads: a wrong path costs no wait
+            check_out(args.out)
+        check_device(getattr(args, "device", None))
         if args.command == "generate":
             return _generate(args)
         if args.command == "sweep":
@@ -294,10 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "models":
             for m in MODELS.values():
                 print(f"{m.key:18} {m.source:55} {m.note}")
-        return 0
+        return EXIT_OK
+    except NonFiniteLatents as e:  # a ValueError, but not the input's fault as such: scripts may retry otherwise
+        _error(e)
+        return EXIT_NON_FINITE
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _error(e)
+        return EXIT_REFUSED
+    except OSError as e:  # mid-run: disk full, the folder removed; its text names the file
+        _error(e)
+        return EXIT_IO
 
 
 if __name__ == "__main__":

@@ -25,6 +25,29 @@ _STACKTRACE_HINT = "Please check out the root cause in the stacktrace above."
 _ABS_PATH = re.compile(r"(?<![\w.~/>-])/(?:[^\s'\"`()\[\]{}<>,;:/]+/)+([^\s'\"`()\[\]{}<>,;:/]*)")
 
 
+class NonFiniteLatents(ValueError):
+    """The denoising loop made NaN or infinite latents, which decode to a black image; the run stops there.
+
+    A ValueError, so every handler that shows bad input as one client-safe line shows this too: the fix is the
+    user's (fewer steps, another scheduler). The message names the step, the scheduler and what to try.
+    """
+
+    def __init__(self, step: int, num_steps: int, scheduler: str, repeated_timestep: int | None = None,
+                 fewer_steps: int | None = None, alternative: str | None = None) -> None:
+        self.step = step  # 1-based loop step whose scheduler output was the first not finite
+        self.num_steps = num_steps  # steps in the run's schedule
+        self.scheduler = scheduler  # registry key (or class name) of the scheduler that stepped
+        why = "" if repeated_timestep is None else f" (its schedule repeats timestep {repeated_timestep} there)"
+        tries = []
+        if num_steps > 1:
+            tries.append(f"{fewer_steps} steps" if fewer_steps else "fewer steps")
+        if alternative:
+            tries.append(f"another scheduler such as {alternative}")
+        super().__init__(
+            f"the latents became NaN or infinite at step {step} of {num_steps} with scheduler {scheduler!r}{why}, "
+            f"so the run stopped instead of making a black image; try {' or '.join(tries) or 'other settings'}")
+
+
 def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
     """repr(value), cut to `limit` characters: a refusal never echoes a 10 MB prompt back."""
     text = repr(value)

@@ -10,9 +10,11 @@ import torch
 
 from guidance.base import GuidanceContext, GuidanceMethod, Predictions
 from guidance.registry import create as create_guidance
+from pipelines.errors import NonFiniteLatents
 from pipelines.families import family_of
 from pipelines.loading import ModelLoader
 from pipelines.observers import Observer
+from pipelines.schedulers import compatible_keys
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent, Timings
 from pipelines.x0 import predict_x0, sigma_at
 
@@ -47,6 +49,35 @@ def check_timesteps(scheduler, timesteps: torch.Tensor, num_inference_steps: int
             f"{config.get('steps_offset')}) cannot take {num_inference_steps} steps: its first timestep would be "
             f"{first}, past the {train} it was trained on; use at most {num_inference_steps - (first - train + 1)} "
             f"steps or another scheduler")
+
+
+def fewer_steps(scheduler, num_steps: int, tries: int = 20) -> int | None:
+    """The largest step count below `num_steps` (within `tries`) whose schedule repeats no timestep and starts inside
+    the training timesteps, the two things that made DPM-Solver's latents NaN here (diffusers 0.42, steps_offset=1:
+    'linspace' at 1000 steps repeats t = 500; 'leading' at 1000 puts every step on t = 1, at 999 starts at t = 1000).
+    None when none does (Heun repeats every timestep by design) or the schedule cannot be built without the model."""
+    probe = type(scheduler).from_config(scheduler.config)
+    train = probe.config.get("num_train_timesteps", 1000)
+    for n in range(num_steps - 1, max(0, num_steps - 1 - tries), -1):
+        try:
+            probe.set_timesteps(n)
+        except Exception:  # e.g. dynamic shifting needs the image size; a hint must never hide the error it serves
+            return None
+        t = probe.timesteps
+        if bool((t[1:] != t[:-1]).all()) and float(t.max()) < train:
+            return n
+    return None
+
+
+def non_finite_error(scheduler, scheduler_key: str, timesteps: torch.Tensor, i: int) -> NonFiniteLatents:
+    """The error for latents that loop step `i` (0-based) made NaN or infinite, with what to try. It names the step's
+    timestep when it repeats the previous one: DPM-Solver and UniPC then divide by a zero log-SNR step."""
+    repeated = int(timesteps[i]) if i > 0 and timesteps[i] == timesteps[i - 1] else None
+    fits = compatible_keys(scheduler)
+    alternative = next((k for k in ("euler", "flow_euler", "ddim", "dpmpp_2m") if k != scheduler_key and k in fits),
+                       None)
+    return NonFiniteLatents(i + 1, len(timesteps), scheduler_key, repeated, fewer_steps(scheduler, len(timesteps)),
+                            alternative)
 
 
 def apply_guidance(
@@ -145,6 +176,10 @@ def generate(
                 sample = latents
                 step = scheduler.step(pred, t, sample, **step_kwargs, return_dict=True)
                 latents = step.prev_sample
+                # 5e. Stop on NaN/inf: they never recover and decode to a black image reported as done. Before the
+                # observer, so it never sees (or writes previews of) the broken step.
+                if not torch.isfinite(latents).all():
+                    raise non_finite_error(scheduler, scheduler_key, timesteps, i)
                 denoised = getattr(step, "pred_original_sample", None)
                 if denoised is None:
                     denoised = getattr(step, "denoised", None)  # LCM's boundary-conditioned x̂0
@@ -152,7 +187,7 @@ def generate(
                     denoised = predict_x0(scheduler, sigma, sample, pred, prediction_type)
                 steps_completed = i + 1
 
-                # 5e. Observe (copies, so an observer can never alter the run)
+                # 5f. Observe (copies, so an observer can never alter the run)
                 observer.on_step(StepEvent(
                     step=i,
                     num_steps=num_steps,

@@ -609,9 +609,11 @@ def clean_orphans(outputs_dir: str | os.PathLike, older_than: float = 0.0) -> li
 EXPERIMENT_FILES = (".png", ".json")  # what an Explain-lab experiment folder holds
 
 
-def prune_experiments(folder: str | os.PathLike, max_kept: int) -> list[Path]:
-    """Keep the newest `max_kept` experiment folders under `folder` (outputs/explain): the oldest go first. Only real
-    folders holding nothing but PNG and JSON files are counted or removed; links and anything else stay."""
+def prune_experiments(folder: str | os.PathLike, max_kept: int, keep: Iterable[str] = (),
+                      only: Iterable[str] | None = None) -> list[Path]:
+    """Keep the newest `max_kept` experiment folders under `folder` (outputs/explain): the oldest go first, except
+    the folders named in `keep`; with `only`, only those named there may go. Only real folders holding nothing but
+    PNG and JSON files are counted or removed; links and anything else stay."""
     folder = Path(folder)
     found = []
     try:
@@ -628,7 +630,13 @@ def prune_experiments(folder: str | os.PathLike, max_kept: int) -> list[Path]:
         except OSError:
             continue
     removed = []
-    for _, name in sorted(found)[:max(0, len(found) - max_kept)]:
+    keep, only = set(keep), None if only is None else set(only)
+    excess = max(0, len(found) - max_kept)
+    for _, name in sorted(found):
+        if len(removed) >= excess:
+            break
+        if name in keep or (only is not None and name not in only):
+            continue
         hidden = folder / (_DELETING + name)
         try:
             os.rename(folder / name, hidden)

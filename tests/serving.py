@@ -1,12 +1,24 @@
-"""One way to serve the real app in a test: build_demo around a given loader, launched on a free loopback port."""
+"""Serving the real app in a test: build_demo around a given loader on a free loopback port (`serve`), or
+`python app.py` itself in a child process (`app_process`); `Visitor` calls either over raw HTTP from its own
+loopback address."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import secrets
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+
 from pipelines.loading import ModelLoader
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -27,3 +39,102 @@ def serve(loader: ModelLoader, outputs: Path, **kwargs):
         yield f"http://127.0.0.1:{port}/", demo
     finally:
         demo.close()
+
+
+@contextlib.contextmanager
+def app_process(outputs: Path, env: dict[str, str] | None = None, timeout: float = 120.0):
+    """`python app.py` itself, in a child process on a free loopback port, with `env` on top of this one's (e.g.
+    PLAYGROUND_TRUSTED_PROXY_HOPS): yields its URL once it answers; its output is in outputs/../app.log."""
+    port = free_port()
+    log_path = outputs.parent / f"app-{port}.log"
+    full_env = dict(os.environ) | {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                                   "PLAYGROUND_OUTPUTS": str(outputs), "HF_HUB_OFFLINE": "1",
+                                   "GRADIO_ANALYTICS_ENABLED": "False"} | (env or {})
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"python app.py exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"python app.py did not answer in {timeout:g} s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Visitor:
+    """A caller of a served app over raw HTTP, from its own loopback address (the socket is bound to `address`,
+    e.g. 127.0.0.2, so the server sees a distinct client), optionally sending `headers` (X-Forwarded-For). Speaks
+    Gradio's queue protocol: join (POST /gradio_api/queue/join) and read results from the session's SSE stream."""
+
+    def __init__(self, url: str, address: str = "127.0.0.1", headers: dict[str, str] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers or {}, timeout=60,
+                                 transport=httpx.HTTPTransport(local_address=address))
+        self.session = secrets.token_hex(8)
+        self._sessions: dict[str, str] = {}  # event id -> the session it was queued in
+        info = self.http.get("/gradio_api/info").json()["named_endpoints"]
+        config = self.http.get("/config").json()
+        self._fn = {"/" + d["api_name"]: i for i, d in enumerate(config["dependencies"]) if d.get("api_name")}
+        self._params = {name: [(p["parameter_name"], p.get("parameter_default")) for p in e["parameters"]]
+                        for name, e in info.items()}
+
+    def join(self, api_name: str, new_session: bool = False, **values) -> httpx.Response:
+        """Queue one call of `api_name` with `values` (the rest at their defaults); the server's answer.
+        new_session: as a new browser tab would (one session runs one experiment at a time: its next replaces it)."""
+        session = secrets.token_hex(8) if new_session else self.session
+        params = self._params[api_name]
+        unknown = set(values) - {n for n, _ in params}
+        if unknown:
+            raise ValueError(f"{api_name} has no parameters {sorted(unknown)}")
+        data = [values.get(name, default) for name, default in params]
+        answer = self.http.post("/gradio_api/queue/join", json={
+            "data": data, "fn_index": self._fn[api_name], "session_hash": session, "event_data": None,
+            "trigger_id": None})
+        if answer.status_code == 200:
+            self._sessions[answer.json()["event_id"]] = session
+        return answer
+
+    def results(self, event_ids: set[str], timeout: float = 120.0) -> dict[str, dict]:
+        """The final message (process_completed) of each of `event_ids`, read from this visitor's SSE stream."""
+        done: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout
+        with self.http.stream("GET", f"/gradio_api/queue/data?session_hash={self.session}", timeout=timeout) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:])
+                    if msg.get("msg") == "process_completed" and msg.get("event_id") in event_ids:
+                        done[msg["event_id"]] = msg
+                if set(done) == event_ids or time.monotonic() > deadline:
+                    break
+        return done
+
+    def call(self, api_name: str, timeout: float = 120.0, **values) -> dict:
+        """join + wait: the completed message ({"success": bool, "output": {...}})."""
+        answer = self.join(api_name, **values)
+        answer.raise_for_status()
+        event = answer.json()["event_id"]
+        return self.results({event}, timeout)[event]
+
+    def cancel(self, api_name: str, event_id: str) -> None:
+        """Cancel one queued or running event of this visitor (Gradio's /cancel, as a Stop button sends)."""
+        self.http.post("/gradio_api/cancel", json={"session_hash": self._sessions.get(event_id, self.session),
+                                                   "fn_index": self._fn[api_name], "event_id": event_id})
+
+    def close(self) -> None:
+        self.http.close()

@@ -9,16 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from pipelines.__main__ import main
+from pipelines.__main__ import build_parser, main
 from tests.tiny import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # As from a user's shell: importing pipelines.__main__ here set TRANSFORMERS_VERBOSITY, which the CLI sets itself.
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -92,6 +95,88 @@ def test_bad_input_in_a_real_process_has_no_traceback(model_dir, tmp_path):
     proc = run_cli("generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: num_inference_steps must be a whole number from 1 to 1000, got 5000" in proc.stderr
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder this process cannot create files in: mode 0555, or for root (whom modes do not stop) immutable."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    try:
+        locked = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        locked = False
+    if not locked:
+        pytest.skip("root without chattr +i on this filesystem: no folder is unwritable to it")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+REFUSED_UP_FRONT = [  # (argv after the request flags, the text the error line holds)
+    (["--out", "/etc/passwd"], "--out '/etc/passwd' is a file, not a folder"),
+    (["--out", "/etc/passwd/run"], "goes through '/etc/passwd', a file, not a folder"),
+    (["--out", "/proc/foo"], "--out '/proc/foo' is under /proc, a kernel filesystem"),
+    (["--out", "/sys/kernel/run"], "is under /sys, a kernel filesystem"),
+    (["--out", "UNWRITABLE"], "cannot be written"),
+    (["--device", "cuda"], "--device 'cuda' is not available with this torch build"),
+    (["--device", "cuda:99"], "--device 'cuda:99' is not available"),
+    (["--device", "cpu; rm -rf /"], "--device 'cpu; rm -rf /' is not a device: a device is cpu, cuda, cuda:N or mps"),
+    (["--device", "gpu"], "is not a device: a device is cpu, cuda, cuda:N or mps"),
+    (["--device", ""], "is not a device"),
+]
+
+
+@pytest.mark.parametrize("command", ["generate", "jump"])
+@pytest.mark.parametrize("args,expected", REFUSED_UP_FRONT, ids=[" ".join(a) for a, _ in REFUSED_UP_FRONT])
+def test_out_and_device_are_refused_before_the_model_loads(tmp_path, capsys, request, command, args, expected):
+    """One line, status 2. The model folder does not exist: were --out and --device checked after loading, the line
+    would be about the model."""
+    if args[0] == "--device" and args[1].startswith("cuda") and torch.cuda.device_count() > int(args[1][5:] or 0):
+        pytest.skip(f"{args[1]} exists on this machine")
+    if "UNWRITABLE" in args:
+        args = ["--out", str(request.getfixturevalue("unwritable"))]
+    flags = {"--out": str(tmp_path / "o"), "--model": str(tmp_path / "no-model")} | dict(zip(args[::2], args[1::2]))
+    code = main([command, "--prompt", "x", *(item for pair in flags.items() for item in pair)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert expected in line and "no-model" not in line, line
+
+
+@pytest.mark.parametrize("args", [["--out", "/etc/passwd"], ["--out", "/tmp", "--device", "cpu; rm -rf /"]])
+def test_refusals_in_a_real_process_are_one_line(tmp_path, args):
+    proc = run_cli("generate", "--prompt", "x", "--model", str(tmp_path / "no-model"), *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    one_error_line(proc.stderr)  # library notices at import (transformers' "requires torchvision") included
+
+
+def test_non_finite_latents_exit_3_naming_the_step(model_dir, tmp_path, capsys):
+    """The saved tiny SD model's PNDM config names 'leading' spacing with steps_offset=1, from which DPM++ 2M at 1000
+    steps puts every step on t = 1 (and at 999 starts at t = 1000): NaN at step 2. One line with the step, the
+    scheduler and what to try (998 steps: checked on the schedule), status 3, no image."""
+    code = main(["generate", "--prompt", "a red circle", "--model", str(model_dir), "--scheduler", "dpmpp_2m",
+                 "--steps", "1000", "--guidance-scale", "1", "--width", "16", "--height", "16", "--seed", "0",
+                 "--x0-preview", "none", "--latents-preview", "none", "--out", str(tmp_path)])
+    assert code == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "step 2 of 1000 with scheduler 'dpmpp_2m' (its schedule repeats timestep 1 there)" in line, line
+    assert line.endswith("try 998 steps or another scheduler such as euler"), line
+    assert not (tmp_path / "image.png").exists() and not (tmp_path / "trace.json").exists()
+
+
+def test_help_documents_the_exit_statuses():
+    text = build_parser().format_help()
+    assert "exit status: 0 done; 1 files could not be read or written; 2 refused" in " ".join(text.split())
 
 
 def test_unknown_model_folder_is_a_clear_error(tmp_path):

@@ -12,7 +12,7 @@ import gradio as gr
 from pipelines.explain.common import seeded
 from pipelines.requests import build_request
 from pipelines.types import GenerationRequest
-from ui.live import as_gr_error, client_of, finished_status, live_steps, starting_status, step_status, waiting_status
+from ui.live import admission_validator, as_gr_error, finished_status, live_steps, starting_status, step_status, waiting_status
 from ui.state import Playground, Run
 
 X0_PREVIEW = "fast"  # the API's runs preview x̂0 the cheap way (the UI's x0_preview "fast"); the image is the same
@@ -67,10 +67,11 @@ class ApiView:
             """Make one image; returns (PNG path with A1111 parameters, seed used, run info). seed -1 is random;
             num_inference_steps / guidance_scale -1 and guidance "" take the model's recommended values; width/height
             0 its native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
-            run = self.start(self.request(values), http)
-            # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this task,
-            # and Run.wait stops the run at its next step, so the worker is free for the next caller.
-            await run.wait()
+            with self.hold(http):
+                run = self.start(self.request(values), http)
+                # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this
+                # task, and Run.wait stops the run at its next step, so the worker is free for the next caller.
+                await run.wait()
             if run.error is not None:
                 raise as_gr_error(run.error, app.outputs_dir) from None
             return str(run.folder / "image.png"), run.result.seed, run_info(run)
@@ -80,38 +81,54 @@ class ApiView:
             """Make one image, streaming (status, x_t preview, x̂0 preview, image, seed, info): per-step previews
             (PNG paths, the newest step only, throttled) with image and info None, then the final image, the seed
             used and the info /generate returns. Takes /generate's parameters, with the same defaults."""
-            request = self.request(values)
-            run = self.start(request, http)
-            try:
-                yield starting_status(app, run), None, None, None, request.seed, None
-                previews = (None, None)
-                for item in live_steps(app, run, lambda event: self.previews(run, event.step)):
-                    if isinstance(item, int):
-                        yield waiting_status(item), *previews, None, request.seed, None
-                        continue
-                    event, previews = item
-                    yield step_status(event), *previews, None, request.seed, None
-                run.done.wait()
-                if run.error is not None:
-                    raise as_gr_error(run.error, app.outputs_dir) from None
-                result = run.result
-                if run.steps:  # the previews end on the last step
-                    previews = self.previews(run, len(run.steps) - 1)
-                yield (finished_status(run, result), *previews, str(run.folder / "image.png"), result.seed,
-                       run_info(run))
-            except Exception as e:  # e.g. a preview that fails to render: one client-safe line (logged), no traceback
-                raise as_gr_error(e, app.outputs_dir) from None
-            finally:  # the client cancelled or went away: stop the worker at the next step
-                if not run.done.is_set():
-                    run.latest.cancel()
+            with self.hold(http):
+                request = self.request(values)
+                run = self.start(request, http)
+                yield from self.stream(run, request)
 
-        # One concurrency group with the Generate button's stream: see build_demo.
+        # One concurrency group with the Generate button's stream: see build_demo. The validator counts each call
+        # against its client when it is queued (ui/clients.py).
+        validate = admission_validator(app)
         self.button.click(run_api, inputs_kwargs=self.inputs, outputs=[self.image, self.seed, self.info],
-                          api_name="generate", concurrency_id="generate", concurrency_limit=concurrency_limit)
+                          api_name="generate", concurrency_id="generate", concurrency_limit=concurrency_limit,
+                          validator=validate)
         self.stream_button.click(run_api_stream, inputs_kwargs=self.inputs,
                                  outputs=[self.status, self.latents, self.x0, self.image, self.seed, self.info],
                                  api_name="generate_stream", concurrency_id="generate",
-                                 concurrency_limit=concurrency_limit)
+                                 concurrency_limit=concurrency_limit, validator=validate)
+
+    def hold(self, http: gr.Request | None):
+        """The client's admission for one call (Admission.hold), refused with a gr.Error at its limit."""
+        try:
+            return self.app.admission.hold(self.app.client_of(http))
+        except ValueError as e:
+            raise as_gr_error(e, self.app.outputs_dir) from None
+
+    def stream(self, run: Run, request: GenerationRequest) -> Iterator[tuple]:
+        """/generate_stream's outputs for `run`: the status and newest previews as it goes, then the image."""
+        app = self.app
+        try:
+            yield starting_status(app, run), None, None, None, request.seed, None
+            previews = (None, None)
+            for item in live_steps(app, run, lambda event: self.previews(run, event.step)):
+                if isinstance(item, int):
+                    yield waiting_status(item), *previews, None, request.seed, None
+                    continue
+                event, previews = item
+                yield step_status(event), *previews, None, request.seed, None
+            run.done.wait()
+            if run.error is not None:
+                raise as_gr_error(run.error, app.outputs_dir) from None
+            result = run.result
+            if run.steps:  # the previews end on the last step
+                previews = self.previews(run, len(run.steps) - 1)
+            yield (finished_status(run, result), *previews, str(run.folder / "image.png"), result.seed,
+                   run_info(run))
+        except Exception as e:  # e.g. a preview that fails to render: one client-safe line (logged), no traceback
+            raise as_gr_error(e, app.outputs_dir) from None
+        finally:  # the client cancelled or went away: stop the worker at the next step
+            if not run.done.is_set():
+                run.latest.cancel()
 
     def request(self, values: dict[str, Any]) -> GenerationRequest:
         """Both endpoints' values -> a validated request, its seed drawn when random (so a stream can show it from
@@ -127,11 +144,8 @@ class ApiView:
         return seeded(request)  # drawn now, so a stream shows it from the start
 
     def start(self, request: GenerationRequest, http: gr.Request | None) -> Run:
-        """Queue the run on the worker; a gr.Error when this client already has too many runs waiting."""
-        try:
-            return self.app.start(request, X0_PREVIEW, getattr(http, "session_hash", None), client_of(http))
-        except ValueError as e:
-            raise as_gr_error(e, self.app.outputs_dir) from None
+        """Queue the run on the worker (the caller holds the client's admission: `hold`)."""
+        return self.app.start(request, X0_PREVIEW, getattr(http, "session_hash", None), self.app.client_of(http))
 
     def previews(self, run: Run, step: int) -> tuple[str | None, str | None]:
         """The x_t and x̂0 previews of `step` (PNG paths), in the live kinds."""

@@ -10,11 +10,12 @@ from typing import Any
 import gradio as gr
 
 from guidance.registry import METHODS
+from pipelines.limits import ENV_VARS
 from pipelines.loading import hub_offline, is_available_offline
 from pipelines.profile import Recommended
 from pipelines.prompts import prompt_notes as notes_on_prompt
 from pipelines.registry import MODELS, model_vocabulary, resolve
-from pipelines.requests import OWN_SCHEDULER, build_request, recommended
+from pipelines.requests import OWN_SCHEDULER, build_request, recommended, text_field
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.render import display_source
 from ui.state import Playground
@@ -166,6 +167,14 @@ class Controls:
         return text
 
     def prompt_notes(self, prompt: str, negative_prompt: str, model: str) -> str:
+        try:  # the prompt cap before anything reads the text (a 10-million-character prompt took 8 s and 1.3 GB)
+            var = ENV_VARS["max_prompt_chars"]
+            prompt = text_field("prompt", prompt, self.app.limits.max_prompt_chars, var)
+            negative_prompt = text_field("negative_prompt", negative_prompt, self.app.limits.max_prompt_chars, var)
+            if model not in self.app.models:
+                return ""
+        except ValueError as e:
+            return f"⚠️ {e}"
         pipe = self.app.loader.loaded(model)
         if pipe is None and model == DEFAULT_MODEL and self.app.missing_embedded(model) is None:
             pipe = self.app.loader.get(model)  # the embedded model loads in under a second: worth it for the notes
@@ -178,6 +187,10 @@ class Controls:
     # -- wiring ----------------------------------------------------------------------------------------
 
     def on_model(self, model_value: str) -> dict:
+        try:
+            self.app.check_offered(model_value)
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from None
         rec = known_settings(model_value, self.app.loader)
         lo, hi = guidance_range(rec.guidance_scale)
         out: dict = {self.scheduler: gr.Dropdown(choices=self.app.scheduler_choices(model_value),
@@ -192,6 +205,9 @@ class Controls:
         return out
 
     def on_method(self, method: str) -> dict:
+        if method not in METHODS:
+            raise gr.Error(f"unknown guidance method {str(method)[:60]!r}; choose one of: {', '.join(METHODS)}",
+                           print_exception=False)
         return {self.method_note: method_note(method)} | {g: gr.Group(visible=k == method)
                                                           for k, g in self.param_groups.items()}
 
@@ -205,7 +221,7 @@ class Controls:
         notes = dict(fn=self.prompt_notes, inputs_kwargs=dict(prompt=self.prompt, negative_prompt=self.negative_prompt,
                                                                model=self.model),
                      outputs=[self.prompt_note], show_progress="hidden", trigger_mode="always_last",
-                     api_visibility="private", queue=False)
+                     api_visibility="private", concurrency_id="notes", concurrency_limit=2)  # queued, bounded
         for widget in (self.prompt, self.negative_prompt, self.model):
             widget.change(**notes)
 

@@ -10,20 +10,23 @@ endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /exp
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
+import inspect
 import secrets
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
 from pipelines import explain
-from pipelines.outputs import prune_experiments, save_png
+from pipelines.outputs import save_png
 from pipelines.worker import load_here
-from ui.live import as_gr_error, client_of
+from ui.live import admission_validator, as_gr_error
 from ui.render import upscale
 from ui.state import Playground
 
@@ -84,8 +87,8 @@ def _frame(rows: list[dict], x: str, series: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[x, "value", "series"])
 
 
-MAX_EXPERIMENTS_KEPT = 50  # experiment folders kept under outputs/explain
 EXPERIMENT_RUNS = 4  # an experiment may take this many times PLAYGROUND_MAX_RUN_SECONDS
+EXPLAIN_CONCURRENCY = 16  # experiments let in at once (they then wait on the worker); above the per-client limit
 JUMP_GALLERY_FRAMES = 30  # the jump gallery shows every step up to this many, else this many spread evenly
 # Decoded x̂0 images one jump or dissection report keeps, in the session's state (Gradio frees it an hour after
 # the tab closes); past it evenly spaced steps keep theirs. The embedded model never reaches it (1000 steps of
@@ -99,13 +102,23 @@ def _thinned(shown: int, kept: int, total: int) -> str:
             f"run keeps, to bound memory; the numbers are step-exact.")
 
 
-class _Files:
-    """PNGs of one experiment under outputs/explain/<id>/, written once each and served from there."""
+def _whole(value: Any, name: str) -> int:
+    """A whole-number field's value; a fraction (2.5 branches) is refused, never truncated."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer():
+        raise gr.Error(f"{name} must be a whole number, got {str(value)[:60]!r}", print_exception=False)
+    return int(number)
 
-    def __init__(self, app: Playground) -> None:
-        prune_experiments(app.outputs_dir / "explain", MAX_EXPERIMENTS_KEPT - 1)  # bounded disk, oldest first
-        # 96 random bits: the files are reachable by path, so other visitors must not guess it.
-        self.folder = app.outputs_dir / "explain" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(12)}"
+
+class _Files:
+    """PNGs of one experiment under outputs/explain/<id>/, written once each and served from there; the folder is
+    made by Playground.experiment_folder (fair retention per client)."""
+
+    def __init__(self, app: Playground, http: gr.Request | None) -> None:
+        self.folder = app.experiment_folder(app.client_of(http))
         self.paths: dict[str, str] = {}
 
     def __call__(self, name: str, image) -> str:
@@ -251,8 +264,8 @@ class ExplainView:
 
     # -- running on the worker -----------------------------------------------------------------------------------
 
-    def _stream(self, request, make: Callable[[explain.Cancelled], Iterator[Any]], http: gr.Request | None) -> Iterator[Any]:
-        """Reports of `make(cancelled)`, each computed as one job on the generation worker."""
+    def _session_cancel(self, http: gr.Request | None) -> tuple[str, threading.Event]:
+        """A fresh stop flag for the session's experiment or k-step run, replacing (and setting) its previous one."""
         session = getattr(http, "session_hash", None) or secrets.token_hex(4)
         cancel = threading.Event()
         with self._lock:
@@ -260,10 +273,24 @@ class ExplainView:
             if old is not None:
                 old.set()  # a new experiment replaces the session's running one
             self._cancel[session] = cancel
+        return session, cancel
+
+    def _drop_cancel(self, session: str, cancel: threading.Event) -> None:
+        cancel.set()
+        with self._lock:
+            if self._cancel.get(session) is cancel:
+                del self._cancel[session]
+
+    async def _stream(self, request, make: Callable[[explain.Cancelled], Iterator[Any]],
+                      http: gr.Request | None) -> AsyncIterator[Any]:
+        """Reports of `make(cancelled)`, each computed as one job on the generation worker and awaited (no thread
+        held while it waits). Stop, Gradio's cancel and a client that goes away stop the run in flight at its next
+        step. Each run has the per-run time limit (the experiment
+        passes `self.run_seconds` to its runs) and the experiment EXPERIMENT_RUNS times that in all."""
         app, box = self.app, {}
-        # An experiment is many runs: it may take EXPERIMENT_RUNS × the per-run wall-clock limit in all.
         limit = EXPERIMENT_RUNS * app.limits.max_run_seconds
         deadline = time.monotonic() + limit
+        session, cancel = self._session_cancel(http)
 
         def stopped() -> bool:
             return cancel.is_set() or time.monotonic() > deadline
@@ -274,33 +301,65 @@ class ExplainView:
             return next(box["gen"], None)
 
         try:
-            with app.admit(client_of(http)):  # counts against the client's PLAYGROUND_MAX_RUNS_PER_CLIENT
-                while not stopped():
-                    report = self._job(request, step)
-                    if report is None:
-                        break
-                    yield report
-                if time.monotonic() > deadline and not cancel.is_set():  # what finished so far stays on screen
-                    raise gr.Error(f"The experiment stopped after {limit:g} s, the most one may take here "
-                                   f"({EXPERIMENT_RUNS} × the server's PLAYGROUND_MAX_RUN_SECONDS).",
-                                   print_exception=False)
+            while not stopped():
+                report = await self._on_worker(request, step, cancel)
+                if report is None:
+                    break
+                yield report
+            if time.monotonic() > deadline and not cancel.is_set():  # what finished so far stays on screen
+                raise gr.Error(f"The experiment stopped after {limit:g} s, the most one may take here "
+                               f"({EXPERIMENT_RUNS} × the server's PLAYGROUND_MAX_RUN_SECONDS).", print_exception=False)
         except ValueError as e:
             raise as_gr_error(e, app.outputs_dir) from None
         finally:
-            cancel.set()
+            self._drop_cancel(session, cancel)
             if "gen" in box:
                 app.worker.submit(box["gen"].close)
-            with self._lock:
-                if self._cancel.get(session) is cancel:
-                    del self._cancel[session]
 
-    def _job(self, request, fn: Callable[[], Any]) -> Any:
-        """fn() on the generation worker with the model's torch thread count."""
+    async def _on_worker(self, request, fn: Callable[[], Any], cancel: threading.Event) -> Any:
+        """fn() as a job on the generation worker with the model's torch thread count, awaited. A cancelled wait
+        (Stop, the client gone) sets `cancel`, which the job's runs poll at every step."""
         def job():
             load_here(self.app.worker, request, loader=self.app.loader)
             return fn()
 
-        return self.app.worker.run(job)
+        try:
+            return await asyncio.wrap_future(self.app.worker.submit(job))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def _counted(self, fn: Callable) -> Callable:
+        """`fn` (an async generator or coroutine handler) counted against its client while it runs: it takes over the
+        reservation the event's validator made when it was queued (ui/clients.py), refused with a gr.Error at the
+        limit. The whole handler, so an event refused for bad input gives its slot back at once."""
+        app = self.app
+
+        def hold(http):
+            try:
+                return app.admission.hold(app.client_of(http))
+            except ValueError as e:
+                raise as_gr_error(e, app.outputs_dir) from None
+
+        # Gradio calls the wrapper as `fn`'s signature says (functools.wraps), `http` first.
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def counted_stream(http: gr.Request, *args, **kwargs):
+                with hold(http):
+                    async for out in fn(http, *args, **kwargs):
+                        yield out
+            return counted_stream
+
+        @functools.wraps(fn)
+        async def counted(http: gr.Request, *args, **kwargs):
+            with hold(http):
+                return await fn(http, *args, **kwargs)
+        return counted
+
+    @property
+    def run_seconds(self) -> float:
+        """The wall-clock limit of each run an experiment makes (PLAYGROUND_MAX_RUN_SECONDS)."""
+        return self.app.limits.max_run_seconds
 
     def stop(self, http: gr.Request) -> str:
         """Stop the session's experiment: between runs at once, inside a run at its next step boundary."""
@@ -320,14 +379,15 @@ class ExplainView:
 
     # -- jump ----------------------------------------------------------------------------------------------------
 
-    def run_jump(self, http: gr.Request, **values):
+    async def run_jump(self, http: gr.Request, **values):
         request = self._request(values)
-        files = _Files(self.app)
+        files = _Files(self.app, http)
         n = request.num_inference_steps
         yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
                self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4))}
-        for report in self._stream(request, lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,
-                                                                        max_image_bytes=self.image_bytes), http):
+        make = lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                      max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
+        async for report in self._stream(request, make, http):
             dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
                     for s in report.steps]
             dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
@@ -351,13 +411,11 @@ class ExplainView:
             yield out
 
     def _jump_at(self, report: explain.JumpReport, k: int, files: _Files) -> dict:
-        """The three images at step k; runs the k-step run (explain.short_run) when the report has none for this k.
-        Images go to the experiment's own folder (`files`), not a new one per slider move."""
+        """The three images at step k (the k-step run's when the report has it). Images go to the experiment's own
+        folder (`files`), not a new one per slider move."""
         k = max(1, min(int(k), len(report.steps)))
         jumped = report.steps[k - 1]
         short = next((r for r in report.short_runs if r.steps == k), None)
-        if short is None and k <= report.request.num_inference_steps:
-            short = self._job(report.request, lambda: explain.short_run(report, k, loader=self.app.loader))
         if short is not None:
             short_image, short_d = short.image, short.distance_to_final
         else:
@@ -373,15 +431,35 @@ class ExplainView:
                 self.jump_short: None if short_image is None else files(f"short_{k}", short_image),
                 self.jump_note: note, self.jump_k: gr.Slider(1, len(report.steps), value=k)}
 
-    def on_jump_k(self, state, k):
+    async def on_jump_k(self, http: gr.Request, state, k):
+        """The slider: step k's images, after the k-step run if the report lacks it. That run counts against the
+        client (`_counted`), has the per-run time limit and stops at the next step on Stop or when the client goes away; it is
+        kept in the state, so moving back to k runs nothing."""
         if state is None:
             return {self.jump_note: "Run the experiment first."}
         report, files = state
-        return self._jump_at(report, k, files)
+        try:
+            k = _whole(k, "step k")
+        except gr.Error as e:
+            return {self.jump_note: str(e.message)}
+        k = max(1, min(k, len(report.steps)))
+        if not any(r.steps == k for r in report.short_runs):
+            session, cancel = self._session_cancel(http)
+            try:
+                short = await self._on_worker(report.request, lambda: explain.short_run(
+                    report, k, loader=self.app.loader, cancelled=cancel.is_set, run_seconds=self.run_seconds), cancel)
+            except ValueError as e:
+                raise as_gr_error(e, self.app.outputs_dir) from None
+            finally:
+                self._drop_cancel(session, cancel)
+            if short is None:
+                return {self.jump_note: "Stopped."}
+            report = dataclasses.replace(report, short_runs=(*report.short_runs, short))
+        return self._jump_at(report, k, files) | {self.jump_state: (report, files)}
 
     # -- branch --------------------------------------------------------------------------------------------------
 
-    def run_branch(self, http: gr.Request, branch_at: str, branch_n: float, branch_scheduler: str, **values):
+    async def run_branch(self, http: gr.Request, branch_at: str, branch_n: float, branch_scheduler: str, **values):
         request = self._request(values)
         try:
             at = [float(v) for v in str(branch_at).split(",") if v.strip()]
@@ -390,12 +468,13 @@ class ExplainView:
                            print_exception=False) from None
         if branch_scheduler != "main":
             request = dataclasses.replace(request, scheduler=branch_scheduler)
-        n = int(branch_n)
-        files = _Files(self.app)
+        n = _whole(branch_n, "branches per point")
+        files = _Files(self.app, http)
         yield {self.branch_status: f"Running the trunk (seed {request.seed}, {request.scheduler or 'the model’s own scheduler'})…",
                self.branch_gallery: gr.Gallery(value=[], columns=n + 1)}
-        stream = self._stream(request, lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c), http)
-        for report in stream:
+        make = lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                        run_seconds=self.run_seconds)
+        async for report in self._stream(request, make, http):
             items = []
             for i, p in enumerate(report.points):
                 items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
@@ -412,18 +491,20 @@ class ExplainView:
 
     # -- sweep ---------------------------------------------------------------------------------------------------
 
-    def run_sweep(self, http: gr.Request, sweep_x: str, sweep_x_values: str, sweep_y: str, sweep_y_values: str, **values):
+    async def run_sweep(self, http: gr.Request, sweep_x: str, sweep_x_values: str, sweep_y: str, sweep_y_values: str, **values):
         request = self._request(values)
         try:
             x = explain.parse_axis(f"{sweep_x}={sweep_x_values}")
             y = explain.parse_axis(f"{sweep_y}={sweep_y_values}") if sweep_y else None
         except ValueError as e:
             raise as_gr_error(e) from None
-        files = _Files(self.app)
+        files = _Files(self.app, http)
         total = len(x.values) * (len(y.values) if y else 1)
         yield {self.sweep_status: f"Running {total} cells…", self.sweep_state: [],
                self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values))}
-        for report in self._stream(request, lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c), http):
+        make = lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                       run_seconds=self.run_seconds)
+        async for report in self._stream(request, make, http):
             items = [(files(f"c{c.row}_{c.col}", c.image),
                       x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
             cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
@@ -434,20 +515,23 @@ class ExplainView:
                                          f", seed {report.request.seed} in every cell") + "."}
 
     def on_cell(self, cells: list[dict], evt: gr.SelectData) -> dict:
-        if not cells or evt.index is None or evt.index >= len(cells):
+        index = getattr(evt, "index", None)  # a call from outside the page may bring no event or no list
+        if not isinstance(index, int) or not isinstance(cells, list) or not 0 <= index < len(cells):
             return {}
-        cell = cells[evt.index]
+        cell = cells[index]
         return self.controls.restore(cell["request"], cell["seed"]) | {
-            self.sweep_status: f"Loaded cell {evt.index + 1} into the controls above (seed {cell['seed']}); "
+            self.sweep_status: f"Loaded cell {index + 1} into the controls above (seed {cell['seed']}); "
                                "press Generate there to watch it form."}
 
     # -- dissect -------------------------------------------------------------------------------------------------
 
-    def run_dissect(self, http: gr.Request, **values):
+    async def run_dissect(self, http: gr.Request, **values):
         request = self._request(values)
+        files = _Files(self.app, http)
         yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
-        for report in self._stream(request, lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,
-                                                                           max_image_bytes=self.image_bytes), http):
+        make = lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                         max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
+        async for report in self._stream(request, make, http):
             push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
                     for s in report.steps if s.guidance_delta_norm is not None]
             push += [{"step": s.step + 1, "value": s.effective_scale, "series": DISSECT_PUSH[1]} for s in report.steps]
@@ -462,11 +546,12 @@ class ExplainView:
             else:
                 where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
             yield {self.dissect_push: _frame(push, "step", DISSECT_PUSH), self.dissect_move: _frame(move, "step", DISSECT_MOVE),
-                   self.dissect_state: report, self.numbers: report.to_dict(),
-                   self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4))
+                   self.dissect_state: (report, files), self.numbers: report.to_dict(),
+                   self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4),
+                                                                                          files)
 
-    def _dissect_at(self, report: explain.DissectReport, k: int) -> dict:
-        files = _Files(self.app)
+    def _dissect_at(self, report: explain.DissectReport, k: int, files: _Files) -> dict:
+        """The three x̂0 at step k, written to the dissection's own folder (`files`), not one per slider move."""
         k = max(1, min(int(k), len(report.steps)))
         s = report.steps[k - 1]
         note = (f"Step {k} of {len(report.steps)}, σ = {s.sigma:.3g}: " if s.sigma is not None else f"Step {k}: ")
@@ -480,14 +565,19 @@ class ExplainView:
                 self.dissect_x0: files(f"x0_{shown.step:03d}", shown.x0), self.dissect_note: note,
                 self.dissect_k: gr.Slider(1, len(report.steps), value=k)}
 
-    def on_dissect_k(self, report, k):
-        if report is None:
+    def on_dissect_k(self, state, k):
+        if state is None:
             return {self.dissect_note: "Run the experiment first."}
-        return self._dissect_at(report, k)
+        try:
+            k = _whole(k, "step k")
+        except gr.Error as e:
+            return {self.dissect_note: str(e.message)}
+        report, files = state
+        return self._dissect_at(report, k, files)
 
     # -- tradeoff ------------------------------------------------------------------------------------------------
 
-    def run_tradeoff(self, http: gr.Request, tradeoff_scales: str, tradeoff_seeds: float, **values):
+    async def run_tradeoff(self, http: gr.Request, tradeoff_scales: str, tradeoff_seeds: float, **values):
         request = self._request(values)
         try:
             scales = [float(v) for v in str(tradeoff_scales).split(",") if v.strip()]
@@ -497,12 +587,13 @@ class ExplainView:
             raise gr.Error(str(e) if "could not convert" not in str(e) else
                            f"guidance scales must be comma-separated numbers, got {tradeoff_scales!r}",
                            print_exception=False) from None
-        seeds = int(tradeoff_seeds)
-        files = _Files(self.app)
+        seeds = _whole(tradeoff_seeds, "seeds per scale")
+        files = _Files(self.app, http)
         yield {self.tradeoff_status: f"Running {len(scales)} scales × {seeds} seeds (from seed {request.seed})…",
                self.tradeoff_gallery: gr.Gallery(value=[], columns=seeds)}
-        make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c)  # noqa: E731
-        for report in self._stream(request, make, http):
+        make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                          run_seconds=self.run_seconds)
+        async for report in self._stream(request, make, http):
             items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
                      for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
             rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": TRADEOFF_SERIES[0]}
@@ -518,7 +609,12 @@ class ExplainView:
 
     def wire(self) -> None:
         inputs = self.controls.inputs
-        common = dict(show_progress="minimal", concurrency_id="explain", concurrency_limit=1, trigger_mode="once")
+        # Each experiment waits on the one generation worker, job by job, beside the others: the concurrency limit
+        # only bounds how many wait there (above the per-client limit, so one client cannot take every slot), and
+        # the validator counts an event against its client when it is queued (ui/clients.py).
+        validate = admission_validator(self.app)
+        common = dict(show_progress="minimal", concurrency_id="explain", concurrency_limit=EXPLAIN_CONCURRENCY,
+                      trigger_mode="once", validator=validate)
         runs = [
             ("explain_jump", self.jump_btn, self.jump_stop, self.run_jump, {}, self.jump_status,
              [self.jump_status, self.jump_state, self.jump_gallery, self.jump_k, self.jump_distance,
@@ -537,15 +633,19 @@ class ExplainView:
              dict(tradeoff_scales=self.tradeoff_scales, tradeoff_seeds=self.tradeoff_seeds), self.tradeoff_status,
              [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.numbers]),
         ]
+        jump_k = self.jump_k.release(self.gpu(self._counted(self.on_jump_k)),
+                                     inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),
+                                     outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k,
+                                              self.jump_state], api_visibility="private", trigger_mode="always_last",
+                                     concurrency_id="explain", concurrency_limit=EXPLAIN_CONCURRENCY, validator=validate)
         for name, button, stop, fn, extra, status, outputs in runs:
-            event = button.click(self.gpu(fn), inputs_kwargs=extra | inputs, outputs=outputs, api_name=name,
-                                 show_progress_on=status, **common)
-            stop.click(self.stop, outputs=[status], cancels=[event], queue=False, api_visibility="private")
-        self.jump_k.release(self.gpu(self.on_jump_k), inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),
-                            outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k],
-                            api_visibility="private", trigger_mode="always_last")
-        self.dissect_k.release(self.on_dissect_k, inputs_kwargs=dict(report=self.dissect_state, k=self.dissect_k),
+            event = button.click(self.gpu(self._counted(fn)), inputs_kwargs=extra | inputs, outputs=outputs,
+                                 api_name=name, show_progress_on=status, **common)
+            cancels = [event, jump_k] if name == "explain_jump" else [event]
+            stop.click(self.stop, outputs=[status], cancels=cancels, queue=False, api_visibility="private")
+        self.dissect_k.release(self.on_dissect_k, inputs_kwargs=dict(state=self.dissect_state, k=self.dissect_k),
                                outputs=[self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note,
-                                        self.dissect_k], api_visibility="private", trigger_mode="always_last")
+                                        self.dissect_k], api_visibility="private", trigger_mode="always_last",
+                               concurrency_id="explain-view", concurrency_limit=4)
         self.sweep_gallery.select(self.on_cell, inputs=[self.sweep_state],
                                   outputs=[*self.controls.restore_outputs, self.sweep_status], api_visibility="private")

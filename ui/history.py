@@ -224,9 +224,10 @@ class HistoryView:
 
     def on_select(self, controls, live, folders: list[str], evt: gr.SelectData) -> dict:
         """Restore a past run's settings, image, code and (where its steps were kept) its scrubber."""
-        if evt.index is None or evt.index >= len(folders):
+        index = getattr(evt, "index", None)  # a call from outside the page may bring no event or no list
+        if not isinstance(index, int) or not isinstance(folders, list) or not 0 <= index < len(folders):
             return {}
-        folder = Path(folders[evt.index])
+        folder = Path(folders[index])
         try:
             trace = Trace.read(folder)
         except (OSError, ValueError) as e:

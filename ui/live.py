@@ -318,10 +318,22 @@ def live_steps(app: Playground, run: Run, render: Callable[[StepEvent], T]) -> I
         next_at = time.perf_counter() + max(app.preview_interval, RENDER_SHARE * spent)
 
 
-def client_of(http: gr.Request | None) -> str | None:
-    """The caller's address, for the per-client limit (behind a proxy such as a Space, the proxy's view of it)."""
-    client = getattr(http, "client", None)
-    return getattr(client, "host", None) if client is not None else None
+def admission_validator(app: Playground) -> Callable:
+    """Gradio's `validator` for an event that runs the model: called when the event is pushed, before it is queued,
+    it counts the event against its client (ui/clients.py) and refuses the excess at once with a line that names
+    PLAYGROUND_MAX_RUNS_PER_CLIENT, so one address cannot fill the queue. It takes the event's inputs and ignores them."""
+
+    def validate(http: gr.Request, **inputs: Any) -> Any:
+        # Gradio wants one value per input back; a refusal is a validation message on the first input (HTTP 422:
+        # the page shows it at that field, gradio_client raises ValidationError with it).
+        try:
+            app.admission.reserve(app.client_of(http))
+            verdict = [gr.validate(True, "")] * len(inputs)
+        except ValueError as e:
+            verdict = [gr.validate(False, str(e))] + [gr.validate(True, "")] * (len(inputs) - 1)
+        return verdict[0] if len(verdict) == 1 else tuple(verdict)
+
+    return validate
 
 
 def generate_handler(app: Playground, controls, live: LiveView, gpu: Callable) -> Callable:
@@ -332,19 +344,14 @@ def generate_handler(app: Playground, controls, live: LiveView, gpu: Callable) -
     def run_ui(http: gr.Request, **values: Any):
         seed = values.get("seed")
         try:
-            request, x0_choice = controls.request(values)
+            with app.admission.hold(app.client_of(http)):  # a ValueError when this client has too many going
+                request, x0_choice = controls.request(values)
+                request = seeded(request)  # drawn now rather than in generate(): the seed field shows it at once
+                run = app.start(request, x0_choice, getattr(http, "session_hash", None), app.client_of(http))
+                for out in live.stream(run):
+                    yield out | {controls.seed: request.seed}
         except ValueError as e:
             gr.Warning(str(e))
             yield {c: v for c, v in live.error(e).items() if c in live.live_outputs} | {controls.seed: seed}
-            return
-        request = seeded(request)  # drawn now rather than in generate(), so the seed field shows it from the start
-        try:
-            run = app.start(request, x0_choice, getattr(http, "session_hash", None), client_of(http))
-        except ValueError as e:  # this client has too many runs waiting
-            gr.Warning(str(e))
-            yield {c: v for c, v in live.error(e).items() if c in live.live_outputs} | {controls.seed: seed}
-            return
-        for out in live.stream(run):
-            yield out | {controls.seed: request.seed}
 
     return run_ui

@@ -4,7 +4,6 @@ and the per-step preview PNGs rendered once and reused by the live view, the scr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import threading
@@ -13,25 +12,32 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.observers import LatestObserver, StepRecorder, TeeObserver, TimeLimit
 from pipelines.limits import Limits
-from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, prune_outputs,
-                               save_png)
+from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, prune_experiments,
+                               prune_outputs, remove_run_folder, save_png)
 from pipelines.previews import Previewer
 from pipelines.registry import MODELS
 from pipelines.requests import OWN_SCHEDULER, build_request, missing_embedded
 from pipelines.schedulers import SCHEDULERS, compatible_keys, describe_choice, folder_config
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent
 from pipelines.worker import GenerationWorker, generate_here, load_here
+from ui.clients import Admission, request_address
 from ui.render import guidance_map, heat, upscale
 
 log = logging.getLogger("playground")
 
 MAX_RUNS_IN_MEMORY = 8  # finished runs kept for scrubbing
+# Fair retention: what one client makes cannot evict another client's runs or Explain images younger than this
+# (its own oldest go first), and one client keeps at most this many runs / experiments on disk.
+PROTECT_SECONDS = 3600.0
+RUNS_KEPT_PER_CLIENT = 50
+EXPERIMENTS_KEPT_PER_CLIENT = 10
+MAX_EXPERIMENTS_KEPT = 50  # experiment folders kept under outputs/explain, app-wide
 # Step tensors held for scrubbing: per run (past it a run keeps every 2nd, 4th, ... step; the embedded model's
 # 1000-step run needs 16 MB, an SDXL 1024² step 1 MB) and for all runs in memory together (oldest dropped first).
 SCRUB_BYTES_PER_RUN = 48 * 2**20
@@ -103,10 +109,12 @@ class Playground:
     def __init__(self, loader: ModelLoader, models: list[str], default_model: str, outputs_dir: Path,
                  preview_interval: float, worker: GenerationWorker | None = None,
                  scrub_bytes_per_run: int = SCRUB_BYTES_PER_RUN, scrub_bytes_total: int = SCRUB_BYTES_TOTAL,
-                 max_runs_per_client: int | None = None, limits: Limits | None = None) -> None:
-        """max_runs_per_client: runs one client (IP) may have waiting or running at once (None: no limit);
-        limits: the work budget every request is built under, the wall-clock limit of a run and what the outputs
-        folder keeps (default: Limits(), the built-in defaults)."""
+                 max_runs_per_client: int | None = None, limits: Limits | None = None,
+                 trusted_proxy_hops: int = 0) -> None:
+        """max_runs_per_client: runs and experiments one client may have queued or running at once (None: no
+        limit); limits: the work budget every request is built under, the wall-clock limit of a run and what the
+        outputs folder keeps (default: Limits(), the built-in defaults); trusted_proxy_hops: how many proxies in
+        front of the server append to X-Forwarded-For (ui/clients.py; 0: the header is never trusted)."""
         self.loader = loader
         self.models = models
         self.default_model = default_model
@@ -114,13 +122,16 @@ class Playground:
         self.preview_interval = preview_interval
         self.worker = worker or GenerationWorker()
         self.scrub_bytes_per_run = scrub_bytes_per_run
-        self.max_runs_per_client = max_runs_per_client
+        self.admission = Admission(max_runs_per_client)  # per client: events queued or running
+        self.trusted_proxy_hops = trusted_proxy_hops
         self.limits = limits or Limits()
         self.pending: list[Run] = []  # queued or running, in the worker's order
-        self.experiments: dict[str, int] = {}  # client -> Explain-lab experiments it has going
         self.scrub_bytes_total = scrub_bytes_total
         self.runs: OrderedDict[str, Run] = OrderedDict()  # finished runs kept for scrubbing
         self.active: dict[str, Run] = {}  # session hash -> run in flight (for Stop)
+        # Who made which run / experiment folder and when (this process's only; older folders belong to no one).
+        self.run_owners: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        self.experiment_owners: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- choices ---------------------------------------------------------------------------------------
@@ -153,15 +164,15 @@ class Playground:
     # -- running ---------------------------------------------------------------------------------------
 
     def start(self, request: GenerationRequest, x0_choice: str, session: str | None, client: str | None = None) -> Run:
-        """Queue the run on the generation worker; its LatestObserver receives the steps. Refuses (ValueError) a
-        client that already has max_runs_per_client runs waiting or running."""
+        """Queue the run on the generation worker; its LatestObserver receives the steps. The caller holds the
+        client's admission (Admission.hold) for as long as it waits on the run."""
         # 96 random bits: a run's files are reachable by their path, so another client must not guess it.
         folder = self.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(12)}"
         run = Run(request=request, folder=folder, x0_choice=x0_choice, client=client,
                   recorder=StepRecorder(max_bytes=self.scrub_bytes_per_run))
         with self._lock:
-            self._check_client(client)
             self.pending.append(run)
+            self._own(self.run_owners, run.run_id, client)
             if session:
                 self.active[session] = run
         self.worker.submit(lambda: self._work(run, session))
@@ -187,32 +198,9 @@ class Playground:
 
         return self.worker.submit(job)
 
-    def _check_client(self, client: str | None) -> None:
-        """Refuse (ValueError) a client at its limit of runs and experiments waiting or running. Hold the lock."""
-        if client is None or self.max_runs_per_client is None:
-            return
-        mine = sum(1 for r in self.pending if r.client == client) + self.experiments.get(client, 0)
-        if mine >= self.max_runs_per_client:
-            raise ValueError(
-                f"You already have {mine} run{'s' if mine != 1 else ''} or experiment{'s' if mine != 1 else ''} waiting "
-                f"or running, the most one client may have at once here; wait for one to finish or press Stop (the "
-                f"server's PLAYGROUND_MAX_RUNS_PER_CLIENT sets the limit).")
-
-    @contextlib.contextmanager
-    def admit(self, client: str | None) -> Iterator[None]:
-        """Count an Explain-lab experiment against its client's limit while it lasts (ValueError at the limit)."""
-        with self._lock:
-            self._check_client(client)
-            if client is not None:
-                self.experiments[client] = self.experiments.get(client, 0) + 1
-        try:
-            yield
-        finally:
-            if client is not None:
-                with self._lock:
-                    self.experiments[client] -= 1
-                    if not self.experiments[client]:
-                        del self.experiments[client]
+    def client_of(self, http: Any) -> str | None:
+        """The address of the client behind a gr.Request, for the per-client limit (ui/clients.py)."""
+        return request_address(http, self.trusted_proxy_hops)
 
     def ahead_of(self, run: Run) -> int:
         """How many runs the worker does before `run` starts (0 once it runs)."""
@@ -253,7 +241,7 @@ class Playground:
                     self.pending.remove(run)
             run.finish()
         if run.result is not None:
-            self.prune()  # after finish(): the disk scan never delays the image
+            self.prune(run.client)  # after finish(): the disk scan never delays the image
 
     def keep(self, run: Run) -> None:
         """Hold a finished run for scrubbing; the oldest go when there are too many or their tensors too big."""
@@ -264,18 +252,62 @@ class Playground:
                     r.recorder.nbytes for r in self.runs.values()) > self.scrub_bytes_total):
                 self.runs.popitem(last=False)
 
-    def prune(self) -> None:
-        """Retention: the oldest finished runs go past Limits.max_runs_kept / max_output_mb, except the runs in
-        flight or held in memory (they may still be on someone's screen)."""
+    def _own(self, owners: OrderedDict, name: str, client: str | None) -> None:
+        """Record that `client` made the folder `name` now (hold the lock); the record is bounded like the folders."""
+        owners[name] = (client, time.time())
+        while len(owners) > 4 * max(self.limits.max_runs_kept, MAX_EXPERIMENTS_KEPT):
+            owners.popitem(last=False)
+
+    def _others(self, owners: OrderedDict, actor: str | None) -> tuple[list[str], list[str]]:
+        """(folders of other clients made within PROTECT_SECONDS, the actor's own folders oldest first)."""
+        now = time.time()
         with self._lock:
-            keep = [r.folder for r in (*self.pending, *self.runs.values())]
+            items = list(owners.items())
+        protected = [name for name, (client, t) in items if client != actor and now - t < PROTECT_SECONDS]
+        mine = [name for name, (client, _) in items if client == actor and actor is not None]
+        return protected, mine
+
+    def prune(self, actor: str | None = None) -> None:
+        """Retention after a run of `actor`: the oldest finished runs go past Limits.max_runs_kept / max_output_mb,
+        except the runs in flight or held in memory (they may still be on someone's screen) and other clients' runs
+        made within PROTECT_SECONDS; the actor keeps at most RUNS_KEPT_PER_CLIENT, its oldest going first."""
+        with self._lock:
+            keep = [r.folder.name for r in (*self.pending, *self.runs.values())]
+        protected, mine = self._others(self.run_owners, actor)
         try:
-            removed = prune_outputs(self.outputs_dir, self.limits, keep=keep)
+            removed = prune_outputs(self.outputs_dir, self.limits, keep=keep + protected)
+            gone = {p.name for p in removed}
+            own = [name for name in mine if name not in gone and name not in keep]
+            for name in own[:max(0, len(own) - RUNS_KEPT_PER_CLIENT)]:
+                if remove_run_folder(self.outputs_dir / name):
+                    removed.append(self.outputs_dir / name)
         except OSError as e:  # retention must never fail a run
             log.warning("retention: %s", e)
             return
+        with self._lock:
+            for path in removed:
+                self.run_owners.pop(path.name, None)
         if removed:
             log.info("retention removed %d old run(s)", len(removed))
+
+    def experiment_folder(self, client: str | None) -> Path:
+        """A new folder under outputs/explain for one experiment of `client` (96 random bits: other visitors must
+        not guess it), after fair retention: at most MAX_EXPERIMENTS_KEPT folders app-wide, other clients' made
+        within PROTECT_SECONDS kept, at most EXPERIMENTS_KEPT_PER_CLIENT of the client's own (oldest first)."""
+        root = self.outputs_dir / "explain"
+        protected, mine = self._others(self.experiment_owners, client)
+        removed = prune_experiments(root, MAX_EXPERIMENTS_KEPT - 1, keep=protected)
+        gone = {p.name for p in removed}
+        own = [name for name in mine if name not in gone]
+        extra = own[:max(0, len(own) - (EXPERIMENTS_KEPT_PER_CLIENT - 1))]
+        if extra:
+            removed += prune_experiments(root, 0, only=extra)
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(12)}"
+        with self._lock:
+            for path in removed:
+                self.experiment_owners.pop(path.name, None)
+            self._own(self.experiment_owners, name, client)
+        return root / name
 
     def restore(self, folder: Path, trace: Trace) -> Run | None:
         """A finished run rebuilt from its folder (after a restart): its step tensors, re-rendered with the model's

@@ -1,7 +1,9 @@
 """The Explain lab: experiments that show why diffusion takes many small steps, built on generate().
 
 Every experiment is a generator over one frozen report that grows: it yields after each generate() call, so a UI
-can stream partial results and stop between runs (and `cancelled` stops a run in flight at a step boundary).
+can stream partial results and stop between runs (and `cancelled` stops a run in flight at a step boundary;
+`run_seconds` bounds each of its runs: one that runs out stops at its next step and the experiment raises a
+ValueError saying so, after the reports it yielded).
 `finish(experiment)` runs one to the end, as the CLI does. No second denoising loop: all steps come from
 generate() and its StepEvents.
 

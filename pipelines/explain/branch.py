@@ -69,7 +69,7 @@ def branch_seed(seed: int, j: int) -> int:
 
 
 def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, loader: ModelLoader,
-           cancelled: Cancelled | None = None) -> Iterator[BranchReport]:
+           cancelled: Cancelled | None = None, run_seconds: float | None = None) -> Iterator[BranchReport]:
     """Run the trunk to each fraction f of the schedule, then finish it `branches` times with different noise.
 
     Exact: the trunk is deterministic for its seed, so each branch re-runs it and, from step round(f · N) on,
@@ -89,8 +89,9 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
                          f"at most {MAX_RUNS}")
     pipe, key = loader.view(request.model, request.scheduler)
     stochastic = is_stochastic(pipe.scheduler)
-    trunk = generate(request, _Watch(cancelled, keep=False), loader=loader)
-    if trunk.cancelled:
+    watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
+    trunk = generate(request, watch, loader=loader)
+    if watch.stopped(trunk):
         return
     n = trunk.num_steps
     seeds = tuple(branch_seed(trunk.seed, j) for j in range(branches))
@@ -100,8 +101,9 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
         step = min(n - 1, round(f * request.num_inference_steps))
         images = []
         for s in seeds:
-            r = generate(dataclasses.replace(request, branch=(step, s)), _Watch(cancelled, keep=False), loader=loader)
-            if r.cancelled:
+            watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
+            r = generate(dataclasses.replace(request, branch=(step, s)), watch, loader=loader)
+            if watch.stopped(r):
                 return
             images.append(r.image)
         points.append(BranchPoint(f, step, seeds, tuple(images), diversity(images)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -17,7 +18,7 @@ from PIL import Image
 from pipelines.loading import ModelLoader
 from pipelines.observers import Observer
 from pipelines.outputs import save_png
-from pipelines.types import GenerationRequest, StepEvent
+from pipelines.types import GenerationRequest, GenerationResult, StepEvent
 
 
 Cancelled = Callable[[], bool]  # polled at every step boundary and between runs; True stops the experiment
@@ -28,19 +29,34 @@ MAX_RUNS = 200  # branch / tradeoff experiments making more runs than this are r
 
 
 class _Watch(Observer):
-    """Keeps every StepEvent of one run (first image, on the CPU) and cancels when `cancelled()` says so."""
+    """Keeps every StepEvent of one run (first image, on the CPU) and cancels when `cancelled()` says so or when
+    the run has taken `run_seconds` (None: no limit; the clock starts when the watch is made, just before its run)."""
 
-    def __init__(self, cancelled: Cancelled | None = None, keep: bool = True) -> None:
+    def __init__(self, cancelled: Cancelled | None = None, keep: bool = True, run_seconds: float | None = None) -> None:
         self.events: list[StepEvent] = []
         self.cancelled = cancelled
         self.keep = keep
+        self.run_seconds = run_seconds
+        self.deadline = None if run_seconds is None else time.monotonic() + run_seconds
+        self.expired = False
 
     def on_step(self, event: StepEvent) -> None:
         if self.keep:
             self.events.append(event)
 
     def is_cancelled(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.expired = True
+            return True
         return bool(self.cancelled and self.cancelled())
+
+    def stopped(self, result: GenerationResult) -> bool:
+        """After the run: whether it was stopped (the experiment ends there, keeping what it has). A run stopped by
+        its time limit raises instead, saying so (a ValueError: one line for the client)."""
+        if self.expired:
+            raise ValueError(f"one run of the experiment took more than {self.run_seconds:g} s, the most one run may "
+                             f"take here (PLAYGROUND_MAX_RUN_SECONDS); what finished before it stays")
+        return result.cancelled
 
 
 def finish(experiment: Iterator[R]) -> R:

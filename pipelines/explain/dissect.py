@@ -75,16 +75,17 @@ class DissectReport:
 
 
 def dissect(request: GenerationRequest, *, loader: ModelLoader, cancelled: Cancelled | None = None,
-            max_image_bytes: int | None = None) -> Iterator[DissectReport]:
+            max_image_bytes: int | None = None, run_seconds: float | None = None) -> Iterator[DissectReport]:
     """Per step of one run: the conditional, unconditional and guided x̂0 and the guidance numbers.
 
     max_image_bytes: the decoded images the report may hold (None: every step's three); past it, evenly spaced
     steps keep theirs (DissectReport.images_near) and the others only their numbers."""
     request = seeded(request)
-    watch = _Watch(cancelled)
+    watch = _Watch(cancelled, run_seconds=run_seconds)
     result = generate(request, watch, loader=loader)
-    if result.cancelled:
+    if watch.stopped(result):
         return
+    watch.deadline = None  # the run's limit is spent; decoding below stops on `cancelled` alone
     decode = _X0(request, loader)
     steps, previous, keep = [], None, frozenset()
     for i, e in enumerate(watch.events):

@@ -104,7 +104,8 @@ def nearest_kept(steps: Sequence[Any], i: int, has: Callable[[Any], bool]) -> An
 
 
 def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequence[int] | None = None,
-         frames: int = 6, cancelled: Cancelled | None = None, max_image_bytes: int | None = None) -> Iterator[JumpReport]:
+         frames: int = 6, cancelled: Cancelled | None = None, max_image_bytes: int | None = None,
+         run_seconds: float | None = None) -> Iterator[JumpReport]:
     """Jump vs walk: every step's x̂0 of one run against its final image, then separate k-step runs.
 
     short_steps: the k of the k-step runs (default: the 1-based steps of `frames` evenly spaced frames, below N).
@@ -120,10 +121,11 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
     bad = [k for k in short_steps if not 1 <= k <= n]
     if bad:
         raise ValueError(f"short runs must have from 1 to {n} steps (the full run's --steps), got {bad}")
-    watch = _Watch(cancelled)
+    watch = _Watch(cancelled, run_seconds=run_seconds)
     result = generate(request, watch, loader=loader)
-    if result.cancelled:
+    if watch.stopped(result):
         return
+    watch.deadline = None  # the run's limit is spent; decoding below stops on `cancelled` alone
     decode = _X0(request, loader)
     steps, keep, count = [], frozenset(), len(watch.events)
     for i, e in enumerate(watch.events):
@@ -139,7 +141,7 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
     yield report
     shorts: list[ShortRun] = []
     for k in short_steps:
-        short = short_run(report, k, loader=loader, cancelled=cancelled)
+        short = short_run(report, k, loader=loader, cancelled=cancelled, run_seconds=run_seconds)
         if short is None:
             return
         shorts.append(short)
@@ -147,12 +149,14 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
         yield report
 
 
-def short_run(report: JumpReport, k: int, *, loader: ModelLoader, cancelled: Cancelled | None = None) -> ShortRun | None:
+def short_run(report: JumpReport, k: int, *, loader: ModelLoader, cancelled: Cancelled | None = None,
+              run_seconds: float | None = None) -> ShortRun | None:
     """"Take k big steps": a separate k-step run of the report's request, against its final image and the jump after
     k steps (the nearest kept image); None when cancelled."""
-    short = generate(dataclasses.replace(report.request, num_inference_steps=k), _Watch(cancelled, keep=False),
+    watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
+    short = generate(dataclasses.replace(report.request, num_inference_steps=k), watch,
                      loader=loader)
-    if short.cancelled:
+    if watch.stopped(short):
         return None
     jumped = report.image_near(min(k, len(report.steps)) - 1).image
     return ShortRun(k, short.image, sharpness(short.image), rms(short.image, report.final), rms(short.image, jumped))

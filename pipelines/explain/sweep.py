@@ -142,7 +142,7 @@ def _cell_request(base: GenerationRequest, loader: ModelLoader, settings: dict[s
 
 
 def sweep(request: GenerationRequest, x: Axis, y: Axis | None = None, *, loader: ModelLoader,
-          cancelled: Cancelled | None = None) -> Iterator[SweepReport]:
+          cancelled: Cancelled | None = None, run_seconds: float | None = None) -> Iterator[SweepReport]:
     """Every combination of the x (and y) values, all with the request's seed unless an axis is the seed.
 
     Every cell is validated before the first run, so a bad value fails at once with the cell it belongs to.
@@ -164,8 +164,9 @@ def sweep(request: GenerationRequest, x: Axis, y: Axis | None = None, *, loader:
     report = SweepReport(request, x, y, (), done=False)
     cells: list[SweepCell] = []
     for r, c, xv, yv, settings, cell in plan:
-        result = generate(cell, _Watch(cancelled, keep=False), loader=loader)
-        if result.cancelled:
+        watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
+        result = generate(cell, watch, loader=loader)
+        if watch.stopped(result):
             return
         cells.append(SweepCell(r, c, xv, yv, settings, dataclasses.replace(cell, seed=result.seed), result))
         report = dataclasses.replace(report, cells=tuple(cells), done=len(cells) == total)

@@ -75,7 +75,7 @@ def check_judge_model(model: str) -> None:
 
 
 def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *, loader: ModelLoader,
-             cancelled: Cancelled | None = None) -> Iterator[TradeoffReport]:
+             cancelled: Cancelled | None = None, run_seconds: float | None = None) -> Iterator[TradeoffReport]:
     """For each guidance scale, `seeds` images (seeds s, s+1, ...): the judge's adherence and the diversity."""
     check_judge_model(request.model)
     targets = judge_targets(request.prompt)
@@ -95,8 +95,9 @@ def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *,
     for scale, cell in zip(scales, plan):
         images = []
         for s in seed_list:
-            r = generate(dataclasses.replace(cell, seed=s), _Watch(cancelled, keep=False), loader=loader)
-            if r.cancelled:
+            watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
+            r = generate(dataclasses.replace(cell, seed=s), watch, loader=loader)
+            if watch.stopped(r):
                 return
             images.append(r.image)
         scores = []
