@@ -103,3 +103,57 @@ def test_visitors_behind_a_trusted_proxy_are_told_apart(proxied):
     finally:
         for v in eight + one:
             v.close()
+
+
+def _result(visitor: Visitor, answer, timeout: float = 60) -> dict:
+    assert answer.status_code == 200, answer.text[:300]
+    event = answer.json()["event_id"]
+    return visitor.results({event}, timeout)[event]
+
+
+def test_a_visitor_who_leaves_stops_its_run_at_the_next_step(direct):
+    """A tab that closes (its heartbeat ends) stops its run: the next visitor does not wait for a 999-step run."""
+    leaver, other = Visitor(direct, "127.0.0.6"), Visitor(direct, "127.0.0.7")
+    try:
+        with leaver.heartbeat():
+            answer = leaver.join("/generate", prompt="a red circle", num_inference_steps=999, seed=1)
+            assert answer.status_code == 200
+            time.sleep(1.5)  # the run is on the worker (a 999-step run takes ~20 s here)
+        t0 = time.perf_counter()
+        done = other.call("/generate", **QUICK, timeout=60)
+        waited = time.perf_counter() - t0
+        assert done["success"], done
+        assert waited < 8, f"the next visitor waited {waited:.1f} s: the run of the visitor who left went on"
+        print(f"after the tab closed the next run took {waited:.2f} s")
+    finally:
+        leaver.close(), other.close()
+
+
+def test_prompt_notes_cap_the_text_before_reading_it(direct):
+    """The notes under the prompt (a private event, sent on every keystroke) refuse a 10-million-character prompt
+    at once with the limit's variable, instead of tokenising it (8 s and 1.3 GB before)."""
+    v = Visitor(direct, "127.0.0.8")
+    try:
+        t0 = time.perf_counter()
+        done = _result(v, v.join_raw("/prompt_notes", ["x" * 10_000_000, "", "tiny-shapes"]))
+        seconds = time.perf_counter() - t0
+        assert done["success"] and "PLAYGROUND_MAX_PROMPT_CHARS" in done["output"]["data"][0], done
+        assert seconds < 5, f"{seconds:.1f} s"
+    finally:
+        v.close()
+
+
+def test_fractions_and_empty_calls_get_a_clear_line(direct):
+    v = Visitor(direct, "127.0.0.9")
+    try:
+        done = v.call("/explain_branch", prompt="x", num_inference_steps=4, branch_n=2.5)
+        assert not done["success"] and "whole number" in done["output"]["error"], done
+        for name in ("/on_model", "/on_method"):  # private events called without their data
+            done = _result(v, v.join_raw(name, [None]))
+            assert not done["success"] and "choose one of" in done["output"]["error"], (name, done)
+        done = _result(v, v.join_raw("/prompt_notes", [None, None, "tiny-shapes"]))  # no prompt: an empty one
+        assert done["success"] and "Empty prompt" in done["output"]["data"][0], done
+        done = _result(v, v.join_raw("/prompt_notes", ["x", "", "not-a-model"]))  # the model list says what is allowed
+        assert not done["success"] and "tiny-shapes" in done["output"]["error"], done
+    finally:
+        v.close()

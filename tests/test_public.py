@@ -437,3 +437,15 @@ def test_every_handler_that_runs_the_model_goes_through_the_gpu_decorator(tmp_pa
     assert sorted(wrapped) == sorted(["run_ui", "run_api", "run_api_stream", "run_jump", "run_branch", "run_sweep",
                                       "run_dissect", "run_tradeoff", "on_jump_k"]), wrapped
     demo.close()
+
+
+@pytest.mark.parametrize("api_name", ["/generate", "/generate_stream"])
+def test_a_run_whose_latents_go_nan_is_an_error_not_a_black_image(client, api_name):
+    """DPM++ 2M at 1000 steps on an SD 1.x schedule repeats timestep 500 and its latents turn NaN at step 501 (stock
+    diffusers returns a black image there): over HTTP the run is refused with the step, the scheduler and what to
+    try, never "Done" with a black image; the server serves the next run."""
+    with pytest.raises(Exception, match=r"step 501 of 1000 with scheduler 'dpmpp_2m'.*try 999 steps"):
+        job = client.submit(prompt="x", scheduler="dpmpp_2m", num_inference_steps=1000, guidance_scale=1, seed=0,
+                            width=32, height=32, api_name=api_name)
+        job.result(timeout=120)
+    assert _quick(client)["steps_completed"] >= 2  # PNDM's two steps (it may add its warm-up step)
