@@ -18,16 +18,12 @@ except ImportError:
 
 import logging
 import os
-import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 import torch
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
 
 from pipelines.limits import Limits
 from pipelines.loading import ModelLoader
@@ -42,81 +38,9 @@ from ui.history import LEGACY_KEY_FILE, HistoryView, key_file as history_key_fil
 from ui.live import LiveView, admission_validator, generate_handler
 from ui.state import Playground
 from ui.theme import CSS, theme
+from ui.uploads import NO_UPLOADS, UploadGate, UploadLimits
 
 ROOT = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """What Gradio's upload route may take. The default, NO_UPLOADS, takes nothing: the page has no upload widget. A
-    feature that must take a file (a PNG-info drop: one PNG of at most 1 MB, read in memory and never kept) sets
-    `_Blocks.uploads`, e.g. UploadLimits(request_bytes=1_050_000, per_client=20, bytes_per_client=10_000_000)."""
-
-    request_bytes: int = 0  # the largest upload request (its whole multipart body); 0: no uploads at all
-    per_client: int = 0  # uploads one client address may make per window
-    bytes_per_client: int = 0  # their total size, in bytes
-    window_seconds: float = 3600.0  # the window the two above are counted over
-
-    def __post_init__(self) -> None:
-        if min(self.request_bytes, self.per_client, self.bytes_per_client) < 0 or not self.window_seconds > 0:
-            raise ValueError(f"UploadLimits: sizes and counts must be >= 0 and window_seconds > 0; got {self}")
-
-
-NO_UPLOADS = UploadLimits()
-# Gradio's routes that take files (gradio/routes.py); /gradio_api/component_server parses any multipart body too,
-# so every multipart body is an upload wherever it is sent.
-UPLOAD_ROUTES = ("/gradio_api/upload", "/gradio_api/process_recording")
-
-
-class UploadGate:
-    """ASGI middleware that refuses an upload beyond UploadLimits before Gradio reads a byte of it, so nothing
-    reaches Gradio's upload folder. Clients are counted by TCP peer (behind a proxy: the proxy's address)."""
-
-    def __init__(self, app: Any, limits: UploadLimits = NO_UPLOADS) -> None:
-        self.app = app
-        self.limits = limits
-        self.taken: dict[str, deque[tuple[float, int]]] = {}  # client -> (time, bytes) of its admitted uploads
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and _is_upload(scope):
-            refusal = self.admit(scope)
-            if refusal is not None:
-                status, detail = refusal
-                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def admit(self, scope: dict) -> tuple[int, str] | None:
-        """None, and the upload counted, when the limits allow it; else (HTTP status, one-line reason)."""
-        limits = self.limits
-        if limits.request_bytes <= 0 or limits.per_client <= 0:
-            return 403, "this server takes no uploads"
-        if scope["path"].rstrip("/").rsplit("/", 1)[-1] != "upload":
-            return 403, "this server takes uploads only at /gradio_api/upload"
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not length.isdigit():  # h11 holds the body to a declared length; a chunked one has none to check
-            return 411, "an upload must declare its Content-Length"
-        size = int(length)
-        if size > limits.request_bytes:
-            return 413, f"an upload here is at most {limits.request_bytes} bytes; this one is {size}"
-        client = (scope.get("client") or ("?",))[0]
-        now = time.monotonic()
-        if len(self.taken) > 4096:  # forget the addresses whose window has passed
-            self.taken = {c: t for c, t in self.taken.items() if t and t[-1][0] > now - limits.window_seconds}
-        taken = self.taken.setdefault(client, deque())
-        while taken and taken[0][0] <= now - limits.window_seconds:
-            taken.popleft()
-        if len(taken) >= limits.per_client or sum(b for _, b in taken) + size > limits.bytes_per_client:
-            return 429, (f"one address may upload at most {limits.per_client} files and {limits.bytes_per_client} "
-                         f"bytes per {limits.window_seconds:g} s here; try again later")
-        taken.append((now, size))
-        return None
-
-
-def _is_upload(scope: dict) -> bool:
-    path = scope["path"].rstrip("/")
-    content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
-    return path.endswith(UPLOAD_ROUTES) or content_type.startswith(b"multipart/")
 
 
 class _Blocks(gr.Blocks):
@@ -125,6 +49,7 @@ class _Blocks(gr.Blocks):
 
     outputs_dir: Path
     uploads: UploadLimits = NO_UPLOADS  # what Gradio's upload route may take
+    playground: Playground  # set by build_demo
 
     def launch(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         kwargs.setdefault("css", CSS)
@@ -143,7 +68,8 @@ class _Blocks(gr.Blocks):
             blocked.append(str(key))
         kwargs["blocked_paths"] = [*(kwargs.get("blocked_paths") or []), *blocked]
         app_kwargs = dict(kwargs.get("app_kwargs") or {})
-        app_kwargs["middleware"] = [*(app_kwargs.get("middleware") or []), Middleware(UploadGate, limits=self.uploads)]
+        gate = Middleware(UploadGate, limits=self.uploads, trusted_proxy_hops=self.playground.trusted_proxy_hops)
+        app_kwargs["middleware"] = [*(app_kwargs.get("middleware") or []), gate]
         kwargs["app_kwargs"] = app_kwargs
         # Run files are written once (atomically) and never changed, so Gradio may serve them where they are: a
         # copy into its cache per streamed preview cost ~6 ms of the server's Python, taken from the loop.

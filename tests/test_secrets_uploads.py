@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 import app
+from ui.uploads import UploadGate, UploadLimits
 import tests.serving
 from pipelines.loading import ModelLoader
 from tests.tiny import tiny_pipeline
@@ -212,7 +213,7 @@ def test_an_allowed_upload_is_bounded_in_size_count_and_total():
 
     inner = Starlette(routes=[Route("/gradio_api/upload", taken, methods=["POST"]),
                               Route("/gradio_api/component_server", taken, methods=["POST"])])
-    gate = app.UploadGate(inner, app.UploadLimits(request_bytes=2000, per_client=3, bytes_per_client=3000))
+    gate = UploadGate(inner, UploadLimits(request_bytes=2000, per_client=3, bytes_per_client=3000))
 
     async def send(sizes, route="gradio_api/upload"):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://t") as client:
