@@ -35,6 +35,7 @@ class ModelEntry:
     tier: str = "standard"
     guidance: str = "cfg"  # recommended guidance method (guidance/registry.py)
     guidance_params: Mapping[str, float] = field(default_factory=dict)  # its parameters, when not the defaults
+    schedule: str = "discrete"  # its noise schedule (pipelines/schedulers.py kinds): "discrete" or "flow" (SD3)
 
 
 MODELS: dict[str, ModelEntry] = {m.key: m for m in (
@@ -55,7 +56,7 @@ MODELS: dict[str, ModelEntry] = {m.key: m for m in (
                "PixArt-Σ 512 with a T5-XXL text encoder", tier="heavy"),
     ModelEntry("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 28, 4.5, None,
                "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching", cuda_dtype="bfloat16",
-               size=1024, tier="heavy"),
+               size=1024, tier="heavy", schedule="flow"),
 )}
 
 

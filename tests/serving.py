@@ -42,6 +42,15 @@ def serve(loader: ModelLoader, outputs: Path, **kwargs):
         demo.close()
 
 
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Wait for `condition()` with a deadline (a hang guard, not a timing claim); fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (waited {timeout:g} s)")
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def app_process(outputs: Path, env: dict[str, str] | None = None, timeout: float = 120.0):
     """`python app.py` itself, in a child process on a free loopback port, with `env` on top of this one's (e.g.
@@ -124,6 +133,20 @@ class Visitor:
                 if set(done) == event_ids or time.monotonic() > deadline:
                     break
         return done
+
+    def wait_started(self, event_id: str, timeout: float = 60.0) -> None:
+        """Wait until the server starts the handler of `event_id` (its "process_starts" message)."""
+        deadline = time.monotonic() + timeout
+        session = self._sessions.get(event_id, self.session)
+        with self.http.stream("GET", f"/gradio_api/queue/data?session_hash={session}", timeout=timeout) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:])
+                    if msg.get("event_id") == event_id and msg.get("msg") in ("process_starts", "process_completed"):
+                        return
+                if time.monotonic() > deadline:
+                    break
+        raise TimeoutError(f"event {event_id} did not start in {timeout:g} s")
 
     def call(self, api_name: str, timeout: float = 120.0, **values) -> dict:
         """join + wait: the completed message ({"success": bool, "output": {...}})."""

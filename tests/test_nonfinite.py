@@ -104,12 +104,12 @@ def test_stock_diffusers_goes_non_finite_at_the_same_step():
 
 
 @pytest.mark.skipif(not (EMBEDDED / "model_index.json").exists(), reason="embedded model not installed")
-def test_embedded_model_takes_1000_dpmpp_2m_steps():
-    """The public default at the small-model step cap: its trailing spacing repeats no timestep, so the run ends
-    with an image (about 15 s here: the one slow case)."""
+def test_embedded_models_1000_dpmpp_2m_steps_repeat_no_timestep():
+    """The public default at the small-model step cap: its trailing spacing gives 1000 distinct timesteps (the
+    repeat is what turns the latents NaN above), so its 1000-step run ends with an image. The schedule is checked,
+    not run: a 1000-step CFG run of the embedded model costs ~25 s of the suite, and its schedule is the cause."""
     loader = ModelLoader(device="cpu")
-    result = generate(GenerationRequest(prompt="a large red circle in the center", scheduler="dpmpp_2m",
-                                        num_inference_steps=1000, guidance_scale=3.0, seed=1, width=64, height=64),
-                      loader=loader)
-    assert result.steps_completed == 1000 and torch.isfinite(result.latents).all()
-    assert np.asarray(result.image).max() > 0
+    view, key = loader.view("tiny-shapes", "dpmpp_2m")
+    view.scheduler.set_timesteps(1000)
+    timesteps = [int(t) for t in view.scheduler.timesteps]
+    assert key == "dpmpp_2m" and len(timesteps) == 1000 and len(set(timesteps)) == 1000, timesteps[495:505]

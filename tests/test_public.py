@@ -14,6 +14,7 @@ import pytest
 from pipelines.limits import Limits
 from pipelines.loading import ModelLoader
 import tests.serving
+from tests.serving import wait_until
 from tests.tiny import tiny_pipeline
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -51,15 +52,6 @@ def client(server):
 def _quick(client) -> dict:
     """A 2-step run through /generate: the server still serves (its info)."""
     return client.predict(prompt="x", num_inference_steps=2, seed=1, api_name="/generate")[2]
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Wait for `condition()` with a deadline (a hang guard, not a timing claim); fail saying what never happened."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (waited {timeout:g} s)")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("api", ["/generate", "/generate_stream"])
@@ -449,3 +441,25 @@ def test_a_run_whose_latents_go_nan_is_an_error_not_a_black_image(client, api_na
                             width=32, height=32, api_name=api_name)
         job.result(timeout=120)
     assert _quick(client)["steps_completed"] >= 2  # PNDM's two steps (it may add its warm-up step)
+
+
+@pytest.mark.parametrize("api_name", ["/explain_jump", "/explain_sweep"])
+def test_a_cancelled_experiment_stops_its_run_at_the_next_step(tmp_path, api_name):
+    """Cancelling an experiment (gradio_client's cancel, as the Stop button's cancels=) stops the run in flight at
+    its next step, not at the end of the run or cell: the worker is free long before a 999-step run could end."""
+    with serve(tmp_path, max_runs_per_client=4) as (url, demo):
+        client = gradio_client.Client(url, verbose=False)
+        playground = demo.playground
+        _quick(client)
+        wait_until(lambda: playground.admission.count("127.0.0.1") == 0, 10, "the quick run kept its slot")
+        extra = {"sweep_x": "seed", "sweep_x_values": "1,2", "sweep_y": ""} if api_name == "/explain_sweep" else {}
+        job = client.submit(prompt="x", seed=1, randomize_seed=False, api_name=api_name, **LONG, **extra)
+        # Its handler holds the client's slot: the experiment's first 999-step run (~12 s of worker time) is queued.
+        wait_until(lambda: playground.admission.count("127.0.0.1") == 1, 30, "the experiment never started")
+        job.cancel()
+        t0 = time.perf_counter()
+        playground.worker.submit(lambda: None).result(timeout=60)  # the worker is free once the run stops
+        freed = time.perf_counter() - t0
+        assert freed < 5, f"the worker was busy {freed:.1f} s after the cancel: the run went on past its next step"
+        wait_until(lambda: playground.admission.count("127.0.0.1") == 0, 10, "the cancelled experiment kept its slot")
+        assert _quick(client)["steps_completed"] >= 2

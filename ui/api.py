@@ -5,6 +5,7 @@ and the CLI."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -15,6 +16,7 @@ from pipelines.types import GenerationRequest
 from ui.live import admission_validator, as_gr_error, finished_status, live_steps, starting_status, step_status, waiting_status
 from ui.state import Playground, Run
 
+KEEPALIVE_SECONDS = 1.0  # /generate checks this often whether its client is still there
 X0_PREVIEW = "fast"  # the API's runs preview x̂0 the cheap way (the UI's x0_preview "fast"); the image is the same
 
 
@@ -68,13 +70,20 @@ class ApiView:
             num_inference_steps / guidance_scale -1 and guidance "" take the model's recommended values; width/height
             0 its native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
             with self.hold(http):
-                run = self.start(self.request(values), http)
-                # Awaited, not waited on in a thread: when the client cancels or goes away Gradio cancels this
-                # task, and Run.wait stops the run at its next step, so the worker is free for the next caller.
-                await run.wait()
+                request = await asyncio.to_thread(self.request, values)  # may load the model: off the event loop
+                run = self.start(request, http)
+                # Awaited, not waited on in a thread. A generator that sends nothing new while it waits: after each
+                # yield Gradio checks that the client is still there and closes the generator when it went away,
+                # as it cancels it on a cancel; either stops the run at its next step and frees the worker.
+                try:
+                    while not await run.wait(KEEPALIVE_SECONDS):
+                        yield gr.skip(), gr.skip(), gr.skip()
+                finally:
+                    if not run.done.is_set():
+                        run.latest.cancel()
             if run.error is not None:
                 raise as_gr_error(run.error, app.outputs_dir) from None
-            return str(run.folder / "image.png"), run.result.seed, run_info(run)
+            yield str(run.folder / "image.png"), run.result.seed, run_info(run)
 
         @gpu
         def run_api_stream(http: gr.Request, **values: Any) -> Iterator[tuple]:

@@ -380,7 +380,7 @@ class ExplainView:
     # -- jump ----------------------------------------------------------------------------------------------------
 
     async def run_jump(self, http: gr.Request, **values):
-        request = self._request(values)
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         files = _Files(self.app, http)
         n = request.num_inference_steps
         yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
@@ -388,6 +388,9 @@ class ExplainView:
         make = lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                       max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report.decoding:  # decoding the full run's x̂0, in slices that let other runs in between
+                yield {self.jump_status: f"Decoding x̂0: step {len(report.steps)} of {n} (seed {request.seed})…"}
+                continue
             dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
                     for s in report.steps]
             dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
@@ -460,7 +463,7 @@ class ExplainView:
     # -- branch --------------------------------------------------------------------------------------------------
 
     async def run_branch(self, http: gr.Request, branch_at: str, branch_n: float, branch_scheduler: str, **values):
-        request = self._request(values)
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         try:
             at = [float(v) for v in str(branch_at).split(",") if v.strip()]
         except ValueError:
@@ -492,7 +495,7 @@ class ExplainView:
     # -- sweep ---------------------------------------------------------------------------------------------------
 
     async def run_sweep(self, http: gr.Request, sweep_x: str, sweep_x_values: str, sweep_y: str, sweep_y_values: str, **values):
-        request = self._request(values)
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         try:
             x = explain.parse_axis(f"{sweep_x}={sweep_x_values}")
             y = explain.parse_axis(f"{sweep_y}={sweep_y_values}") if sweep_y else None
@@ -526,12 +529,16 @@ class ExplainView:
     # -- dissect -------------------------------------------------------------------------------------------------
 
     async def run_dissect(self, http: gr.Request, **values):
-        request = self._request(values)
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         files = _Files(self.app, http)
         yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
         make = lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                          max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report.decoding:  # decoding the steps' x̂0, in slices that let other runs in between
+                yield {self.dissect_status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} "
+                                            f"(seed {request.seed})…"}
+                continue
             push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
                     for s in report.steps if s.guidance_delta_norm is not None]
             push += [{"step": s.step + 1, "value": s.effective_scale, "series": DISSECT_PUSH[1]} for s in report.steps]
@@ -578,7 +585,7 @@ class ExplainView:
     # -- tradeoff ------------------------------------------------------------------------------------------------
 
     async def run_tradeoff(self, http: gr.Request, tradeoff_scales: str, tradeoff_seeds: float, **values):
-        request = self._request(values)
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         try:
             scales = [float(v) for v in str(tradeoff_scales).split(",") if v.strip()]
             explain.check_judge_model(request.model)

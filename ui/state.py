@@ -67,17 +67,24 @@ class Run:
     client: str | None = None  # who asked (an IP address), for the per-client limit
     time_limit: TimeLimit | None = None  # set when the run starts; `.expired` tells whether it stopped the run
     _on_done: list = field(default_factory=list)  # callables run (on the worker) once `done` is set
+    _finished: Any = None  # the asyncio future `wait` awaits (made on first wait, in the waiting event loop)
 
-    async def wait(self) -> None:
-        """Wait in an event loop until the run is done, without holding a thread. Cancelling the waiting task
-        (a client that cancels or goes away) cancels the run at its next step boundary."""
-        loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-        self._on_done.append(lambda: loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None)))
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait in an event loop until the run is done (True) or `timeout` seconds pass (False), without holding a
+        thread. Cancelling the waiting task (a client that cancels or goes away) cancels the run at its next step."""
         if self.done.is_set():
-            return
+            return True
+        if self._finished is None:
+            loop = asyncio.get_running_loop()
+            finished = self._finished = loop.create_future()
+            self._on_done.append(lambda: loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None)))
+            if self.done.is_set():
+                return True
         try:
-            await finished
+            await asyncio.wait_for(asyncio.shield(self._finished), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
         except asyncio.CancelledError:
             self.latest.cancel()
             raise
@@ -143,7 +150,7 @@ class Playground:
             keys = compatible_keys(pipe.scheduler)
         elif model in MODELS:  # a local folder says what fits without loading weights; a hub id, its family
             config = folder_config(MODELS[model].source)
-            kind = "flow" if MODELS[model].family == "sd3" else "discrete"
+            kind = MODELS[model].schedule
             keys = compatible_keys(config) if config is not None else [k for k, s in SCHEDULERS.items() if s.kind == kind]
         else:
             keys = list(SCHEDULERS)

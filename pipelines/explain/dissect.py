@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from pipelines.explain.common import Cancelled, _r, _save, _Watch, _X0, seeded
+from pipelines.explain.common import Cancelled, Turn, _r, _save, _Watch, _X0, seeded
 from pipelines.explain.figures import dissect_figure
 from pipelines.explain.jump import frame_steps, kept_steps, nearest_kept
 from pipelines.generate import generate
@@ -45,6 +45,7 @@ class DissectReport:
     interval: tuple[int, int] | None  # first and last guided loop index when guidance is off on some steps
     preview: str  # how x̂0 was decoded
     done: bool
+    decoding: bool = False  # the x̂0 are still being decoded: `steps` holds those so far
 
     def images_near(self, i: int) -> DissectStep:
         """The step with kept images nearest to loop index i (i itself unless the image budget thinned it)."""
@@ -87,10 +88,12 @@ def dissect(request: GenerationRequest, *, loader: ModelLoader, cancelled: Cance
         return
     watch.deadline = None  # the run's limit is spent; decoding below stops on `cancelled` alone
     decode = _X0(request, loader)
-    steps, previous, keep = [], None, frozenset()
+    steps, previous, keep, turn = [], None, frozenset(), Turn()
     for i, e in enumerate(watch.events):
         if watch.is_cancelled():
             return
+        if steps and turn.over():  # a long decode gives the worker back between slices (a report of the steps so far)
+            yield DissectReport(request, result.image, tuple(steps), None, decode.kind, done=False, decoding=True)
         guided = e.denoised_uncond is not None
         change = None if previous is None else float((e.denoised[0] - previous[0]).float().norm())
         x0 = decode(e.denoised) if i == 0 or i in keep else None  # step 0 is always kept

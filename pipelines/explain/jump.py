@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from pipelines.explain.common import Cancelled, _r, _save, _Watch, _X0, seeded
+from pipelines.explain.common import Cancelled, Turn, _r, _save, _Watch, _X0, seeded
 from pipelines.explain.figures import jump_figure
 from pipelines.explain.metrics import rms, sharpness
 from pipelines.generate import generate
@@ -52,6 +52,7 @@ class JumpReport:
     short_steps: tuple[int, ...]  # every k planned
     preview: str  # how x̂0 was decoded ("decode" = the full VAE)
     done: bool  # every planned run has finished
+    decoding: bool = False  # the full run's x̂0 are still being decoded: `steps` holds those so far
 
     def image_near(self, i: int) -> JumpStep:
         """The step with a kept x̂0 image nearest to loop index i (i itself unless the image budget thinned it)."""
@@ -127,10 +128,13 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
         return
     watch.deadline = None  # the run's limit is spent; decoding below stops on `cancelled` alone
     decode = _X0(request, loader)
-    steps, keep, count = [], frozenset(), len(watch.events)
+    steps, keep, count, turn = [], frozenset(), len(watch.events), Turn()
     for i, e in enumerate(watch.events):
         if watch.is_cancelled():  # a thousand-step run decodes a thousand x̂0: stoppable between them too
             return
+        if steps and turn.over():  # a long decode gives the worker back between slices (a report of the steps so far)
+            yield JumpReport(request, result.image, tuple(steps), (), short_steps, decode.kind, done=False,
+                             decoding=True)
         image = decode(e.denoised)
         if i == 0:  # the k-step runs are compared with the jump after k steps: those images always stay
             keep = kept_steps(count, image.nbytes, max_image_bytes, [min(k, count) - 1 for k in short_steps])
