@@ -188,13 +188,6 @@ def build_demo(
         # Gradio stops streaming the run (cancels=); the observer's flag stops the loop itself within one step.
         controls.stop_btn.click(stop_ui, inputs=[history.mine], outputs=outputs, cancels=[gen_event, submit_event], queue=False,
                                 api_visibility="private")
-        def on_leave(http: gr.Request):
-            """The browser tab closed or the client went away (Gradio's heartbeat for the session ended): its run and
-            its experiment stop at their next step, on every endpoint the session used."""
-            app.stop(getattr(http, "session_hash", None))
-            explain.stop(http)
-
-        demo.unload(on_leave)
         live.wire_scrub()
         controls.wire()
         explain.wire()

@@ -11,7 +11,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -160,32 +159,6 @@ class Visitor:
         return self.http.post("/gradio_api/queue/join", json={
             "data": data, "fn_index": self._fn[api_name], "session_hash": self.session, "event_data": None,
             "trigger_id": None})
-
-    @contextlib.contextmanager
-    def heartbeat(self):
-        """Hold this visitor's session open as a browser tab does (Gradio's heartbeat stream) until the block ends;
-        leaving it is the tab closing."""
-        opened = threading.Event()
-        stream = {}
-
-        def hold():
-            with self.http.stream("GET", f"/gradio_api/heartbeat/{self.session}", timeout=None) as r:
-                stream["r"] = r
-                opened.set()
-                try:
-                    for _ in r.iter_lines():
-                        pass
-                except Exception:  # closed from the test's thread: the tab went away
-                    pass
-
-        thread = threading.Thread(target=hold, daemon=True)
-        thread.start()
-        opened.wait(10)
-        try:
-            yield
-        finally:
-            stream["r"].close()
-            thread.join(10)
 
     def cancel(self, api_name: str, event_id: str) -> None:
         """Cancel one queued or running event of this visitor (Gradio's /cancel, as a Stop button sends)."""

@@ -88,6 +88,8 @@ def _frame(rows: list[dict], x: str, series: tuple[str, ...]) -> pd.DataFrame:
 
 
 EXPERIMENT_RUNS = 4  # an experiment may take this many times PLAYGROUND_MAX_RUN_SECONDS
+KEEPALIVE = object()  # _stream's "nothing new yet" while a job runs
+KEEPALIVE_SECONDS = 1.0  # how often a waiting experiment yields, so Gradio can see its client is gone
 EXPLAIN_CONCURRENCY = 16  # experiments let in at once (they then wait on the worker); above the per-client limit
 JUMP_GALLERY_FRAMES = 30  # the jump gallery shows every step up to this many, else this many spread evenly
 # Decoded x̂0 images one jump or dissection report keeps, in the session's state (Gradio frees it an hour after
@@ -284,8 +286,9 @@ class ExplainView:
     async def _stream(self, request, make: Callable[[explain.Cancelled], Iterator[Any]],
                       http: gr.Request | None) -> AsyncIterator[Any]:
         """Reports of `make(cancelled)`, each computed as one job on the generation worker and awaited (no thread
-        held while it waits). Stop, Gradio's cancel and a client that goes away stop the run in flight at its next
-        step. Each run has the per-run time limit (the experiment
+        held while it waits; it yields KEEPALIVE each second meanwhile, after which Gradio checks that the client is
+        still there and closes the handler, and with it this generator, when it is gone). Stop, Gradio's cancel and a
+        client that goes away stop the run in flight at its next step. Each run has the per-run time limit (the experiment
         passes `self.run_seconds` to its runs) and the experiment EXPERIMENT_RUNS times that in all."""
         app, box = self.app, {}
         limit = EXPERIMENT_RUNS * app.limits.max_run_seconds
@@ -302,7 +305,10 @@ class ExplainView:
 
         try:
             while not stopped():
-                report = await self._on_worker(request, step, cancel)
+                job = asyncio.ensure_future(self._on_worker(request, step, cancel))
+                while not (await asyncio.wait({job}, timeout=KEEPALIVE_SECONDS))[0]:
+                    yield KEEPALIVE  # closing this generator (client gone) sets `cancel` below: the run stops
+                report = job.result()
                 if report is None:
                     break
                 yield report
@@ -388,6 +394,9 @@ class ExplainView:
         make = lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                       max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                yield {self.jump_status: gr.skip()}
+                continue
             if report.decoding:  # decoding the full run's x̂0, in slices that let other runs in between
                 yield {self.jump_status: f"Decoding x̂0: step {len(report.steps)} of {n} (seed {request.seed})…"}
                 continue
@@ -478,6 +487,9 @@ class ExplainView:
         make = lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c,  # noqa: E731
                                         run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                yield {self.branch_status: gr.skip()}
+                continue
             items = []
             for i, p in enumerate(report.points):
                 items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
@@ -508,6 +520,9 @@ class ExplainView:
         make = lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c,  # noqa: E731
                                        run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                yield {self.sweep_status: gr.skip()}
+                continue
             items = [(files(f"c{c.row}_{c.col}", c.image),
                       x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
             cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
@@ -535,6 +550,9 @@ class ExplainView:
         make = lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                          max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                yield {self.dissect_status: gr.skip()}
+                continue
             if report.decoding:  # decoding the steps' x̂0, in slices that let other runs in between
                 yield {self.dissect_status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} "
                                             f"(seed {request.seed})…"}
@@ -601,6 +619,9 @@ class ExplainView:
         make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c,  # noqa: E731
                                           run_seconds=self.run_seconds)
         async for report in self._stream(request, make, http):
+            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                yield {self.tradeoff_status: gr.skip()}
+                continue
             items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
                      for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
             rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": TRADEOFF_SERIES[0]}
