@@ -11,6 +11,7 @@ endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /exp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -351,9 +352,12 @@ class ExplainView:
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
             async def counted_stream(http: gr.Request, *args, **kwargs):
+                # aclosing: when Gradio closes this (client gone, cancel), the handler and its experiment close now,
+                # not when the garbage collector gets to them, and the run in flight stops at its next step.
                 with hold(http):
-                    async for out in fn(http, *args, **kwargs):
-                        yield out
+                    async with contextlib.aclosing(fn(http, *args, **kwargs)) as handler:
+                        async for out in handler:
+                            yield out
             return counted_stream
 
         @functools.wraps(fn)
@@ -393,34 +397,35 @@ class ExplainView:
                self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4))}
         make = lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                       max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
-        async for report in self._stream(request, make, http):
-            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                yield {self.jump_status: gr.skip()}
-                continue
-            if report.decoding:  # decoding the full run's x̂0, in slices that let other runs in between
-                yield {self.jump_status: f"Decoding x̂0: step {len(report.steps)} of {n} (seed {request.seed})…"}
-                continue
-            dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
-                    for s in report.steps]
-            dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
-            sharp = [{"step": s.step + 1, "value": s.sharpness, "series": JUMP_SHARPNESS[0]} for s in report.steps]
-            sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
-            out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
-                   self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
-                   self.jump_state: (report, files), self.numbers: report.to_dict()}
-            if not report.short_runs:
-                kept = [s for s in report.steps if s.image is not None]
-                shown = [kept[i] for i in explain.frame_steps(len(kept), JUMP_GALLERY_FRAMES)]
-                out[self.jump_gallery] = [(files(f"x0_{s.step:03d}", s.image),
-                                           f"step {s.step + 1}: d={s.distance_to_final:.3f}") for s in shown]
-            done = "Done" if report.done else "Running"
-            out[self.jump_status] = (f"{done}: seed {report.request.seed}, k-step runs "
-                                     f"{len(report.short_runs)}/{len(report.short_steps)} "
-                                     f"({', '.join(str(k) for k in report.short_steps)} steps).")
-            k0 = report.short_steps[min(1, len(report.short_steps) - 1)] if report.short_steps else n
-            if report.done or any(r.steps == k0 for r in report.short_runs):
-                out |= self._jump_at(report, k0, files)
-            yield out
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                    yield {self.jump_status: gr.skip()}
+                    continue
+                if report.decoding:  # decoding the full run's x̂0, in slices that let other runs in between
+                    yield {self.jump_status: f"Decoding x̂0: step {len(report.steps)} of {n} (seed {request.seed})…"}
+                    continue
+                dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
+                        for s in report.steps]
+                dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
+                sharp = [{"step": s.step + 1, "value": s.sharpness, "series": JUMP_SHARPNESS[0]} for s in report.steps]
+                sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
+                out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
+                       self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
+                       self.jump_state: (report, files), self.numbers: report.to_dict()}
+                if not report.short_runs:
+                    kept = [s for s in report.steps if s.image is not None]
+                    shown = [kept[i] for i in explain.frame_steps(len(kept), JUMP_GALLERY_FRAMES)]
+                    out[self.jump_gallery] = [(files(f"x0_{s.step:03d}", s.image),
+                                               f"step {s.step + 1}: d={s.distance_to_final:.3f}") for s in shown]
+                done = "Done" if report.done else "Running"
+                out[self.jump_status] = (f"{done}: seed {report.request.seed}, k-step runs "
+                                         f"{len(report.short_runs)}/{len(report.short_steps)} "
+                                         f"({', '.join(str(k) for k in report.short_steps)} steps).")
+                k0 = report.short_steps[min(1, len(report.short_steps) - 1)] if report.short_steps else n
+                if report.done or any(r.steps == k0 for r in report.short_runs):
+                    out |= self._jump_at(report, k0, files)
+                yield out
 
     def _jump_at(self, report: explain.JumpReport, k: int, files: _Files) -> dict:
         """The three images at step k (the k-step run's when the report has it). Images go to the experiment's own
@@ -486,23 +491,24 @@ class ExplainView:
                self.branch_gallery: gr.Gallery(value=[], columns=n + 1)}
         make = lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c,  # noqa: E731
                                         run_seconds=self.run_seconds)
-        async for report in self._stream(request, make, http):
-            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                yield {self.branch_status: gr.skip()}
-                continue
-            items = []
-            for i, p in enumerate(report.points):
-                items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
-                items += [(files(f"b{i}_{j}", im), f"f={p.fraction:g} · noise {j + 1}") for j, im in enumerate(p.images)]
-            rows = [{"f": p.fraction, "value": p.diversity, "series": BRANCH_SERIES[0]} for p in report.points]
-            kind = ("stochastic: each branch draws its own noise" if report.stochastic else
-                    "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
-            last = report.points[-1]
-            yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
-                   self.numbers: report.to_dict(),
-                   self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
-                                       f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "
-                                       f"Last: f={last.fraction:g} (from step {last.step + 1}), diversity {last.diversity:.4f}."}
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                    yield {self.branch_status: gr.skip()}
+                    continue
+                items = []
+                for i, p in enumerate(report.points):
+                    items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
+                    items += [(files(f"b{i}_{j}", im), f"f={p.fraction:g} · noise {j + 1}") for j, im in enumerate(p.images)]
+                rows = [{"f": p.fraction, "value": p.diversity, "series": BRANCH_SERIES[0]} for p in report.points]
+                kind = ("stochastic: each branch draws its own noise" if report.stochastic else
+                        "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
+                last = report.points[-1]
+                yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
+                       self.numbers: report.to_dict(),
+                       self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
+                                           f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "
+                                           f"Last: f={last.fraction:g} (from step {last.step + 1}), diversity {last.diversity:.4f}."}
 
     # -- sweep ---------------------------------------------------------------------------------------------------
 
@@ -519,18 +525,19 @@ class ExplainView:
                self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values))}
         make = lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c,  # noqa: E731
                                        run_seconds=self.run_seconds)
-        async for report in self._stream(request, make, http):
-            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                yield {self.sweep_status: gr.skip()}
-                continue
-            items = [(files(f"c{c.row}_{c.col}", c.image),
-                      x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
-            cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
-            yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
-                   self.numbers: report.to_dict(),
-                   self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} cells"
-                                      + ("" if "seed" in (x.name, y.name if y else "") else
-                                         f", seed {report.request.seed} in every cell") + "."}
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                    yield {self.sweep_status: gr.skip()}
+                    continue
+                items = [(files(f"c{c.row}_{c.col}", c.image),
+                          x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
+                cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
+                yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
+                       self.numbers: report.to_dict(),
+                       self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} cells"
+                                          + ("" if "seed" in (x.name, y.name if y else "") else
+                                             f", seed {report.request.seed} in every cell") + "."}
 
     def on_cell(self, cells: list[dict], evt: gr.SelectData) -> dict:
         index = getattr(evt, "index", None)  # a call from outside the page may bring no event or no list
@@ -549,31 +556,32 @@ class ExplainView:
         yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
         make = lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                          max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
-        async for report in self._stream(request, make, http):
-            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                yield {self.dissect_status: gr.skip()}
-                continue
-            if report.decoding:  # decoding the steps' x̂0, in slices that let other runs in between
-                yield {self.dissect_status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} "
-                                            f"(seed {request.seed})…"}
-                continue
-            push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
-                    for s in report.steps if s.guidance_delta_norm is not None]
-            push += [{"step": s.step + 1, "value": s.effective_scale, "series": DISSECT_PUSH[1]} for s in report.steps]
-            move = [{"step": s.step + 1, "value": s.x0_change, "series": DISSECT_MOVE[0]} for s in report.steps
-                    if s.x0_change is not None]
-            n = len(report.steps)
-            if report.interval is not None:
-                where = (f"Guidance is on at steps {report.interval[0] + 1}–{report.interval[1] + 1} of {n} only: "
-                         "outside them the model runs without the unconditional pass (scale 1).")
-            elif not any(s.guided for s in report.steps):
-                where = "No step ran the unconditional pass (guidance scale ≤ 1): conditional x̂0 only."
-            else:
-                where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
-            yield {self.dissect_push: _frame(push, "step", DISSECT_PUSH), self.dissect_move: _frame(move, "step", DISSECT_MOVE),
-                   self.dissect_state: (report, files), self.numbers: report.to_dict(),
-                   self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4),
-                                                                                          files)
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                    yield {self.dissect_status: gr.skip()}
+                    continue
+                if report.decoding:  # decoding the steps' x̂0, in slices that let other runs in between
+                    yield {self.dissect_status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} "
+                                                f"(seed {request.seed})…"}
+                    continue
+                push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
+                        for s in report.steps if s.guidance_delta_norm is not None]
+                push += [{"step": s.step + 1, "value": s.effective_scale, "series": DISSECT_PUSH[1]} for s in report.steps]
+                move = [{"step": s.step + 1, "value": s.x0_change, "series": DISSECT_MOVE[0]} for s in report.steps
+                        if s.x0_change is not None]
+                n = len(report.steps)
+                if report.interval is not None:
+                    where = (f"Guidance is on at steps {report.interval[0] + 1}–{report.interval[1] + 1} of {n} only: "
+                             "outside them the model runs without the unconditional pass (scale 1).")
+                elif not any(s.guided for s in report.steps):
+                    where = "No step ran the unconditional pass (guidance scale ≤ 1): conditional x̂0 only."
+                else:
+                    where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
+                yield {self.dissect_push: _frame(push, "step", DISSECT_PUSH), self.dissect_move: _frame(move, "step", DISSECT_MOVE),
+                       self.dissect_state: (report, files), self.numbers: report.to_dict(),
+                       self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4),
+                                                                                              files)
 
     def _dissect_at(self, report: explain.DissectReport, k: int, files: _Files) -> dict:
         """The three x̂0 at step k, written to the dissection's own folder (`files`), not one per slider move."""
@@ -618,20 +626,21 @@ class ExplainView:
                self.tradeoff_gallery: gr.Gallery(value=[], columns=seeds)}
         make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c,  # noqa: E731
                                           run_seconds=self.run_seconds)
-        async for report in self._stream(request, make, http):
-            if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                yield {self.tradeoff_status: gr.skip()}
-                continue
-            items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
-                     for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
-            rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": TRADEOFF_SERIES[0]}
-                    for p in report.points]
-            rows += [{"guidance_scale": p.guidance_scale, "value": p.diversity, "series": TRADEOFF_SERIES[1]} for p in report.points]
-            wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
-            yield {self.tradeoff_gallery: gr.Gallery(value=items, columns=seeds),
-                   self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: report.to_dict(),
-                   self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
-                                         f"{len(report.scales)} scales; the judge checks {wanted}."}
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
+                    yield {self.tradeoff_status: gr.skip()}
+                    continue
+                items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
+                         for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
+                rows = [{"guidance_scale": p.guidance_scale, "value": p.adherence, "series": TRADEOFF_SERIES[0]}
+                        for p in report.points]
+                rows += [{"guidance_scale": p.guidance_scale, "value": p.diversity, "series": TRADEOFF_SERIES[1]} for p in report.points]
+                wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
+                yield {self.tradeoff_gallery: gr.Gallery(value=items, columns=seeds),
+                       self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: report.to_dict(),
+                       self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
+                                             f"{len(report.scales)} scales; the judge checks {wanted}."}
 
     # -- wiring --------------------------------------------------------------------------------------------------
 
