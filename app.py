@@ -35,7 +35,7 @@ from ui.api import ApiView
 from ui.controls import Controls
 from ui.explain import EXPERIMENT_IMAGE_BYTES, ExplainView
 from ui.history import LEGACY_KEY_FILE, HistoryView, key_file as history_key_file
-from ui.live import LiveView, admission_validator, generate_handler
+from ui.live import LiveView, generate_handler
 from ui.state import Playground
 from ui.theme import CSS, theme
 from ui.uploads import NO_UPLOADS, UploadGate, UploadLimits
@@ -165,8 +165,10 @@ def build_demo(
         # The stream sends only what changes while a run goes; the scrubber, code and history follow (ui/live.py).
         # always_last: a click while the previous run is still finishing runs next instead of being dropped.
         common = dict(inputs_kwargs=controls.inputs, outputs=[*live.live_outputs, controls.seed], show_progress="minimal",
-                      show_progress_on=live.status, concurrency_id="generate", trigger_mode="always_last",
-                      validator=admission_validator(app))  # counted against the client when queued
+                      show_progress_on=live.status, concurrency_id="generate", trigger_mode="always_last")
+        # No validator here, unlike /generate and the Explain lab: Gradio's page showed a validation refusal at the
+        # prompt box only sometimes; refused in the handler (a few ms, concurrency 16), the status line and a
+        # warning say so every time.
         then = dict(fn=after_run, inputs=[live.run_id, history.mine],
                     outputs=[*live.after_outputs, history.gallery, history.folders, history.mine],
                     show_progress="hidden", api_visibility="private")
