@@ -13,10 +13,9 @@ import gradio as gr
 from pipelines.explain.common import seeded
 from pipelines.requests import build_request
 from pipelines.types import GenerationRequest
-from ui.live import admission_validator, as_gr_error, finished_status, live_steps, starting_status, step_status, waiting_status
+from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error, finished_status, live_steps, starting_status, step_status, waiting_status
 from ui.state import Playground, Run
 
-KEEPALIVE_SECONDS = 1.0  # /generate checks this often whether its client is still there
 X0_PREVIEW = "fast"  # the API's runs preview x̂0 the cheap way (the UI's x0_preview "fast"); the image is the same
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 from pipelines import explain
 from pipelines.outputs import save_png
 from pipelines.worker import load_here
-from ui.live import admission_validator, as_gr_error
+from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error
 from ui.render import upscale
 from ui.state import Playground
 
@@ -90,7 +90,6 @@ def _frame(rows: list[dict], x: str, series: tuple[str, ...]) -> pd.DataFrame:
 
 EXPERIMENT_RUNS = 4  # an experiment may take this many times PLAYGROUND_MAX_RUN_SECONDS
 KEEPALIVE = object()  # _stream's "nothing new yet" while a job runs
-KEEPALIVE_SECONDS = 1.0  # how often a waiting experiment yields, so Gradio can see its client is gone
 EXPLAIN_CONCURRENCY = 16  # experiments let in at once (they then wait on the worker); above the per-client limit
 JUMP_GALLERY_FRAMES = 30  # the jump gallery shows every step up to this many, else this many spread evenly
 # Decoded x̂0 images one jump or dissection report keeps, in the session's state (Gradio frees it an hour after

@@ -33,6 +33,7 @@ T = TypeVar("T")
 # After a live preview took r seconds, the next waits >= RENDER_SHARE·r: previews, which compete with the
 # denoising loop for the CPU, stay under ~1/13 of the run.
 RENDER_SHARE = 12
+KEEPALIVE_SECONDS = 1.0  # a handler waiting on a run yields this often, so Gradio can see its client is gone
 STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
 STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
 WHY = ("**Why many small steps?** At the first step x̂0 is the model's best guess from pure noise: the *average* of "
