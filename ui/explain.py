@@ -115,6 +115,17 @@ def _whole(value: Any, name: str) -> int:
     return int(number)
 
 
+def _interim(report: Any, status: gr.Markdown, request) -> dict | None:
+    """The status update for what ExplainView._stream yields between results, else None: nothing new yet (a
+    keep-alive, after which Gradio checks that the client is still there) or x̂0 still being decoded, in slices
+    that let other runs in between."""
+    if report is KEEPALIVE:
+        return {status: gr.skip()}
+    if getattr(report, "decoding", False):
+        return {status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} (seed {request.seed})…"}
+    return None
+
+
 class _Files:
     """PNGs of one experiment under outputs/explain/<id>/, written once each and served from there; the folder is
     made by Playground.experiment_folder (fair retention per client)."""
@@ -398,11 +409,8 @@ class ExplainView:
                                       max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                    yield {self.jump_status: gr.skip()}
-                    continue
-                if report.decoding:  # decoding the full run's x̂0, in slices that let other runs in between
-                    yield {self.jump_status: f"Decoding x̂0: step {len(report.steps)} of {n} (seed {request.seed})…"}
+                if (interim := _interim(report, self.jump_status, request)) is not None:
+                    yield interim
                     continue
                 dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
                         for s in report.steps]
@@ -492,8 +500,8 @@ class ExplainView:
                                         run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                    yield {self.branch_status: gr.skip()}
+                if (interim := _interim(report, self.branch_status, request)) is not None:
+                    yield interim
                     continue
                 items = []
                 for i, p in enumerate(report.points):
@@ -526,8 +534,8 @@ class ExplainView:
                                        run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                    yield {self.sweep_status: gr.skip()}
+                if (interim := _interim(report, self.sweep_status, request)) is not None:
+                    yield interim
                     continue
                 items = [(files(f"c{c.row}_{c.col}", c.image),
                           x.label(c.x) + ("" if y is None else f" · {y.label(c.y)}")) for c in report.cells]
@@ -557,12 +565,8 @@ class ExplainView:
                                          max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                    yield {self.dissect_status: gr.skip()}
-                    continue
-                if report.decoding:  # decoding the steps' x̂0, in slices that let other runs in between
-                    yield {self.dissect_status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} "
-                                                f"(seed {request.seed})…"}
+                if (interim := _interim(report, self.dissect_status, request)) is not None:
+                    yield interim
                     continue
                 push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
                         for s in report.steps if s.guidance_delta_norm is not None]
@@ -627,8 +631,8 @@ class ExplainView:
                                           run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if report is KEEPALIVE:  # nothing new: Gradio checks here that the client is still there
-                    yield {self.tradeoff_status: gr.skip()}
+                if (interim := _interim(report, self.tradeoff_status, request)) is not None:
+                    yield interim
                     continue
                 items = [(files(f"g{i}_{j}", im), f"CFG {p.guidance_scale:g} · seed {s}")
                          for i, p in enumerate(report.points) for j, (s, im) in enumerate(zip(p.seeds, p.images))]
