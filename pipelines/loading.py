@@ -123,6 +123,7 @@ class ModelLoader:
         offload: bool = False,
         switch_cooldown: float = 0.0,
         trace: bool = True,
+        thread_cache: thread_probe.ThreadCache | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -132,6 +133,7 @@ class ModelLoader:
         self.offload = offload
         self.switch_cooldown = switch_cooldown
         self.trace = trace
+        self.thread_cache = thread_cache or thread_probe.ThreadCache.default()  # measured thread counts, on disk
         # Per denoiser module (views share one; gone with the model): its traces (None: not traceable), whether small.
         self._traced: weakref.WeakKeyDictionary[torch.nn.Module, TracedUNet | None] = weakref.WeakKeyDictionary()
         self._small: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -246,7 +248,8 @@ class ModelLoader:
             choice = self._threads.get(key)
             if choice is None:
                 denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-                choice = self._threads[key] = thread_probe.choose(denoiser, hw, self.device, default, serving)
+                choice = self._threads[key] = thread_probe.choose_cached(denoiser, hw, self.device, default, serving,
+                                                                         self.thread_cache)
         return choice
 
     def view(self, model: str, scheduler: str | None) -> tuple[DiffusionPipeline, str]:

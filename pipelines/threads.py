@@ -9,12 +9,23 @@ caches it with the model).
 serving: in the web app the event loop and the preview renderer need a core while the loop runs, and a second
 OpenMP thread that stalls at every op's barrier there cost the embedded model 2.2x (issue 12). There N threads must
 beat one by SERVING_MARGIN; in a plain process (the CLI) by CLI_MARGIN.
+
+The answer is also kept on disk (ThreadCache: $XDG_CACHE_HOME or ~/.cache, diffusion-playground/threads.json, keyed
+by the denoiser's architecture, dtype, latent size, setting, core count and torch version), so a CLI process does not
+pay the probe again (0.2 s of the embedded model's 0.6 s run). PLAYGROUND_THREAD_CACHE=off (or a file path) changes
+that; entries older than CACHE_DAYS are measured again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +35,7 @@ CLI_MARGIN = 1.2  # ... and this much in a plain process: a 3-call probe on a sh
 LARGE_CALL_SECONDS = 0.1  # a first call this slow on one thread is a model big enough to split: no further probe
 # (the embedded model's first call takes 0.02-0.03 s, the 17M UNet's at 128² 0.19 s; the full probe cost that one
 # 1.2 s, a third of its 30-step run, in every CLI process)
+CACHE_DAYS = 7  # a cached choice older than this is measured again (a new torch or machine has its own key anyway)
 
 
 @dataclass(frozen=True)
@@ -105,3 +117,81 @@ def choose(denoiser, latent_hw: tuple[int, int], device: torch.device, default: 
     return ThreadChoice(threads, {1: one, default: many},
                         f"1 thread {one * 1e3:.1f} ms, {default} threads {many * 1e3:.1f} ms per call; "
                         f"{default} must win by {margin:g}x{' while serving' if serving else ''}")
+
+
+class ThreadCache:
+    """Thread choices measured earlier on this machine, in one JSON file. Unreadable or stale entries count as
+    missing; a failed write only costs the next process its probe."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: keep nothing
+
+    @classmethod
+    def default(cls) -> "ThreadCache":
+        """PLAYGROUND_THREAD_CACHE: unset for ~/.cache/diffusion-playground/threads.json, 'off' (or '') for none,
+        else a file path."""
+        setting = os.environ.get("PLAYGROUND_THREAD_CACHE")
+        if setting is not None:
+            return cls(None if setting.strip().lower() in ("", "off", "0", "no") else Path(setting))
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return cls(Path(cache) / "diffusion-playground" / "threads.json")
+
+    @staticmethod
+    def key(denoiser, latent_hw: tuple[int, int], default: int, serving: bool) -> str:
+        """What the measurement depends on: the architecture (config, not weights), dtype, size, setting, the CPU
+        and torch. A digest: stable across processes (no salted hash())."""
+        cfg = dict(getattr(denoiser, "config", {}) or {})
+        cfg.pop("_name_or_path", None)
+        cfg.pop("_diffusers_version", None)
+        dtype = next(denoiser.parameters()).dtype
+        what = json.dumps([type(denoiser).__name__, cfg, str(dtype), list(latent_hw), default, serving,
+                           os.cpu_count(), platform.machine(), platform.processor(), torch.__version__],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(what.encode()).hexdigest()[:32]
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> ThreadChoice | None:
+        if self.path is None:
+            return None
+        entry = self._read().get(key)
+        try:
+            if time.time() - float(entry["at"]) > CACHE_DAYS * 86400:
+                return None
+            seconds = {int(n): float(s) for n, s in entry["seconds"].items()}
+            return ThreadChoice(int(entry["threads"]), seconds, f"{entry['why']} (measured earlier on this machine)")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    def put(self, key: str, choice: ThreadChoice) -> None:
+        if self.path is None or not choice.seconds:
+            return
+        data = self._read()
+        data[key] = asdict(choice) | {"at": time.time()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".threads-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old file or the new one
+        except OSError:
+            pass
+
+
+def choose_cached(denoiser, latent_hw: tuple[int, int], device: torch.device, default: int, serving: bool,
+                  cache: ThreadCache) -> ThreadChoice:
+    """`choose`, answered from `cache` when this machine measured the same denoiser, size and setting before."""
+    if device.type != "cpu" or default <= 1 or probe_inputs(denoiser, latent_hw) is None:
+        return choose(denoiser, latent_hw, device, default, serving)
+    key = cache.key(denoiser, latent_hw, default, serving)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    choice = choose(denoiser, latent_hw, device, default, serving)
+    cache.put(key, choice)
+    return choice

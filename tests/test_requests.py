@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -89,3 +90,32 @@ def test_thread_count_is_measured_per_model_and_size(loader):
     from pipelines import threads
 
     assert threads.choose(loader.get("tiny-sd").unet, (16, 16), on_gpu.device, 2, True).threads == 2
+
+
+def test_thread_choice_is_kept_on_disk_for_the_next_process(loader, tmp_path):
+    """A second loader (the next CLI process) reads the count measured by the first instead of probing again; the
+    key is the architecture, size and setting, so another size or a stale entry is measured afresh."""
+    from pipelines import threads
+
+    cache = threads.ThreadCache(tmp_path / "threads.json")
+    first = ModelLoader(device="cpu", thread_cache=cache)
+    first.add("tiny-sd", loader.get("tiny-sd"))
+    measured = first.threads("tiny-sd", None, None, serving=False, default=2)
+    assert set(measured.seconds) == {1, 2} and "earlier" not in measured.why
+
+    second = ModelLoader(device="cpu", thread_cache=cache)
+    second.add("tiny-sd", loader.get("tiny-sd"))
+    again = second.threads("tiny-sd", None, None, serving=False, default=2)
+    assert (again.threads, again.seconds) == (measured.threads, measured.seconds)
+    assert again.why.endswith("(measured earlier on this machine)")
+    assert "earlier" not in second.threads("tiny-sd", 64, 64, serving=False, default=2).why  # another size
+
+    data = json.loads(cache.path.read_text())
+    for entry in data.values():
+        entry["at"] -= (threads.CACHE_DAYS + 1) * 86400
+    cache.path.write_text(json.dumps(data))
+    third = ModelLoader(device="cpu", thread_cache=cache)
+    third.add("tiny-sd", loader.get("tiny-sd"))
+    assert "earlier" not in third.threads("tiny-sd", None, None, serving=False, default=2).why
+    cache.path.write_text("not json")  # a damaged file is a miss, not an error
+    assert threads.ThreadCache(cache.path).get("anything") is None
