@@ -29,6 +29,32 @@ EXAMPLE_PROMPTS = [
     ["a small purple square above an orange circle"],
 ]
 X0_CHOICES = [("Auto", "auto"), ("VAE decode", "decode"), ("Fast preview", "fast")]
+# Ctrl/Cmd+Enter in the prompt or negative prompt clicks Generate (AUTOMATIC1111's habit; Gradio's Shift+Enter in the
+# prompt stays), once per press; the buttons say so in their tooltips. A page <script> (app.py adds it to the head).
+KEYS_JS = """
+(() => {
+  const tips = {"generate-btn": "Generate (Ctrl/Cmd+Enter or Shift+Enter in the prompt)",
+                "reuse-seed": "Reuse the last run's seed (and untick Random seed)"};
+  const label = () => {
+    for (const [id, tip] of Object.entries(tips)) {
+      const el = document.getElementById(id);
+      if (el && el.title !== tip) el.title = tip;
+    }
+    const reuse = document.getElementById("reuse-seed");  // a screen reader says more than "recycling symbol"
+    if (reuse && !reuse.hasAttribute("aria-label")) reuse.setAttribute("aria-label", "♻ reuse the last run's seed");
+  };
+  new MutationObserver(label).observe(document.documentElement, {childList: true, subtree: true});
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.isComposing || e.repeat) return;
+    const block = document.getElementById("prompt-block");
+    const button = document.getElementById("generate-btn");
+    if (!block || !button || !block.contains(e.target) || !e.target.matches("textarea, input")) return;
+    e.preventDefault();
+    e.stopPropagation();  // Gradio's own Enter handling (a one-line box submits) never sees it
+    button.click();
+  }, true);
+})();
+"""
 
 
 # What the widgets show for a model whose settings are not known before it loads (a folder outside the registry).
@@ -73,13 +99,15 @@ class Controls:
         model0 = app.default_model
         rec = known_settings(model0, app.loader)
         with gr.Column(elem_id="prompt-block"):
-            self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left")
+            self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left",
+                                     info="Ctrl/Cmd+Enter or Shift+Enter generates; Enter starts a new line")
             self.prompt_note = gr.Markdown("", elem_classes="step-note", elem_id="prompt-note")
-            self.negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="(none)")
+            self.negative_prompt = gr.Textbox("", label="Negative prompt", lines=1,
+                                              placeholder="(none; Ctrl/Cmd+Enter generates)")
             with gr.Row():
-                self.generate_btn = gr.Button("Generate", variant="primary", scale=3)
+                self.generate_btn = gr.Button("Generate", variant="primary", scale=3, elem_id="generate-btn")
                 self.stop_btn = gr.Button("Stop", variant="stop", scale=1)
-        with gr.Column(elem_id="settings-block"):
+        with gr.Column(elem_id="settings-block") as self.settings_block:  # ui/pnginfo.py adds PNG info at its end
             # Below the buttons on a desktop; after the result on a phone (ui/theme.py orders the blocks).
             gr.Examples(EXAMPLE_PROMPTS, inputs=[self.prompt], label="Prompts in the embedded model's world",
                         cache_examples=False, examples_per_page=len(EXAMPLE_PROMPTS))
@@ -110,6 +138,8 @@ class Controls:
                     self.param_groups[key] = group
             with gr.Row():
                 self.seed = gr.Number(value=0, precision=0, label="Seed", scale=2, min_width=120)
+                # ♻ (A1111's habit): the last run's seed back in the box, Random seed unticked (ui/pnginfo.py wires it)
+                self.reuse_seed_btn = gr.Button("♻", size="sm", scale=0, min_width=44, elem_id="reuse-seed")
                 self.randomize_seed = gr.Checkbox(value=True, label="Random seed", scale=1, min_width=110)
             with gr.Row():
                 self.width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Width", info="0 = the model's size")
