@@ -30,6 +30,7 @@ from pipelines.worker import load_here
 from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error
 from ui.render import upscale
 from ui.state import Playground
+from ui.theme import progress_bar, progress_html
 
 JUMP_COLOURS = {"x̂0 at step k (jump now)": "#1f77b4", "x̂0 at step k": "#1f77b4", "a k-step run": "#ff7f0e"}
 # The series of each Explain plot (see _frame).
@@ -115,15 +116,58 @@ def _whole(value: Any, name: str) -> int:
     return int(number)
 
 
-def _interim(report: Any, status: gr.Markdown, request) -> dict | None:
+def _interim(report: Any, status: gr.Markdown, request,
+             bar: tuple[gr.HTML, Callable[[Any], str]] | None = None) -> dict | None:
     """The status update for what ExplainView._stream yields between results, else None: nothing new yet (a
     keep-alive, after which Gradio checks that the client is still there) or x̂0 still being decoded, in slices
-    that let other runs in between."""
+    that let other runs in between (then also the progress `bar`, as (component, its html from the report))."""
     if report is KEEPALIVE:
         return {status: gr.skip()}
     if getattr(report, "decoding", False):
-        return {status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} (seed {request.seed})…"}
+        out = {status: f"Decoding x̂0: step {len(report.steps)} of {request.num_inference_steps} (seed {request.seed})…"}
+        return out | ({bar[0]: bar[1](report)} if bar is not None else {})
     return None
+
+
+# The progress bar of each experiment: the fraction of its runs (or cells) done, a run whose x̂0 are being decoded
+# counted by the fraction decoded; a report comes once a run (a branch point, a cell, a scale) is whole.
+
+def _state(done: bool) -> str:
+    return "done" if done else "running"
+
+
+def jump_progress(report: explain.JumpReport) -> str:
+    """The full run, then the k-step runs."""
+    total = 1 + len(report.short_steps)
+    if report.decoding:
+        k, n = len(report.steps), report.request.num_inference_steps
+        return progress_html(k / max(n, k, 1), total, f"run 1 of {total}: x̂0 decoded {k} / {n}")
+    done = 1 + len(report.short_runs)
+    return progress_html(done, total, f"{done} / {total} runs", _state(report.done))
+
+
+def branch_progress(report: explain.BranchReport | None, total: int, per_point: int) -> str:
+    """The trunk, then `per_point` branches at each point."""
+    done = 0 if report is None else 1 + len(report.points) * per_point
+    return progress_html(done, total, f"{done} / {total} runs", _state(report is not None and report.done))
+
+
+def sweep_progress(done: int, total: int, finished: bool = False) -> str:
+    return progress_html(done, total, f"{done} / {total} cells", _state(finished))
+
+
+def dissect_progress(report: explain.DissectReport) -> str:
+    """One run, then its x̂0 decoded step by step."""
+    k, n = len(report.steps), max(report.request.num_inference_steps, len(report.steps))
+    if report.decoding:
+        return progress_html(k, n, f"x̂0 decoded {k} / {n}")
+    return progress_html(k, k, f"{k} / {k} steps decoded", "done")
+
+
+def tradeoff_progress(report: explain.TradeoffReport | None, total: int, seeds: int) -> str:
+    """`seeds` runs per guidance scale."""
+    done = 0 if report is None else len(report.points) * seeds
+    return progress_html(done, total, f"{done} / {total} runs", _state(report is not None and report.done))
 
 
 class _Files:
@@ -163,6 +207,7 @@ class ExplainView:
                     self.jump_btn = gr.Button("Run jump vs walk", variant="primary", scale=3)
                     self.jump_stop = gr.Button("Stop", variant="stop", scale=1)
                 self.jump_status = gr.Markdown("", elem_id="explain-jump-status")
+                self.jump_progress = progress_bar("explain-jump-progress")
                 self.jump_state = gr.State(None)
                 with gr.Row():
                     self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="distance to final", color_map=JUMP_COLOURS, elem_id="explain-jump-distance",
@@ -198,6 +243,7 @@ class ExplainView:
                     self.branch_btn = gr.Button("Run branching", variant="primary", scale=3)
                     self.branch_stop = gr.Button("Stop", variant="stop", scale=1)
                 self.branch_status = gr.Markdown("", elem_id="explain-branch-status")
+                self.branch_progress = progress_bar("explain-branch-progress")
                 with gr.Row():
                     with gr.Column(scale=3):
                         gr.Markdown("The endings: a row per branch point, the unbranched run first.", elem_classes="step-note")
@@ -219,6 +265,7 @@ class ExplainView:
                     self.sweep_btn = gr.Button("Run sweep", variant="primary", scale=3)
                     self.sweep_stop = gr.Button("Stop", variant="stop", scale=1)
                 self.sweep_status = gr.Markdown("", elem_id="explain-sweep-status")
+                self.sweep_progress = progress_bar("explain-sweep-progress")
                 self.sweep_state = gr.State([])
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -237,6 +284,7 @@ class ExplainView:
                     self.dissect_btn = gr.Button("Run dissection", variant="primary", scale=3)
                     self.dissect_stop = gr.Button("Stop", variant="stop", scale=1)
                 self.dissect_status = gr.Markdown("", elem_id="explain-dissect-status")
+                self.dissect_progress = progress_bar("explain-dissect-progress")
                 self.dissect_state = gr.State(None)
                 with gr.Row():
                     self.dissect_push = gr.LinePlot(x="step", y="value", color="series", title="guidance per step",
@@ -263,6 +311,7 @@ class ExplainView:
                     self.tradeoff_btn = gr.Button("Run trade-off", variant="primary", scale=3)
                     self.tradeoff_stop = gr.Button("Stop", variant="stop", scale=1)
                 self.tradeoff_status = gr.Markdown("", elem_id="explain-tradeoff-status")
+                self.tradeoff_progress = progress_bar("explain-tradeoff-progress")
                 with gr.Row():
                     with gr.Column(scale=3):
                         gr.Markdown("The images: a row per guidance scale, the same seeds in every row.", elem_classes="step-note")
@@ -404,12 +453,13 @@ class ExplainView:
         files = _Files(self.app, http)
         n = request.num_inference_steps
         yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
-               self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4))}
+               self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4)),
+               self.jump_progress: progress_html(None, 1, f"run 1: {n} steps…")}
         make = lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                       max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if (interim := _interim(report, self.jump_status, request)) is not None:
+                if (interim := _interim(report, self.jump_status, request, (self.jump_progress, jump_progress))) is not None:
                     yield interim
                     continue
                 dist = [{"step": s.step + 1, "value": s.distance_to_final, "series": JUMP_DISTANCE[0]}
@@ -419,7 +469,8 @@ class ExplainView:
                 sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
                 out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
                        self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
-                       self.jump_state: (report, files), self.numbers: report.to_dict()}
+                       self.jump_state: (report, files), self.numbers: report.to_dict(),
+                       self.jump_progress: jump_progress(report)}
                 if not report.short_runs:
                     kept = [s for s in report.steps if s.image is not None]
                     shown = [kept[i] for i in explain.frame_steps(len(kept), JUMP_GALLERY_FRAMES)]
@@ -495,7 +546,8 @@ class ExplainView:
         n = _whole(branch_n, "branches per point")
         files = _Files(self.app, http)
         yield {self.branch_status: f"Running the trunk (seed {request.seed}, {request.scheduler or 'the model’s own scheduler'})…",
-               self.branch_gallery: gr.Gallery(value=[], columns=n + 1)}
+               self.branch_gallery: gr.Gallery(value=[], columns=n + 1),
+               self.branch_progress: branch_progress(None, 1 + len(at) * n, n)}
         make = lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c,  # noqa: E731
                                         run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
@@ -512,7 +564,7 @@ class ExplainView:
                         "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
                 last = report.points[-1]
                 yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
-                       self.numbers: report.to_dict(),
+                       self.numbers: report.to_dict(), self.branch_progress: branch_progress(report, 1 + len(at) * n, n),
                        self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
                                            f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "
                                            f"Last: f={last.fraction:g} (from step {last.step + 1}), diversity {last.diversity:.4f}."}
@@ -529,7 +581,8 @@ class ExplainView:
         files = _Files(self.app, http)
         total = len(x.values) * (len(y.values) if y else 1)
         yield {self.sweep_status: f"Running {total} cells…", self.sweep_state: [],
-               self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values))}
+               self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values)),
+               self.sweep_progress: sweep_progress(0, total)}
         make = lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c,  # noqa: E731
                                        run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
@@ -542,6 +595,7 @@ class ExplainView:
                 cells = [{"request": c.request.to_dict(), "seed": c.result.seed} for c in report.cells]
                 yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
                        self.numbers: report.to_dict(),
+                       self.sweep_progress: sweep_progress(len(report.cells), report.total, report.done),
                        self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} cells"
                                           + ("" if "seed" in (x.name, y.name if y else "") else
                                              f", seed {report.request.seed} in every cell") + "."}
@@ -560,12 +614,14 @@ class ExplainView:
     async def run_dissect(self, http: gr.Request, **values):
         request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         files = _Files(self.app, http)
-        yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…"}
+        yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…",
+               self.dissect_progress: progress_html(None, 1, f"the run: {request.num_inference_steps} steps…")}
         make = lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                          max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
             async for report in reports:
-                if (interim := _interim(report, self.dissect_status, request)) is not None:
+                if (interim := _interim(report, self.dissect_status, request,
+                                        (self.dissect_progress, dissect_progress))) is not None:
                     yield interim
                     continue
                 push = [{"step": s.step + 1, "value": s.guidance_delta_norm, "series": DISSECT_PUSH[0]}
@@ -583,6 +639,7 @@ class ExplainView:
                     where = f"Guidance is on at every step ({report.request.guidance}, scale {report.request.guidance_scale:g})."
                 yield {self.dissect_push: _frame(push, "step", DISSECT_PUSH), self.dissect_move: _frame(move, "step", DISSECT_MOVE),
                        self.dissect_state: (report, files), self.numbers: report.to_dict(),
+                       self.dissect_progress: dissect_progress(report),
                        self.dissect_status: f"Done: seed {report.request.seed}. {where}"} | self._dissect_at(report, max(1, n // 4),
                                                                                               files)
 
@@ -626,7 +683,8 @@ class ExplainView:
         seeds = _whole(tradeoff_seeds, "seeds per scale")
         files = _Files(self.app, http)
         yield {self.tradeoff_status: f"Running {len(scales)} scales × {seeds} seeds (from seed {request.seed})…",
-               self.tradeoff_gallery: gr.Gallery(value=[], columns=seeds)}
+               self.tradeoff_gallery: gr.Gallery(value=[], columns=seeds),
+               self.tradeoff_progress: tradeoff_progress(None, len(scales) * seeds, seeds)}
         make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c,  # noqa: E731
                                           run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
@@ -642,6 +700,7 @@ class ExplainView:
                 wanted = ", ".join(f"{k} {v}" for k, v in report.targets.items())
                 yield {self.tradeoff_gallery: gr.Gallery(value=items, columns=seeds),
                        self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: report.to_dict(),
+                       self.tradeoff_progress: tradeoff_progress(report, len(scales) * seeds, seeds),
                        self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
                                              f"{len(report.scales)} scales; the judge checks {wanted}."}
 
@@ -658,20 +717,23 @@ class ExplainView:
         runs = [
             ("explain_jump", self.jump_btn, self.jump_stop, self.run_jump, {}, self.jump_status,
              [self.jump_status, self.jump_state, self.jump_gallery, self.jump_k, self.jump_distance,
-              self.jump_sharpness, self.jump_compare, self.jump_short, self.jump_note, self.numbers]),
+              self.jump_sharpness, self.jump_compare, self.jump_short, self.jump_note, self.numbers, self.jump_progress]),
             ("explain_branch", self.branch_btn, self.branch_stop, self.run_branch,
              dict(branch_at=self.branch_at, branch_n=self.branch_n, branch_scheduler=self.branch_scheduler),
-             self.branch_status, [self.branch_status, self.branch_gallery, self.branch_plot, self.numbers]),
+             self.branch_status, [self.branch_status, self.branch_gallery, self.branch_plot, self.numbers,
+                                  self.branch_progress]),
             ("explain_sweep", self.sweep_btn, self.sweep_stop, self.run_sweep,
              dict(sweep_x=self.sweep_x, sweep_x_values=self.sweep_x_values, sweep_y=self.sweep_y,
                   sweep_y_values=self.sweep_y_values),
-             self.sweep_status, [self.sweep_status, self.sweep_state, self.sweep_gallery, self.numbers]),
+             self.sweep_status, [self.sweep_status, self.sweep_state, self.sweep_gallery, self.numbers,
+                                 self.sweep_progress]),
             ("explain_dissect", self.dissect_btn, self.dissect_stop, self.run_dissect, {}, self.dissect_status,
              [self.dissect_status, self.dissect_state, self.dissect_push, self.dissect_move, self.dissect_k,
-              self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note, self.numbers]),
+              self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note, self.numbers,
+              self.dissect_progress]),
             ("explain_tradeoff", self.tradeoff_btn, self.tradeoff_stop, self.run_tradeoff,
              dict(tradeoff_scales=self.tradeoff_scales, tradeoff_seeds=self.tradeoff_seeds), self.tradeoff_status,
-             [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.numbers]),
+             [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.numbers, self.tradeoff_progress]),
         ]
         jump_k = self.jump_k.release(self.gpu(self._counted(self.on_jump_k)),
                                      inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),

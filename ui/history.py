@@ -19,6 +19,7 @@ import gradio as gr
 from pipelines.errors import client_message
 from pipelines.outputs import Trace
 from pipelines.types import GenerationRequest
+from ui.live import final_caption
 from ui.render import diffusers_script
 from ui.state import Playground
 
@@ -235,7 +236,8 @@ class HistoryView:
                                 f"{client_message(e, self.app.outputs_dir)}")
         req = request_dict(trace)
         out = controls.restore(req, trace.seed)
-        out |= {live.final_image: str(folder / "image.png"), live.run_id: folder.name,
+        out |= {live.final_image: str(folder / "image.png"), live.run_id: folder.name, live.progress: "",
+                live.cap_final: final_caption(trace.cancelled, len(trace.steps)),
                 live.status: f"Restored the settings of run `{folder.name}` (seed {trace.seed}); press Generate to rerun."}
         try:
             request = GenerationRequest(**(req | {"guidance_params": req.get("guidance_params") or {}}))

@@ -25,7 +25,7 @@ from pipelines.explain.common import seeded
 from pipelines.types import GenerationResult, StepEvent
 from ui.render import diffusers_code
 from ui.state import Playground, Run, kind_label
-from ui.theme import captioned_image
+from ui.theme import RESULT_INTO_VIEW_JS, captioned_image, progress_bar, progress_html
 
 log = logging.getLogger("playground")
 T = TypeVar("T")
@@ -36,6 +36,7 @@ RENDER_SHARE = 12
 KEEPALIVE_SECONDS = 1.0  # a handler waiting on a run yields this often, so Gradio can see its client is gone
 STOP_WAIT = 10.0  # seconds Stop waits for the run to reach a step boundary before it reports back
 STEP_COLUMNS = ["step", "timestep", "σ", "‖ε_c − ε_u‖", "effective scale"]  # the per-step table
+FINAL_CAPTION = "Final image"  # the final image's caption, unless the run was stopped (final_caption)
 WHY = ("**Why many small steps?** At the first step x̂0 is the model's best guess from pure noise: the *average* of "
        "every image that fits the prompt, a blur in which what the prompt leaves open (a background it does not "
        "name, the exact outline) is a mix of everything it could still become. Jumping straight to it gives that "
@@ -66,11 +67,12 @@ class LiveView:
         self.app = app
         self.run_id = gr.State("")
         self.status = gr.Markdown("Ready.", elem_id="live-status")
+        self.progress = progress_bar("live-progress")
         with gr.Row():
             self.live_latents, self.cap_latents = captioned_image("Latents x_t", 200, elem_id="live-latents")
             self.live_channels, self.cap_channels = captioned_image("Latent channels", 200, elem_id="live-channels")
             self.live_x0, self.cap_x0 = captioned_image("Predicted x̂0", 200, elem_id="live-x0")
-            self.final_image, self.cap_final = captioned_image("Final image", 200, elem_id="final-image", type="filepath",
+            self.final_image, self.cap_final = captioned_image(FINAL_CAPTION, 200, elem_id="final-image", type="filepath",
                                                                buttons=["download", "fullscreen"])
         with gr.Group(visible=False) as self.scrub_group:
             self.scrub = gr.Slider(1, 2, value=1, step=1, label="Scrub through the steps", elem_id="scrub")
@@ -92,6 +94,9 @@ class LiveView:
                                                 wrap=True, max_height=260)
         with gr.Accordion("diffusers code that reproduces this image", open=False):
             self.code = gr.Code(language="python", interactive=False, label="diffusers", elem_id="diffusers-code")
+        # In the browser only: on a phone the final image is brought into view as a run starts and ends.
+        self.final_image.change(None, js=RESULT_INTO_VIEW_JS, queue=False, show_progress="hidden",
+                                api_visibility="private")
 
     # -- outputs ---------------------------------------------------------------------------------------
 
@@ -99,7 +104,7 @@ class LiveView:
     def live_outputs(self) -> list:
         """What the Generate stream updates; every yield sends all of them (see the module docstring)."""
         return [self.status, self.live_latents, self.live_channels, self.live_x0, self.final_image, self.cap_latents,
-                self.cap_x0, self.run_id]
+                self.cap_x0, self.run_id, self.cap_final, self.progress]
 
     @property
     def after_outputs(self) -> list:
@@ -114,13 +119,15 @@ class LiveView:
         return [self.status, self.live_latents, self.live_channels, self.live_x0, self.final_image, self.scrub_group,
                 self.scrub, self.step_info, self.scrub_latents, self.scrub_x0, self.scrub_cond, self.scrub_uncond,
                 self.scrub_delta, self.steps_table, self.sigma_plot, self.delta_plot, self.code, self.run_id,
-                self.cap_latents, self.cap_x0, self.cap_s_latents, self.cap_s_x0, self.cap_s_cond, self.cap_s_uncond]
+                self.cap_latents, self.cap_x0, self.cap_s_latents, self.cap_s_x0, self.cap_s_cond, self.cap_s_uncond,
+                self.cap_final, self.progress]
 
     def cleared(self, status: str) -> dict:
         """Every preview emptied (nothing stale from the last run stays on screen) and `status` shown."""
         return {self.status: status, self.live_latents: None, self.live_channels: None, self.live_x0: None,
                 self.final_image: None, self.scrub_group: gr.Group(visible=False), self.code: "", self.run_id: "",
-                self.cap_latents: "Latents x_t", self.cap_x0: "Predicted x̂0"}
+                self.cap_latents: "Latents x_t", self.cap_x0: "Predicted x̂0", self.cap_final: FINAL_CAPTION,
+                self.progress: ""}
 
     def error(self, error: BaseException) -> dict:
         return self.cleared(f"⚠️ **Error:** {error_text(error, self.app.outputs_dir)}")
@@ -141,6 +148,8 @@ class LiveView:
             self.status: finished_status(run, result),
             self.final_image: str(run.folder / "image.png"),
             self.run_id: run.run_id,
+            self.cap_final: final_caption(result.cancelled, result.steps_completed),
+            self.progress: result_progress(result),
         }
 
     def scrubber(self, run: Run) -> dict:
@@ -193,7 +202,7 @@ class LiveView:
             return dict(shown)
 
         try:
-            yield show(self.cleared(starting_status(app, run)))
+            yield show(self.cleared(starting_status(app, run)) | {self.progress: waiting_progress(run)})
             captioned = False
             for item in live_steps(app, run, lambda event: self.previews(run, event.step)):
                 if isinstance(item, int):
@@ -201,6 +210,7 @@ class LiveView:
                     continue
                 event, out = item
                 out[self.status] = step_status(event)
+                out[self.progress] = step_progress(event)
                 if not captioned:
                     out |= self.captions(run)
                     captioned = True
@@ -275,6 +285,34 @@ def step_status(event: StepEvent) -> str:
     rate = (event.step + 1) / event.elapsed if event.elapsed > 0 else 0.0
     sigma = f" · σ = {event.sigma:.3g}" if event.sigma is not None else ""
     return f"Step {event.step + 1} / {event.num_steps} · {rate:.1f} it/s{sigma}"
+
+
+def waiting_progress(run: Run) -> str:
+    """The bar before the first step: how far is not known yet (a queued or loading run)."""
+    return progress_html(None, 1, "not started yet")
+
+
+def step_progress(event: StepEvent) -> str:
+    """The bar while a run goes: the fraction of its loop iterations done (the step shown)."""
+    return progress_html(event.step + 1, event.num_steps, f"step {event.step + 1} / {event.num_steps}")
+
+
+def result_progress(result: GenerationResult) -> str:
+    """The bar once the image exists: every step done, or where it stopped."""
+    k, n = result.steps_completed, max(result.num_steps, 1)
+    if result.cancelled:
+        return progress_html(k, n, f"stopped at step {k} / {result.num_steps}", "stopped")
+    return progress_html(k, n, f"step {k} / {result.num_steps}", "done")
+
+
+def final_caption(cancelled: bool, steps_completed: int) -> str:
+    """The final image's caption: a stopped run's image is the x̂0 of its last step (generate() decodes it), or the
+    starting noise when it stopped before the first."""
+    if not cancelled:
+        return FINAL_CAPTION
+    if steps_completed == 0:
+        return "Stopped before the first step — the starting noise x_T shown"
+    return f"Stopped at step {steps_completed} — x̂0 shown"
 
 
 def finished_status(run: Run, result: GenerationResult) -> str:
