@@ -32,7 +32,7 @@ from pipelines.outputs import TraceWriter  # noqa: E402
 from pipelines.registry import MODELS  # noqa: E402
 from pipelines.requests import Limits, build_request  # noqa: E402
 from pipelines.schedulers import SCHEDULERS  # noqa: E402
-from pipelines.types import DEFAULT_MODEL, MAX_STEPS  # noqa: E402
+from pipelines.types import DEFAULT_MODEL, MAX_IMAGES_PER_PROMPT, MAX_STEPS  # noqa: E402
 
 
 EXIT_OK = 0
@@ -105,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_STATUS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="make one image and write image.png, trace.json and steps/ to --out",
+    g = sub.add_parser("generate", help="make an image (or a batch) and write image.png, trace.json and steps/ to --out",
                        description="Make one image; write DIR/image.png (A1111 `parameters` + request JSON in PNG "
                                    "text chunks), DIR/trace.json (one entry per denoising step) and DIR/steps/ "
                                    "(per-step latent→RGB and x̂0 previews).")
     _request_flags(g)
+    g.add_argument("--num-images-per-prompt", type=int, default=1, metavar="N",
+                   help=f"a batch of N images in one batched run (default 1, at most {MAX_IMAGES_PER_PROMPT}, within the "
+                        "work budget): image i uses seed + i and is the single run with that seed; written as "
+                        "DIR/image.png, DIR/image_1.png, …, each with its own seed in its metadata; steps/ previews "
+                        "show the first image")
     g.add_argument("--x0-preview", choices=("auto", "decode", "fast", "approx", "taesd", "rgb", "channels", "none"), default="auto",
                    help="how steps/*_x0.png is rendered: auto (default: on a CPU the model's faithful fast preview, such as "
                         "its tiny decoder, else a full VAE decode), decode, fast, a named kind, or none")
@@ -208,11 +213,11 @@ def _request(args: argparse.Namespace, trace: bool = True):
         prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
         scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
         width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param) or None,
-        limits=Limits.from_env(os.environ),
+        num_images_per_prompt=getattr(args, "num_images_per_prompt", None), limits=Limits.from_env(os.environ),
     )
     # Measured for this model and size (pipelines/threads.py): 1 for the embedded model, all cores for larger UNets.
     torch.set_num_threads(loader.threads(request.model, request.height, request.width, serving=False,
-                                         default=torch.get_num_threads()).threads)
+                                         default=torch.get_num_threads(), images=request.num_images_per_prompt).threads)
     return loader, pipe, request
 
 
@@ -232,10 +237,14 @@ def _generate(args: argparse.Namespace) -> int:
     writer = TraceWriter(args.out, loader.previewer(request.model), previews)
     t0 = time.perf_counter()
     result = generate(request, writer, loader=loader)
-    writer.finish(result)
+    trace = writer.finish(result)
     written = time.perf_counter() - t0
     t = result.timings
-    print(f"wrote {os.path.join(args.out, 'image.png')} ({result.width}x{result.height}, seed {result.seed}, "
+    n = len(result.images)
+    seeds = f"seed {result.seed}" if n == 1 else f"seeds {result.seed}–{result.seed + n - 1}"
+    names = ", ".join(trace.images) if n <= 4 else f"{trace.images[0]} … {trace.images[-1]}"
+    also = "" if n == 1 else f" ({n} images: {names})"
+    print(f"wrote {os.path.join(args.out, 'image.png')}{also} ({result.width}x{result.height}, {seeds}, "
           f"{result.scheduler}, {result.steps_completed} steps in {t.denoise:.2f}s on {_threads()}, "
           f"written in {written:.2f}s)")
     return 0

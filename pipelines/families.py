@@ -84,8 +84,10 @@ class Family:
         return self.denoiser(pipe).config.in_channels
 
     def encode(self, pipe: Any, prompt: str, negative_prompt: str | None, cfg: bool, device: torch.device,
-               height: int, width: int) -> Conditioning:
-        """Text conditioning; negative_prompt None means diffusers' default (\"\" or zeros for SDXL)."""
+               height: int, width: int, num_images: int = 1) -> Conditioning:
+        """Text conditioning for `num_images` images of one prompt, batched [uncond × n, cond × n] with CFG, as the
+        stock pipeline's encode_prompt(num_images_per_prompt=n) repeats it; negative_prompt None means diffusers'
+        default (\"\" or zeros for SDXL)."""
         raise NotImplementedError
 
     def timesteps(self, pipe: Any, num_inference_steps: int, device: torch.device, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -145,9 +147,9 @@ class Family:
         z = self.unscale_latents(pipe, latents).to(vae.dtype)
         return vae.decode(z, return_dict=False)[0]
 
-    def to_pil(self, pipe: Any, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Image.Image:
-        """Decoded images -> the first as PIL, with whatever the stock pipeline applies after decoding."""
-        return pipe.image_processor.postprocess(images, output_type="pil")[0]
+    def to_pil(self, pipe: Any, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list[Image.Image]:
+        """Decoded images -> PIL images, with whatever the stock pipeline applies after decoding."""
+        return pipe.image_processor.postprocess(images, output_type="pil")
 
     def call_defaults(self, pipe: Any) -> dict[str, Any]:
         """The stock pipeline's own __call__ defaults for steps and guidance scale (SD 50/7.5, PixArt 20/4.5…)."""
@@ -161,8 +163,8 @@ class SDFamily(Family):
     key = "sd"
     pipeline_class = StableDiffusionPipeline
 
-    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
-        embeds, neg = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width, num_images=1):
+        embeds, neg = pipe.encode_prompt(prompt, device, num_images, cfg, negative_prompt)
         return Conditioning(torch.cat([neg, embeds]) if cfg else embeds, cfg)
 
     def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False, traced=None):
@@ -177,7 +179,7 @@ class SDFamily(Family):
         # As StableDiffusionPipeline: the safety checker (when the model ships one) blacks out flagged images.
         images, nsfw = pipe.run_safety_checker(images, device, dtype)
         denormalize = [True] * images.shape[0] if nsfw is None else [not flag for flag in nsfw]
-        return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=denormalize)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=denormalize)
 
     @staticmethod
     def _timestep_cond(pipe, guidance_scale: float, x: torch.Tensor) -> torch.Tensor | None:
@@ -195,14 +197,15 @@ class SDXLFamily(SDFamily):
     key = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
 
-    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width, num_images=1):
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            prompt, device=device, num_images_per_prompt=num_images, do_classifier_free_guidance=cfg,
             negative_prompt=negative_prompt,
         )
         # Adapted from diffusers 0.42.1, StableDiffusionXLPipeline._get_add_time_ids (original size,
         # crop top-left, target size; no micro-conditioning beyond the defaults of __call__).
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype, device=device)
+        time_ids = time_ids.repeat(num_images, 1)
         if cfg:
             return Conditioning(torch.cat([neg, embeds]), True, {
                 "text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])})
@@ -211,7 +214,7 @@ class SDXLFamily(SDFamily):
     def to_pil(self, pipe, images, device, dtype):
         if getattr(pipe, "watermark", None) is not None:  # as StableDiffusionXLPipeline, when the package is there
             images = pipe.watermark.apply_watermark(images)
-        return pipe.image_processor.postprocess(images, output_type="pil")[0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
 
     def unscale_latents(self, pipe, latents):
         cfg = pipe.vae.config
@@ -236,10 +239,10 @@ class PixArtSigmaFamily(Family):
     def patch_size(self, pipe):
         return pipe.transformer.config.patch_size
 
-    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width, num_images=1):
         # clean_caption=True and 300 tokens are PixArtSigmaPipeline.__call__'s defaults.
         embeds, mask, neg, neg_mask = pipe.encode_prompt(
-            prompt, cfg, negative_prompt=negative_prompt or "", num_images_per_prompt=1, device=device,
+            prompt, cfg, negative_prompt=negative_prompt or "", num_images_per_prompt=num_images, device=device,
             clean_caption=True, max_sequence_length=300,
         )
         if cfg:
@@ -277,9 +280,9 @@ class SD3Family(Family):
     def size_multiple(self, pipe):
         return pipe.vae_scale_factor * pipe.patch_size  # SD3's check_inputs: VAE factor × patch size, no fixed 8
 
-    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width):
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width, num_images=1):
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=num_images,
             do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, max_sequence_length=256,
         )
         if cfg:

@@ -102,10 +102,12 @@ def generate(
     *,
     loader: ModelLoader | None = None,
 ) -> GenerationResult:
-    """Make one image for `request`, handing a StepEvent to `observer` after every loop iteration.
+    """Make the image(s) of `request`, handing a StepEvent to `observer` after every loop iteration.
 
     Same seed and settings give the same image as the stock diffusers pipeline (tests/test_parity.py).
-    The noise comes from a CPU torch.Generator seeded with the seed, so results do not depend on the device.
+    The noise comes from a CPU torch.Generator seeded with the seed, so results do not depend on the device. A batch
+    (num_images_per_prompt n) runs as one batched model call per step with one generator per image, seeded
+    seed + i, as the stock pipeline does when given a list of generators: image i is the single run with seed + i.
     """
     observer = observer or Observer()
     loader = loader or ModelLoader()
@@ -121,7 +123,11 @@ def generate(
         # 2. Resolve what the request left open, and validate against this model
         height, width = resolve_size(request, pipe, family)
         seed = request.seed if request.seed is not None else random.randrange(2**32)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        num_images = request.num_images_per_prompt
+        # One generator for one image (the stock pipeline's usual call), a list for a batch: image i draws its
+        # initial noise and every step's fresh noise from its own generator, so it does not depend on the others.
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+        generator = generators[0] if num_images == 1 else generators
         denoiser = family.denoiser(pipe)
         # As diffusers: CFG only above scale 1, and never for guidance-distilled (LCM) UNets.
         do_cfg = request.guidance_scale > 1.0 and getattr(denoiser.config, "time_cond_proj_dim", None) is None
@@ -130,14 +136,16 @@ def generate(
         method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params, prediction_type)
 
         # 3. Encode the prompt ("" negative means diffusers' default None)
-        cond = family.encode(pipe, request.prompt, request.negative_prompt or None, do_cfg, device, height, width)
+        cond = family.encode(pipe, request.prompt, request.negative_prompt or None, do_cfg, device, height, width,
+                             num_images)
         t_encoded = time.perf_counter()
 
         # 4. Timesteps, then initial latents (scaled by the scheduler's init_noise_sigma)
         latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         timesteps = family.timesteps(pipe, request.num_inference_steps, device, latent_hw)
         check_timesteps(scheduler, timesteps, request.num_inference_steps)
-        latents = pipe.prepare_latents(1, family.latent_channels(pipe), height, width, cond.embeds.dtype, device, generator)
+        latents = pipe.prepare_latents(num_images, family.latent_channels(pipe), height, width, cond.embeds.dtype, device,
+                                       generator)
         step_kwargs = family.step_kwargs(pipe, generator)
         num_steps = len(timesteps)
 
@@ -153,7 +161,8 @@ def generate(
                     cancelled = True
                     break
                 if request.branch is not None and i == request.branch[0]:
-                    generator.manual_seed(request.branch[1])  # a branch: the same x_t, fresh noise from here on
+                    for k, g in enumerate(generators):  # a branch: the same x_t, fresh noise from here on
+                        g.manual_seed(request.branch[1] + k)
                 # 5a. Guidance context and the predictions this step needs (the method says: uncond, cond, perturbed)
                 sigma = sigma_at(scheduler, i, t, family.flow)
                 ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)
@@ -206,11 +215,12 @@ def generate(
         # 6. Decode: the final latents, or the last x̂0 when stopped early (the best image there is)
         final = denoised if cancelled and steps_completed else latents
         decoded = family.decode(pipe, final)
-        image = family.to_pil(pipe, decoded, device, cond.embeds.dtype)
+        images = family.to_pil(pipe, decoded, device, cond.embeds.dtype)
         t_end = time.perf_counter()
 
     return GenerationResult(
-        image=image,
+        image=images[0],
+        images=tuple(images),
         seed=seed,
         request=request,
         timings=Timings(

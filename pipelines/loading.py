@@ -144,7 +144,7 @@ class ModelLoader:
         # Per model, dropped with it: its previewer and profile (resolved once), thread choices per size and setting.
         self._previewers: dict[str, Previewer] = {}
         self._profiles: dict[str, ModelProfile] = {}
-        self._threads: dict[tuple[str, tuple[int, int], bool, int], thread_probe.ThreadChoice] = {}
+        self._threads: dict[tuple[str, tuple[int, int], int, bool, int], thread_probe.ThreadChoice] = {}
         self._lock = threading.RLock()
         self.run_lock = threading.Lock()  # one denoising run at a time: the views' schedulers are stateful
 
@@ -235,7 +235,7 @@ class ModelLoader:
         return profile
 
     def threads(self, model: str, height: int | None, width: int | None, *, serving: bool,
-                default: int) -> thread_probe.ThreadChoice:
+                default: int, images: int = 1) -> thread_probe.ThreadChoice:
         """torch's thread count for runs of `model` at height x width (None: its native size), measured on first
         use of that size (pipelines/threads.py) and kept with the model. serving: the web app, where the event
         loop and previews need a core."""
@@ -243,13 +243,13 @@ class ModelLoader:
         profile = self.profile(model)
         side = profile.native_size
         hw = ((height or side) // pipe.vae_scale_factor, (width or side) // pipe.vae_scale_factor)
-        key = (model, hw, serving, default)
+        key = (model, hw, images, serving, default)
         with self._lock:  # one probe at a time; runs wait for it anyway (run_lock)
             choice = self._threads.get(key)
             if choice is None:
                 denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
                 choice = self._threads[key] = thread_probe.choose_cached(denoiser, hw, self.device, default, serving,
-                                                                         self.thread_cache)
+                                                                         self.thread_cache, images)
         return choice
 
     def view(self, model: str, scheduler: str | None) -> tuple[DiffusionPipeline, str]:

@@ -39,8 +39,9 @@ STEP_TENSORS_FILE = "steps/tensors.safetensors"
 STEP_TENSORS_LIMIT = 32 * 2**20  # bytes: save_step_tensors' default cap (a 64×64 model's 20 steps take ~20 KB)
 
 
-def a1111_parameters(request: GenerationRequest, result: GenerationResult) -> str:
-    """The AUTOMATIC1111 `parameters` text: prompt, 'Negative prompt:' line, then 'Key: value, ...'."""
+def a1111_parameters(request: GenerationRequest, result: GenerationResult, index: int = 0) -> str:
+    """The AUTOMATIC1111 `parameters` text of image `index` of the run: prompt, 'Negative prompt:' line, then
+    'Key: value, ...' (a batch's images carry their own seed, seed + index, and A1111's 'Batch size'/'Batch pos')."""
     spec = SCHEDULERS.get(result.scheduler)
     fields: list[tuple[str, Any]] = [
         ("Steps", request.num_inference_steps),
@@ -50,7 +51,7 @@ def a1111_parameters(request: GenerationRequest, result: GenerationResult) -> st
         fields.append(("Schedule type", "Karras"))
     fields += [
         ("CFG scale", f"{request.guidance_scale:g}"),
-        ("Seed", result.seed),
+        ("Seed", result.seed + index),
         ("Size", f"{result.width}x{result.height}"),
         ("Model", Path(request.model).name if os.sep in request.model and os.path.isdir(request.model) else request.model),
     ]
@@ -59,6 +60,8 @@ def a1111_parameters(request: GenerationRequest, result: GenerationResult) -> st
         fields.append(("Guidance", f"{request.guidance} {params}".strip()))
     if "guidance_rescale" in request.guidance_params:
         fields.append(("CFG Rescale phi", f"{request.guidance_params['guidance_rescale']:g}"))
+    if request.num_images_per_prompt > 1:
+        fields += [("Batch size", request.num_images_per_prompt), ("Batch pos", index)]
     if result.cancelled:
         fields.append(("Stopped at step", result.steps_completed))
     text = _one_line(request.prompt)
@@ -97,10 +100,18 @@ def save_png(path: str | os.PathLike, image: Image.Image | np.ndarray, text: dic
     return path
 
 
-def save_image(path: str | os.PathLike, result: GenerationResult) -> Path:
-    """The final image with A1111 `parameters` and the full request (plus seed used) as JSON in `request`."""
-    request_json = json.dumps(result.request.to_dict() | {"seed": result.seed}, sort_keys=True)
-    return save_png(path, result.image, {"parameters": a1111_parameters(result.request, result), "request": request_json})
+def image_name(index: int) -> str:
+    """The file of image `index` of a run's batch: image.png, then image_1.png, image_2.png … (seed + index)."""
+    return "image.png" if index == 0 else f"image_{index}.png"
+
+
+def save_image(path: str | os.PathLike, result: GenerationResult, index: int = 0) -> Path:
+    """Image `index` of the run with A1111 `parameters` and, as JSON in `request`, the request that makes this image
+    alone (its seed, seed + index; one image), so any image of a batch can be reproduced and shared by itself."""
+    alone = result.request.image_alone(result.seed, index)
+    request_json = json.dumps(alone.to_dict(), sort_keys=True)
+    return save_png(path, result.images[index],
+                    {"parameters": a1111_parameters(result.request, result, index), "request": request_json})
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -116,7 +127,7 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 class Trace:
     """A finished run's record, written to <folder>/trace.json next to <folder>/image.png."""
 
-    image: str  # file name of the final PNG inside the run folder ("image.png")
+    image: str  # file name of the final PNG inside the run folder ("image.png"; a batch's first image)
     seed: int  # the seed used
     request: GenerationRequest  # the request, with `seed` filled in (so it reproduces the image)
     scheduler: str  # scheduler key used (or the class name of a model's own scheduler outside the registry)
@@ -128,6 +139,11 @@ class Trace:
     preview_kinds: Mapping[str, str]  # preview name -> Previewer kind used for it
     latent_format: str  # the model's latent-format record name (pipelines/previews.py)
     steps: tuple[StepEvent, ...]  # one per completed loop iteration: numbers and previews, no tensors
+    images: tuple[str, ...] = ()  # a batch's image files in order, image i from seed + i (() or one: just `image`)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            object.__setattr__(self, "images", (self.image,))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of trace.json (key names and order as written since the format began)."""
@@ -144,7 +160,7 @@ class Trace:
             "preview_kinds": dict(self.preview_kinds),
             "latent_format": self.latent_format,
             "steps": [s.numbers() | {"previews": dict(s.previews)} for s in self.steps],
-        }
+        } | ({"images": list(self.images)} if len(self.images) > 1 else {})
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Write <folder>/trace.json atomically; return its path."""
@@ -178,7 +194,7 @@ class Trace:
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any], folder: Path, where: str) -> Trace:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name != "images"]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         image = _typed(data, "image", str, where)
@@ -201,7 +217,15 @@ class Trace:
             raise ValueError(f"{where}: timings must have exactly {', '.join(timing_names)}, got {', '.join(timings_data)}")
         timings = Timings(**{k: _number(timings_data, k, f"{where}: timings") for k in timing_names})
         steps_data = _typed(data, "steps", list, where)
+        images = tuple(data.get("images") or (image,))
+        if images[0] != image or len(images) != request.num_images_per_prompt or any(
+                not isinstance(name, str) or name != image_name(i) for i, name in enumerate(images)):
+            raise ValueError(f"{where}: images must name the batch's {request.num_images_per_prompt} files "
+                             f"{', '.join(image_name(i) for i in range(request.num_images_per_prompt))}")
+        for name in images[1:]:
+            _regular_file(folder / name, f"{where}: image {name!r}")
         return cls(
+            images=images,
             image=image,
             seed=seed,
             request=request,
@@ -411,9 +435,12 @@ class TraceWriter(Observer):
         finally:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
-        save_image(self.out_dir / "image.png", result)
+        names = tuple(image_name(i) for i in range(len(result.images)))
+        for i, name in enumerate(names):
+            save_image(self.out_dir / name, result, i)
         trace = Trace(
-            image="image.png",
+            image=names[0],
+            images=names,
             seed=result.seed,
             request=dataclasses.replace(result.request, seed=result.seed),
             scheduler=result.scheduler,
@@ -441,6 +468,7 @@ class TraceWriter(Observer):
 # its previews and tensors, temporary files), never follow a symbolic link, and never touch anything else.
 
 RUN_FILES = frozenset({"image.png", TRACE_FILE, "steps"})  # what a run folder holds (besides temporary files)
+_BATCH_IMAGE = re.compile(r"image_[1-9][0-9]?\.png")  # a batch's further images (image_name)
 _STEP_FILE = re.compile(r"\d{3,}_[A-Za-z0-9_]+\.png|tensors\.safetensors")  # steps/NNN_<preview>.png, the tensors
 _TEMP_FILE = re.compile(r"\..+\.tmp")  # _atomic_write's temporary names: .<name>.<random>.tmp
 _DELETING = ".deleting-"  # a run folder being removed is first renamed to this prefix + its name
@@ -488,7 +516,7 @@ def scan_run_folder(path: str | os.PathLike) -> RunFolder | None:
             size, newest = size + inner_size, max(newest, inner_newest)
             temps += inner_temps
             known = True
-        elif entry.name in RUN_FILES and stat.S_ISREG(st.st_mode):
+        elif (entry.name in RUN_FILES or _BATCH_IMAGE.fullmatch(entry.name)) and stat.S_ISREG(st.st_mode):
             size += st.st_size
             known = True
             if entry.name == TRACE_FILE:

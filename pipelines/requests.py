@@ -24,7 +24,7 @@ from pipelines.limits import ENV_VARS, Limits
 from pipelines.loading import ModelLoader
 from pipelines.profile import Recommended, recommended_for
 from pipelines.registry import MODELS, resolve, tier_of
-from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
+from pipelines.types import DEFAULT_MODEL, MAX_IMAGES_PER_PROMPT, MAX_SIDE, MAX_STEPS, GenerationRequest
 
 _ROOT = Path(__file__).resolve().parent.parent
 OWN_SCHEDULER = "model default"  # the UI dropdown's value for "keep the model's own scheduler"
@@ -126,8 +126,10 @@ def native_size(model: str, pipe: Any) -> int:
     return MODELS[model].size
 
 
-def check_budget(model: str, tier: str, device: str, width: int, height: int, steps: int, limits: Limits) -> None:
-    """Refuse a request over its tier's budget on this device (Limits.budget), naming the limit and its variable."""
+def check_budget(model: str, tier: str, device: str, width: int, height: int, steps: int, limits: Limits,
+                 images: int = 1) -> None:
+    """Refuse a request over its tier's budget on this device (Limits.budget), naming the limit and its variable. A
+    batch of `images` counts as that many images: its pixels (memory) and its pixel-steps (time)."""
     budget = limits.budget(tier, device)
     where = f"for {tier} models such as {model!r} on {'cuda' if device == 'cuda' else 'a cpu'}"
     max_steps = min(budget.max_steps, MAX_STEPS)
@@ -139,10 +141,29 @@ def check_budget(model: str, tier: str, device: str, width: int, height: int, st
         raise ValueError(f"{width}x{height} is {pixels} pixels; the limit {where} is {budget.max_pixels} "
                          f"(e.g. {_side(budget.max_pixels)}x{_side(budget.max_pixels)}; raise it with "
                          f"{ENV_VARS['max_pixels']})")
-    if pixels * steps > budget.max_work:
-        most = max(1, budget.max_work // pixels)
-        raise ValueError(f"{width}x{height} x {steps} steps is {pixels * steps} pixel-steps; the limit {where} is "
-                         f"{budget.max_work} (at most {most} steps at this size; raise it with {ENV_VARS['max_work']})")
+    if images > 1 and pixels * images > budget.max_pixels:
+        raise ValueError(f"a batch of {images} images of {width}x{height} is {pixels * images} pixels; the limit "
+                         f"{where} is {budget.max_pixels} (at most {max(1, budget.max_pixels // pixels)} images at this "
+                         f"size; raise it with {ENV_VARS['max_pixels']})")
+    if pixels * steps * images > budget.max_work:
+        if images == 1:
+            most = max(1, budget.max_work // pixels)
+            raise ValueError(f"{width}x{height} x {steps} steps is {pixels * steps} pixel-steps; the limit {where} is "
+                             f"{budget.max_work} (at most {most} steps at this size; raise it with "
+                             f"{ENV_VARS['max_work']})")
+        most = max(1, budget.max_work // (pixels * steps))
+        raise ValueError(f"{images} images of {width}x{height} x {steps} steps is {pixels * steps * images} "
+                         f"pixel-steps; the limit {where} is {budget.max_work} (at most {most} image"
+                         f"{'s' if most > 1 else ''} per batch at this size and step count; raise it with "
+                         f"{ENV_VARS['max_work']})")
+
+
+def max_batch(tier: str, device: str, side: int, steps: int, limits: Limits) -> int:
+    """The largest batch the budget allows for `side`x`side` images and `steps` steps (at least 1, at most
+    MAX_IMAGES_PER_PROMPT): what the UI's batch slider offers."""
+    budget = limits.budget(tier, device)
+    pixels = side * side
+    return max(1, min(MAX_IMAGES_PER_PROMPT, budget.max_pixels // pixels, budget.max_work // (pixels * steps)))
 
 
 def _side(pixels: int) -> int:
@@ -163,6 +184,7 @@ def build_request(
     height: Any = None,
     guidance: str | None = "cfg",
     guidance_params: Mapping[str, Any] | str | None = None,
+    num_images_per_prompt: Any = None,
     limits: Limits | None = None,
 ) -> GenerationRequest:
     """A validated request from user-facing values; raises ValueError naming what is allowed.
@@ -170,7 +192,7 @@ def build_request(
     Unset (None, "", or the API's sentinels): num_inference_steps / guidance_scale -1 take the model's
     recommended values; seed -1 draws a random one; width / height 0 take the model's native size;
     scheduler "" or "model default" keeps the model's own; guidance "" takes the model's recommended method (and
-    its parameters when guidance_params is unset too).
+    its parameters when guidance_params is unset too); num_images_per_prompt unset is 1 (image i uses seed + i).
     limits: the work budget (default: Limits(), the built-in defaults; app.py and the CLI pass Limits.from_env).
     """
     limits = limits or Limits()
@@ -212,6 +234,13 @@ def build_request(
             raise ValueError(f"{name} must be a whole number from 1 to {MAX_SIDE} (or 0 for the model's size), "
                              f"got {sizes[name]}")
 
+    images = 1 if _unset(num_images_per_prompt) else whole_number("num_images_per_prompt", num_images_per_prompt)
+    if not 1 <= images <= MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"num_images_per_prompt must be a whole number from 1 to {MAX_IMAGES_PER_PROMPT}, got {images}")
+    if seed_value is not None and seed_value + images > 2**63:
+        raise ValueError(f"seed + num_images_per_prompt must stay below 2**63 (image i uses seed + i), got seed "
+                         f"{seed_value} and {images} images")
+
     scheduler_key = None if _unset(scheduler) or scheduler == OWN_SCHEDULER else str(scheduler).strip()
 
     # The budget needs the model's weight class and native size: the registry knows them for its models; anything
@@ -221,7 +250,7 @@ def build_request(
         pipe = loader.get(model)
     side = native_size(model, pipe) if None in sizes.values() else 0
     check_budget(model, tier_of(model, pipe), loader.device.type, sizes["width"] or side, sizes["height"] or side,
-                 steps, limits)
+                 steps, limits, images)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -235,4 +264,5 @@ def build_request(
         guidance=rec.guidance if guidance_unset else guidance.strip(),
         guidance_params=(dict(rec.guidance_params) if guidance_unset and _unset(guidance_params)
                          else parse_guidance_params(guidance_params)),
+        num_images_per_prompt=images,
     )

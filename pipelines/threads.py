@@ -47,9 +47,9 @@ class ThreadChoice:
     why: str  # one line: what decided it
 
 
-def probe_inputs(denoiser, latent_hw: tuple[int, int]) -> dict | None:
-    """Inputs of one CFG-batched call of an SD-shaped UNet (batch 2), or None for denoisers the probe cannot feed
-    (transformers, UNets with added conditioning such as SDXL's)."""
+def probe_inputs(denoiser, latent_hw: tuple[int, int], images: int = 1) -> dict | None:
+    """Inputs of one CFG-batched call of an SD-shaped UNet for `images` images (batch 2 x images), or None for
+    denoisers the probe cannot feed (transformers, UNets with added conditioning such as SDXL's)."""
     cfg = getattr(denoiser, "config", None)
     if cfg is None or type(denoiser).__name__ != "UNet2DConditionModel" or cfg.get("addition_embed_type") is not None:
         return None
@@ -58,9 +58,9 @@ def probe_inputs(denoiser, latent_hw: tuple[int, int]) -> dict | None:
     g = torch.Generator("cpu").manual_seed(0)
     dtype = next(denoiser.parameters()).dtype
     h, w = latent_hw
-    return {"sample": torch.randn(2, cfg.in_channels, h, w, generator=g).to(dtype),
+    return {"sample": torch.randn(2 * images, cfg.in_channels, h, w, generator=g).to(dtype),
             "timestep": torch.tensor(500),
-            "encoder_hidden_states": torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dtype)}
+            "encoder_hidden_states": torch.randn(2 * images, 77, cfg.cross_attention_dim, generator=g).to(dtype)}
 
 
 @torch.no_grad()
@@ -98,11 +98,13 @@ def first_call(denoiser, inputs: dict) -> float:
         torch.set_num_threads(before)
 
 
-def choose(denoiser, latent_hw: tuple[int, int], device: torch.device, default: int, serving: bool) -> ThreadChoice:
-    """The thread count for `denoiser` at `latent_hw` on `device` (default: torch's own count, N)."""
+def choose(denoiser, latent_hw: tuple[int, int], device: torch.device, default: int, serving: bool,
+           images: int = 1) -> ThreadChoice:
+    """The thread count for `denoiser` at `latent_hw` for a batch of `images` on `device` (default: torch's own
+    count, N): a batch is more work per call, which more threads may split where one image's call does not."""
     if device.type != "cpu" or default <= 1:
         return ThreadChoice(default, {}, "not a multi-core CPU: torch's own count")
-    inputs = probe_inputs(denoiser, latent_hw)
+    inputs = probe_inputs(denoiser, latent_hw, images)
     if inputs is None:
         return ThreadChoice(default, {}, "no probe for this denoiser: torch's own count")
     # One thread first: a small model's call is milliseconds there, and a second thread that has to share its core
@@ -137,14 +139,14 @@ class ThreadCache:
         return cls(Path(cache) / "diffusion-playground" / "threads.json")
 
     @staticmethod
-    def key(denoiser, latent_hw: tuple[int, int], default: int, serving: bool) -> str:
+    def key(denoiser, latent_hw: tuple[int, int], default: int, serving: bool, images: int = 1) -> str:
         """What the measurement depends on: the architecture (config, not weights), dtype, size, setting, the CPU
         and torch. A digest: stable across processes (no salted hash())."""
         cfg = dict(getattr(denoiser, "config", {}) or {})
         cfg.pop("_name_or_path", None)
         cfg.pop("_diffusers_version", None)
         dtype = next(denoiser.parameters()).dtype
-        what = json.dumps([type(denoiser).__name__, cfg, str(dtype), list(latent_hw), default, serving,
+        what = json.dumps([type(denoiser).__name__, cfg, str(dtype), list(latent_hw), images, default, serving,
                            os.cpu_count(), platform.machine(), platform.processor(), torch.__version__],
                           sort_keys=True, default=str)
         return hashlib.sha256(what.encode()).hexdigest()[:32]
@@ -184,14 +186,14 @@ class ThreadCache:
 
 
 def choose_cached(denoiser, latent_hw: tuple[int, int], device: torch.device, default: int, serving: bool,
-                  cache: ThreadCache) -> ThreadChoice:
+                  cache: ThreadCache, images: int = 1) -> ThreadChoice:
     """`choose`, answered from `cache` when this machine measured the same denoiser, size and setting before."""
     if device.type != "cpu" or default <= 1 or probe_inputs(denoiser, latent_hw) is None:
-        return choose(denoiser, latent_hw, device, default, serving)
-    key = cache.key(denoiser, latent_hw, default, serving)
+        return choose(denoiser, latent_hw, device, default, serving, images)
+    key = cache.key(denoiser, latent_hw, default, serving, images)
     found = cache.get(key)
     if found is not None:
         return found
-    choice = choose(denoiser, latent_hw, device, default, serving)
+    choice = choose(denoiser, latent_hw, device, default, serving, images)
     cache.put(key, choice)
     return choice

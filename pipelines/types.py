@@ -17,6 +17,7 @@ DEFAULT_MODEL = "tiny-shapes"
 
 MAX_STEPS = 1000
 MAX_SIDE = 4096
+MAX_IMAGES_PER_PROMPT = 16  # a batch's upper bound; the work budget (pipelines/limits.py) counts the whole batch
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class GenerationRequest:
     # (step, seed): from loop step `step` on, the scheduler's fresh noise comes from a generator re-seeded with `seed`;
     # steps before it are the run without a branch (pipelines/explain/branch.py branches a trunk this way). None: no branch.
     branch: tuple[int, int] | None = None
+    # Images made in one batched run; image i uses seed + i and equals the single run with that seed (AUTOMATIC1111's
+    # convention; diffusers takes a list of generators), so any image of a batch can be reproduced alone.
+    num_images_per_prompt: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -75,12 +79,21 @@ class GenerationRequest:
                 raise ValueError(f"branch must be (step, seed) with step from 0 to num_inference_steps-1 "
                                  f"({self.num_inference_steps - 1}) and seed from 0 to 2**63-1, or None; got {self.branch!r}")
             object.__setattr__(self, "branch", b)
+        n = self.num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
+            raise ValueError(f"num_images_per_prompt must be an integer from 1 to {MAX_IMAGES_PER_PROMPT}, got {n!r}")
+        if self.seed is not None and self.seed + n > 2**63:
+            raise ValueError(f"seed + num_images_per_prompt must stay below 2**63 (image i uses seed + i), "
+                             f"got seed {self.seed} and {n} images")
         # Guidance method and parameters are validated against the registry here, once.
         _validate_guidance(self.guidance, params)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (`branch` only when set, so readers of older traces see what they knew)."""
+        """A JSON-ready dict of every field (`branch` only when set and `num_images_per_prompt` only above 1, so
+        readers of older traces see what they knew)."""
         d = asdict(self) | {"guidance_params": dict(self.guidance_params)}
+        if self.num_images_per_prompt == 1:
+            del d["num_images_per_prompt"]
         if self.branch is None:
             del d["branch"]
         else:
@@ -89,6 +102,14 @@ class GenerationRequest:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def seeds(self, seed: int) -> tuple[int, ...]:
+        """The seed of each image of the batch, given the run's (first) seed."""
+        return tuple(seed + i for i in range(self.num_images_per_prompt))
+
+    def image_alone(self, seed: int, index: int) -> "GenerationRequest":
+        """The single-image request that makes image `index` of this batch (run with `seed`) on its own."""
+        return replace(self, seed=seed + index, num_images_per_prompt=1)
 
 
 class _FrozenParams(dict):
@@ -174,10 +195,10 @@ class GenerationResult:
     """The outcome of one generate() call."""
 
     image: Image.Image  # final image (first of the batch); for a cancelled run, the decoded last x̂0
-    seed: int  # the seed actually used
+    seed: int  # the seed actually used (the first image's; image i used seed + i)
     request: GenerationRequest  # the request as given (seed may be None there)
     timings: Timings  # per-phase wall-clock seconds
-    latents: torch.Tensor  # final latents (1, C, h, w)
+    latents: torch.Tensor  # final latents (B, C, h, w), B = request.num_images_per_prompt
     steps_completed: int  # iterations run (== num_steps unless cancelled)
     num_steps: int  # iterations planned
     cancelled: bool  # True when an observer stopped the run early
@@ -185,3 +206,13 @@ class GenerationResult:
     family: str  # model family key ("sd", "sdxl", "pixart_sigma", "sd3")
     height: int  # pixels rendered
     width: int  # pixels rendered
+    images: tuple[Image.Image, ...] = ()  # every image of the batch, image i from seed + i (images[0] is `image`)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            object.__setattr__(self, "images", (self.image,))
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seed of each image: seed + i."""
+        return tuple(self.seed + i for i in range(len(self.images)))

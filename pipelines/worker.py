@@ -77,7 +77,8 @@ def load_here(worker: GenerationWorker, request, *, loader):
     """Inside a job of `worker`: load the request's model and set torch's thread count for its size
     (ModelLoader.threads, serving); returns the loaded pipeline."""
     pipe = loader.get(request.model)
-    choice = loader.threads(request.model, request.height, request.width, serving=True, default=worker.default_threads)
+    choice = loader.threads(request.model, request.height, request.width, serving=True, default=worker.default_threads,
+                            images=request.num_images_per_prompt)
     torch.set_num_threads(choice.threads)
     return pipe
 

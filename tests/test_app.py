@@ -47,7 +47,7 @@ def client(server):
 def test_api_generate_returns_image_of_requested_size_and_seed(client, pipe):
     factor = family_of(pipe).size_multiple(pipe)
     width, height = 5 * factor, 3 * factor  # not square, not the model's own size
-    path, seed, info = client.predict(prompt="a red circle", width=width, height=height, num_inference_steps=3,
+    path, seed, info, _ = client.predict(prompt="a red circle", width=width, height=height, num_inference_steps=3,
                                       seed=7, api_name="/generate")
     image = Image.open(path)
     assert image.size == (width, height)
@@ -56,7 +56,7 @@ def test_api_generate_returns_image_of_requested_size_and_seed(client, pipe):
 
 
 def test_api_only_prompt_is_required_and_random_seed_is_reported(client):
-    path, seed, info = client.predict(prompt="", api_name="/generate")
+    path, seed, info, _ = client.predict(prompt="", api_name="/generate")
     assert info["steps_completed"] == 51  # the stock SD pipeline's 50 steps (PNDM runs one more)
     assert Image.open(path).size == (32, 32)  # the tiny model's own size
     assert isinstance(seed, int) and seed >= 0
@@ -84,7 +84,7 @@ def test_api_bad_input_says_what_is_allowed_and_server_keeps_serving(client, kwa
         client.predict(prompt="x", api_name="/generate", **({"num_inference_steps": 2} | kwargs))
     assert allowed in str(err.value)
     assert "upstream" not in str(err.value)
-    path, _, _ = client.predict(prompt="x", num_inference_steps=2, api_name="/generate")
+    path, _, _, _ = client.predict(prompt="x", num_inference_steps=2, api_name="/generate")
     assert Path(path).is_file()
 
 
@@ -322,7 +322,7 @@ def test_restored_run_scrubs_from_its_saved_steps_after_a_restart(server, client
     from pipelines.previews import colour_error
 
     _, outputs, _ = server
-    _, _, info = client.predict(prompt="a red circle", num_inference_steps=4, seed=5, api_name="/generate")
+    _, _, info, _ = client.predict(prompt="a red circle", num_inference_steps=4, seed=5, api_name="/generate")
     folder = Path(outputs) / info["run"]
     loader = ModelLoader(device="cpu")
     loader.add(MODEL, pipe)

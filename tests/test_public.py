@@ -102,7 +102,7 @@ def test_a_stream_whose_client_goes_away_stops_its_run(server, client):
 
 
 API_PARAMETERS = ["prompt", "negative_prompt", "model", "scheduler", "num_inference_steps", "guidance_scale", "seed",
-                  "width", "height", "guidance", "guidance_params"]
+                  "width", "height", "guidance", "guidance_params", "num_images_per_prompt"]
 
 
 def test_generate_and_generate_stream_take_one_request_shape(server):
@@ -116,10 +116,11 @@ def test_generate_and_generate_stream_take_one_request_shape(server):
     assert [name for name, _, _ in shape["/generate"]] == API_PARAMETERS
     assert dict((n, d) for n, _, d in shape["/generate"]) == {
         "prompt": None, "negative_prompt": "", "model": MODEL, "scheduler": "", "num_inference_steps": -1,
-        "guidance_scale": -1, "seed": -1, "width": 0, "height": 0, "guidance": "", "guidance_params": ""}
+        "guidance_scale": -1, "seed": -1, "width": 0, "height": 0, "guidance": "", "guidance_params": "",
+        "num_images_per_prompt": 1}
     assert [r["label"] for r in endpoints["/generate_stream"]["returns"]] == [
-        "status", "latents x_t", "predicted x0", "image", "seed", "info"]
-    assert [r["label"] for r in endpoints["/generate"]["returns"]] == ["image", "seed", "info"]
+        "status", "latents x_t", "predicted x0", "image", "seed", "info", "images"]
+    assert [r["label"] for r in endpoints["/generate"]["returns"]] == ["image", "seed", "info", "images"]
     assert not [name for name in endpoints if "run_ui" in name], sorted(endpoints)
 
 
@@ -135,7 +136,7 @@ def test_the_stream_shows_steps_and_ends_on_generates_image(server, client):
     job = client.submit(**settings, api_name="/generate_stream")
     final = job.result(timeout=120)
     updates = job.outputs()
-    status, latents, x0, image, seed, info = final
+    status, latents, x0, image, seed, info, images = final
     n = info["steps_completed"]  # 61: PNDM runs one more
     assert n >= 60 and seed == 3 and (info["width"], info["height"]) == (64, 64), info
     assert status.startswith(f"Done: {n} steps") and "seed 3" in status, status
@@ -143,14 +144,17 @@ def test_the_stream_shows_steps_and_ends_on_generates_image(server, client):
     assert updates[-1] == final and len(updates) >= 3, updates
     steps = []
     for update in updates[:-1]:
-        assert update[3:] == (None, 3, None), update  # no image or info before the end; the seed from the start
+        assert update[3:6] == (None, 3, None) and not update[6], update  # no image, info or images before the end;
+        # the seed from the start
         match = re.fullmatch(rf"Step (\d+) / {n} · [\d.]+ it/s · σ = \S+", update[0])
         if match:
             assert Path(update[1]).is_file() and Path(update[2]).is_file(), update
             steps.append(int(match[1]))
     assert steps and steps == sorted(set(steps)) and steps[-1] <= n, updates  # newest only, never the same twice
 
-    path, api_seed, api_info = client.predict(**settings, api_name="/generate")
+    assert [i["caption"] for i in images] == ["seed 3"] and np.array_equal(  # one image: the image itself
+        np.asarray(Image.open(images[0]["image"])), np.asarray(Image.open(image))), images
+    path, api_seed, api_info, _ = client.predict(**settings, api_name="/generate")
     assert api_seed == 3 and api_info.keys() == info.keys() and api_info["run"] != info["run"]
     assert {k: v for k, v in api_info.items() if k not in ("run", "seconds")} == {
         k: v for k, v in info.items() if k not in ("run", "seconds")}
@@ -170,7 +174,7 @@ def test_the_stream_refuses_bad_input_saying_what_is_allowed_and_keeps_serving(s
     assert f"width {width} is not a multiple of {factor}" in text and "use a multiple of" in text, text
     assert str(ROOT) not in text and "Traceback" not in text
     assert not playground.pending
-    *_, seed, info = client.predict(prompt="x", num_inference_steps=2, seed=1, api_name="/generate_stream")
+    *_, seed, info, _ = client.predict(prompt="x", num_inference_steps=2, seed=1, api_name="/generate_stream")
     assert seed == 1 and info["steps_completed"] == 3
     assert _quick(client)["steps_completed"] == 3
 
@@ -324,7 +328,7 @@ def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
             text = str(e.value)
             assert re.search(message, text), (api, kwargs, text[:300])
             assert str(ROOT) not in text and "Traceback" not in text
-    _, seed, info = embedded_client.predict(prompt="a red circle", num_inference_steps=3, seed=4, api_name="/generate")
+    _, seed, info, _ = embedded_client.predict(prompt="a red circle", num_inference_steps=3, seed=4, api_name="/generate")
     assert seed == 4 and info["steps_completed"] == 3
 
 

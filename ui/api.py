@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from pipelines.explain.common import seeded
+from pipelines.outputs import image_name
 from pipelines.requests import build_request
 from pipelines.types import GenerationRequest
 from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error, finished_status, live_steps, starting_status, step_status, waiting_status
@@ -34,6 +35,7 @@ def parameters(default_model: str) -> dict[str, gr.Component]:
         height=gr.Number(0, label="height"),
         guidance=gr.Textbox("", label="guidance"),  # "" = the model's recommended method (and its parameters)
         guidance_params=gr.Textbox("", label="guidance_params"),  # JSON object of the method's parameters
+        num_images_per_prompt=gr.Number(1, label="num_images_per_prompt"),  # a batch: image i uses seed + i
     )
 
 
@@ -43,7 +45,15 @@ def run_info(run: Run) -> dict[str, Any]:
     assert result is not None
     return {"run": run.run_id, "scheduler": result.scheduler, "family": result.family, "width": result.width,
             "height": result.height, "steps_completed": result.steps_completed,
-            "seconds": round(result.timings.total, 3)}
+            "seconds": round(result.timings.total, 3), "seeds": list(result.seeds)}
+
+
+def batch_images(run: Run) -> list[tuple[str, str]]:
+    """Every image of the run's batch as (PNG path, caption naming its seed), image i from seed + i; each PNG
+    carries the request that makes it alone."""
+    result = run.result
+    assert result is not None
+    return [(str(run.folder / image_name(i)), f"seed {s}") for i, s in enumerate(result.seeds)]
 
 
 class ApiView:
@@ -60,12 +70,14 @@ class ApiView:
             self.image = gr.Image(type="filepath", format="png", label="image")
             self.seed = gr.Number(precision=0, label="seed")
             self.info = gr.JSON(label="info")
+            self.images = gr.Gallery(type="filepath", format="png", label="images")
             self.button = gr.Button()
             self.stream_button = gr.Button()
 
         @gpu
         async def run_api(http: gr.Request, **values: Any):
-            """Make one image; returns (PNG path with A1111 parameters, seed used, run info). seed -1 is random;
+            """Make an image (or a batch); returns (PNG path with A1111 parameters, seed used, run info, every image
+            of the batch with its seed: image i uses seed + i; one image: just that one). seed -1 is random;
             num_inference_steps / guidance_scale -1 and guidance "" take the model's recommended values; width/height
             0 its native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
             with self.hold(http):
@@ -76,19 +88,20 @@ class ApiView:
                 # as it cancels it on a cancel; either stops the run at its next step and frees the worker.
                 try:
                     while not await run.wait(KEEPALIVE_SECONDS):
-                        yield gr.skip(), gr.skip(), gr.skip()
+                        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 finally:
                     if not run.done.is_set():
                         run.latest.cancel()
             if run.error is not None:
                 raise as_gr_error(run.error, app.outputs_dir) from None
-            yield str(run.folder / "image.png"), run.result.seed, run_info(run)
+            yield str(run.folder / "image.png"), run.result.seed, run_info(run), batch_images(run)
 
         @gpu
         def run_api_stream(http: gr.Request, **values: Any) -> Iterator[tuple]:
-            """Make one image, streaming (status, x_t preview, x̂0 preview, image, seed, info): per-step previews
-            (PNG paths, the newest step only, throttled) with image and info None, then the final image, the seed
-            used and the info /generate returns. Takes /generate's parameters, with the same defaults."""
+            """Make an image (or a batch), streaming (status, x_t preview, x̂0 preview, image, seed, info, images):
+            per-step previews of the first image (PNG paths, the newest step only, throttled) with image, info and
+            images None, then the final image, the seed used, and the info and images /generate returns. Takes
+            /generate's parameters, with the same defaults."""
             with self.hold(http):
                 request = self.request(values)
                 run = self.start(request, http)
@@ -97,11 +110,12 @@ class ApiView:
         # One concurrency group with the Generate button's stream: see build_demo. The validator counts each call
         # against its client when it is queued (ui/clients.py).
         validate = admission_validator(app)
-        self.button.click(run_api, inputs_kwargs=self.inputs, outputs=[self.image, self.seed, self.info],
+        self.button.click(run_api, inputs_kwargs=self.inputs, outputs=[self.image, self.seed, self.info, self.images],
                           api_name="generate", concurrency_id="generate", concurrency_limit=concurrency_limit,
                           validator=validate)
         self.stream_button.click(run_api_stream, inputs_kwargs=self.inputs,
-                                 outputs=[self.status, self.latents, self.x0, self.image, self.seed, self.info],
+                                 outputs=[self.status, self.latents, self.x0, self.image, self.seed, self.info,
+                                          self.images],
                                  api_name="generate_stream", concurrency_id="generate",
                                  concurrency_limit=concurrency_limit, validator=validate)
 
@@ -116,14 +130,14 @@ class ApiView:
         """/generate_stream's outputs for `run`: the status and newest previews as it goes, then the image."""
         app = self.app
         try:
-            yield starting_status(app, run), None, None, None, request.seed, None
+            yield starting_status(app, run), None, None, None, request.seed, None, None
             previews = (None, None)
             for item in live_steps(app, run, lambda event: self.previews(run, event.step)):
                 if isinstance(item, int):
-                    yield waiting_status(item), *previews, None, request.seed, None
+                    yield waiting_status(item), *previews, None, request.seed, None, None
                     continue
                 event, previews = item
-                yield step_status(event), *previews, None, request.seed, None
+                yield step_status(event), *previews, None, request.seed, None, None
             run.done.wait()
             if run.error is not None:
                 raise as_gr_error(run.error, app.outputs_dir) from None
@@ -131,7 +145,7 @@ class ApiView:
             if run.steps:  # the previews end on the last step
                 previews = self.previews(run, len(run.steps) - 1)
             yield (finished_status(run, result), *previews, str(run.folder / "image.png"), result.seed,
-                   run_info(run))
+                   run_info(run), batch_images(run))
         except Exception as e:  # e.g. a preview that fails to render: one client-safe line (logged), no traceback
             raise as_gr_error(e, app.outputs_dir) from None
         finally:  # the client cancelled or went away: stop the worker at the next step
