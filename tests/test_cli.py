@@ -1,4 +1,6 @@
-"""The CLI as a user runs it: a subprocess on a saved tiny model folder."""
+"""The CLI on a saved tiny model folder: its behaviour through main(argv) in this process (the function
+`python -m pipelines` runs), the process itself (`python -m pipelines ...`: imports, exit statuses, no traceback) in a
+few real subprocesses, which pay ~5 s of imports each."""
 
 from __future__ import annotations
 
@@ -18,12 +20,34 @@ from tests.tiny import tiny_pipeline
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def cli_env() -> dict[str, str]:
     # As from a user's shell: importing pipelines.__main__ here set TRANSFORMERS_VERBOSITY, which the CLI sets itself.
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
-    env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=env,
+    return env | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
+
+
+def run_clis(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
+    """run_cli for each argv, all started at once (their imports overlap on the cores); results in argv order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "pipelines", *argv], cwd=ROOT, env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """main() sets torch's thread count for the model it runs (as the CLI process should); the suite's stays one."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +80,14 @@ def test_generate_writes_image_trace_and_steps(model_dir, tmp_path):
         assert set(s["previews"]) == {"latents", "x0"}
 
 
-def test_guidance_method_and_params_reach_the_trace(model_dir, tmp_path):
+def test_guidance_method_and_params_reach_the_trace(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    proc = run_cli("generate", "--prompt", "a star", "--model", str(model_dir), "--steps", "4", "--seed", "1",
-                   "--width", "16", "--height", "16", "--guidance", "interval",
-                   "--guidance-param", "start=0.5", "--guidance-param", "sigma_hi=1000", "--guidance-param", "sigma_lo=0",
-                   "--scheduler", "euler", "--x0-preview", "none",
-                   "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    code = main(["generate", "--prompt", "a star", "--model", str(model_dir), "--steps", "4", "--seed", "1",
+                 "--width", "16", "--height", "16", "--guidance", "interval",
+                 "--guidance-param", "start=0.5", "--guidance-param", "sigma_hi=1000", "--guidance-param", "sigma_lo=0",
+                 "--scheduler", "euler", "--x0-preview", "none",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
     steps = json.loads((out / "trace.json").read_text())["steps"]
     assert [s["effective_scale"] for s in steps[:2]] == [1.0, 1.0]  # outside the window: cond only
     assert all(s["guidance_delta_norm"] is None for s in steps[:2])
@@ -89,12 +113,6 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, args, exp
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert not (tmp_path / "o" / "image.png").exists()
-
-
-def test_bad_input_in_a_real_process_has_no_traceback(model_dir, tmp_path):
-    proc = run_cli("generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: num_inference_steps must be a whole number from 1 to 1000, got 5000" in proc.stderr
 
 
 @pytest.fixture
@@ -153,11 +171,22 @@ def test_out_and_device_are_refused_before_the_model_loads(tmp_path, capsys, req
     assert expected in line and "no-model" not in line, line
 
 
-@pytest.mark.parametrize("args", [["--out", "/etc/passwd"], ["--out", "/tmp", "--device", "cpu; rm -rf /"]])
-def test_refusals_in_a_real_process_are_one_line(tmp_path, args):
-    proc = run_cli("generate", "--prompt", "x", "--model", str(tmp_path / "no-model"), *args)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    one_error_line(proc.stderr)  # library notices at import (transformers' "requires torchvision") included
+REFUSED_IN_A_PROCESS = (["--out", "/etc/passwd"], ["--out", "/tmp", "--device", "cpu; rm -rf /"])
+
+
+def test_refusals_in_a_real_process_exit_2_without_a_traceback(model_dir, tmp_path):
+    """The process's own exit status and stderr, for a refusal after the model loads (bad steps) and for two before
+    it (--out, --device: one line, library notices at import such as transformers' "requires torchvision"
+    included). The three processes run at once; main()'s messages for every refusal are tested in-process above
+    and below."""
+    steps, out, device = run_clis(
+        ["generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out", str(tmp_path)],
+        *(["generate", "--prompt", "x", "--model", str(tmp_path / "no-model"), *args] for args in REFUSED_IN_A_PROCESS))
+    assert steps.returncode == 2 and "Traceback" not in steps.stderr
+    assert "error: num_inference_steps must be a whole number from 1 to 1000, got 5000" in steps.stderr
+    for proc in (out, device):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        one_error_line(proc.stderr)
 
 
 def test_non_finite_latents_exit_3_naming_the_step(model_dir, tmp_path, capsys):
@@ -179,25 +208,29 @@ def test_help_documents_the_exit_statuses():
     assert "exit status: 0 done; 1 files could not be read or written; 2 refused" in " ".join(text.split())
 
 
-def test_unknown_model_folder_is_a_clear_error(tmp_path):
-    proc = run_cli("generate", "--prompt", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such folder" in proc.stderr
+def test_unknown_model_folder_is_a_clear_error(tmp_path, capsys):
+    code = main(["generate", "--prompt", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "no such folder" in err  # an exception would fail the call
 
 
-def test_help_documents_every_flag():
-    proc = run_cli("generate", "--help")
-    assert proc.returncode == 0
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's --help ends the process with status 0
+        main(["generate", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--prompt", "--negative-prompt", "--model", "--scheduler", "--steps", "--guidance-scale", "--seed",
                  "--width", "--height", "--out", "--guidance", "--guidance-param"):
-        assert flag in proc.stdout
+        assert flag in out
 
 
-def test_listings():
-    guidance = run_cli("guidance")
-    assert guidance.returncode == 0
+def test_listings(capsys):
+    assert main(["guidance"]) == 0
+    guidance = capsys.readouterr().out
     for key in ("cfg", "rescale", "interval", "apg", "cfg_zero_star", "guidance_rescale", "arXiv"):
-        assert key in guidance.stdout
-    schedulers = run_cli("schedulers").stdout
+        assert key in guidance
+    assert main(["schedulers"]) == 0
+    schedulers = capsys.readouterr().out
     for key in ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc",
                 "lcm", "flow_euler"):
         assert key in schedulers
@@ -270,7 +303,7 @@ def test_tradeoff_refuses_a_model_the_judge_cannot_score(model_dir, tmp_path, ca
 
 @pytest.mark.skipif(not (ROOT / "assets" / "models" / "tiny-shapes" / "model_index.json").exists(),
                     reason="embedded model not installed")
-def test_default_model_previews_show_the_final_image(tmp_path):
+def test_default_model_previews_show_the_final_image(tmp_path, capsys):
     """The CLI's last-step x_t and x̂0 of the default model (both the model's tiny preview decoder by default on a
     CPU; the x̂0 also decoded by the VAE when asked) show the final image: its
     previews come from the model's own preview decoder, as in the app (they once used SD 1.5's latent->RGB factors,
@@ -280,9 +313,9 @@ def test_default_model_previews_show_the_final_image(tmp_path):
     for i, prompt in enumerate(("a small green triangle in the top right", "a large red star on a blue background")):
         out = tmp_path / str(i)
         x0 = ("approx", "decode")[i]
-        proc = run_cli("generate", "--prompt", prompt, "--seed", str(i), "--out", str(out),
-                       *(["--x0-preview", "decode"] if x0 == "decode" else []))
-        assert proc.returncode == 0, proc.stderr
+        code = main(["generate", "--prompt", prompt, "--seed", str(i), "--out", str(out),
+                     *(["--x0-preview", "decode"] if x0 == "decode" else [])])
+        assert code == 0, capsys.readouterr().err
         trace = json.loads((out / "trace.json").read_text())
         last = trace["steps"][-1]
         assert trace["preview_kinds"] == {"latents": "approx", "x0": x0} and trace["latent_format"] == "tiny-shapes"
@@ -293,9 +326,10 @@ def test_default_model_previews_show_the_final_image(tmp_path):
             assert np.abs(preview - final).mean() <= 0.05, (prompt, name, np.abs(preview - final).mean())
 
 
-def test_a_preview_kind_the_model_lacks_is_refused_with_what_it_offers(model_dir, tmp_path):
-    proc = run_cli("generate", "--prompt", "a star", "--model", str(model_dir), "--steps", "2", "--width", "16",
-                   "--height", "16", "--latents-preview", "approx", "--out", str(tmp_path / "run"))
-    assert proc.returncode != 0
-    assert "preview kind 'approx' is not offered for this model; choose one of: fast, channels, rgb, decode" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_a_preview_kind_the_model_lacks_is_refused_with_what_it_offers(model_dir, tmp_path, capsys):
+    code = main(["generate", "--prompt", "a star", "--model", str(model_dir), "--steps", "2", "--width", "16",
+                 "--height", "16", "--latents-preview", "approx", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code != 0  # an exception instead of a status would fail the call itself
+    assert "preview kind 'approx' is not offered for this model; choose one of: fast, channels, rgb, decode" in err
+    assert "Traceback" not in err
