@@ -32,10 +32,11 @@ from pipelines.registry import extra_models_from_env, offered_models
 from pipelines.types import DEFAULT_MODEL
 from pipelines.worker import GenerationWorker
 from ui.api import ApiView
-from ui.controls import Controls
+from ui.controls import KEYS_JS, Controls
 from ui.explain import EXPERIMENT_IMAGE_BYTES, ExplainView
 from ui.history import LEGACY_KEY_FILE, HistoryView, key_file as history_key_file
 from ui.live import LiveView, generate_handler
+from ui.pnginfo import UPLOADS as PNG_UPLOADS, PngInfoView
 from ui.state import Playground
 from ui.theme import CSS, theme
 from ui.uploads import NO_UPLOADS, UploadGate, UploadLimits
@@ -44,8 +45,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 class _Blocks(gr.Blocks):
-    """gr.Blocks whose launch() brings the playground's CSS and theme, serves the outputs folder, keeps the history
-    key out of reach and refuses uploads (UploadGate)."""
+    """gr.Blocks whose launch() brings the playground's CSS, theme and keyboard shortcuts, serves the outputs folder,
+    keeps the history key out of reach and refuses uploads beyond `uploads` (UploadGate)."""
 
     outputs_dir: Path
     uploads: UploadLimits = NO_UPLOADS  # what Gradio's upload route may take
@@ -55,6 +56,7 @@ class _Blocks(gr.Blocks):
         kwargs.setdefault("css", CSS)
         kwargs.setdefault("max_file_size", "1mb")  # Gradio's own bound, behind UploadGate's
         kwargs.setdefault("theme", theme())
+        kwargs["head"] = f"{kwargs.get('head') or ''}<script>{KEYS_JS}</script>"  # Ctrl/Cmd+Enter generates
         kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or []), str(self.outputs_dir)]
         # The key signs every browser's list of runs: no route may serve it, nor the old one where it could not be
         # removed (ui/history.py).
@@ -151,6 +153,9 @@ def build_demo(
                 controls = Controls(app)
             with gr.Column(scale=5, elem_id="result-col"):
                 live = LiveView(app)
+        with controls.settings_block:  # at the end of the settings; the one upload the page takes
+            pnginfo = PngInfoView(app, controls, live.run_id)
+        demo.uploads = PNG_UPLOADS
         gr.Markdown("### History")
         history = HistoryView(app, shared=shared_history)
         gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
@@ -194,6 +199,7 @@ def build_demo(
         controls.wire()
         explain.wire()
         history.wire(demo, controls, live)
+        pnginfo.wire(demo)
     return demo
 
 

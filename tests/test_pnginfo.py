@@ -204,3 +204,306 @@ def test_garbage_is_refused_with_a_line_saying_what_a_parameters_text_looks_like
     with pytest.raises(ValueError) as err:
         parse_parameters(text)
     assert message in str(err.value)
+
+
+# -- the real app: /png_info ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app around a tiny SD pipeline with its own Gradio upload folder; yields (url, outputs, uploads, demo)."""
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, tiny_pipeline("sd"))
+    uploads = tmp_path_factory.mktemp("gradio-uploads")
+    outputs = tmp_path_factory.mktemp("outputs")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(uploads))
+        with serve(loader, outputs, models=[MODEL], preview_interval=0.05) as (url, demo):
+            assert Path(demo.server_app.uploaded_file_dir) == uploads
+            yield url, outputs, uploads, demo
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    gradio_client = pytest.importorskip("gradio_client")
+    return gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def _holding(folder: Path, data: bytes) -> list[Path]:
+    """Files under `folder` whose bytes are `data`."""
+    return [p for p in _files(folder) if p.stat().st_size == len(data) and p.read_bytes() == data]
+
+
+def _our_png(tmp_path: Path, **kwargs) -> tuple[Path, GenerationRequest, int]:
+    loader = ModelLoader(device="cpu")
+    loader.add(MODEL, tiny_pipeline("sd"))
+    request = GenerationRequest(**({"prompt": "a red circle", "model": MODEL, "num_inference_steps": 2, "seed": 21}
+                                   | kwargs))
+    result = generate(request, loader=loader)
+    return save_image(tmp_path / "ours.png", result), request, result.seed
+
+
+def test_api_png_info_reads_a_png_or_a_text_and_keeps_no_upload(server, client, tmp_path):
+    from gradio_client import handle_file
+
+    _, outputs, uploads, demo = server
+    path, request, seed = _our_png(tmp_path, negative_prompt="blue", scheduler="ddim", guidance_scale=4.0)
+    before = _files(uploads)
+    info = client.predict(png=handle_file(str(path)), api_name="/png_info")
+    assert info["source"] == "request" and info["seed"] == seed == 21
+    assert {k: info[k] for k in ("prompt", "negative_prompt", "scheduler", "guidance_scale", "model")} == dict(
+        prompt="a red circle", negative_prompt="blue", scheduler="ddim", guidance_scale=4.0, model=MODEL)
+    assert _files(uploads) == before and not _holding(uploads, path.read_bytes())  # read in memory, then deleted
+    assert not demo.upload_file_set
+
+    text = client.predict(text=A1111, api_name="/png_info")
+    assert text["source"] == "parameters" and text["scheduler"] == "dpmpp_2m_karras" and text["seed"] == 3141592653
+    assert text["notes"] == ["ignored (no such setting here): Model hash, Lora hashes, Version"]
+
+
+def test_api_refuses_what_is_not_a_png_with_settings_and_keeps_nothing(server, client, tmp_path):
+    import httpx
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    url, outputs, uploads, demo = server
+    before_uploads, before_outputs = _files(uploads), _files(outputs)
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(_png())  # a PNG without settings: it passes the gate, the handler refuses and deletes it
+    with pytest.raises(AppError, match="carries no generation settings"):
+        client.predict(png=handle_file(str(plain)), api_name="/png_info")
+    for kwargs, message in ((dict(text="a cat on a mat"), "not a parameters text: an AUTOMATIC1111 parameters text"),
+                            (dict(), "give a PNG (saved by this playground or AUTOMATIC1111) or a parameters text"),
+                            (dict(png=handle_file(str(plain)), text=A1111), "either a PNG or a parameters text")):
+        with pytest.raises(AppError) as err:
+            client.predict(api_name="/png_info", **kwargs)
+        assert message in str(err.value)
+
+    # The gate: a file that is not a PNG, or over 1 MB, is refused before Gradio writes a byte of it.
+    text_file, big = b"settings? " * 100, PNG_SIGNATURE + os.urandom(MAX_PNG_BYTES)
+    for name, data, status, detail in (
+            ("notes.txt", text_file, 415, "this server takes only PNG images (PNG info); 'notes.txt' is not one"),
+            ("fake.png", text_file, 415, "'fake.png' is not one"),
+            ("big.png", big, 413, f"a file here is at most {MAX_PNG_BYTES} bytes; 'big.png' is {len(big)}"),
+            ("huge.png", big * 2, 413, "an upload here is at most")):
+        response = httpx.post(f"{url}gradio_api/upload", files={"files": (name, data, "image/png")})
+        assert response.status_code == status and detail in response.json()["detail"], response.text
+    assert httpx.post(f"{url}gradio_api/component_server", files={"files": ("a.png", _png())}).status_code == 403
+    # A path the upload route did not write is neither read nor deleted (here: a run's own image).
+    from tests.serving import Visitor
+
+    own = next(iter(outputs.glob("*/image.png")), None) or _our_png(outputs)[0]
+    visitor = Visitor(url)
+    answer = visitor.call("/png_info", png={"path": str(own), "meta": {"_type": "gradio.FileData"}})
+    visitor.close()
+    assert answer["success"] is False and "not uploaded to this page" in answer["output"]["error"] and own.is_file()
+    assert _files(uploads) == before_uploads and not demo.upload_file_set
+    assert {p for p in _files(outputs) if p != own} <= before_outputs  # no upload landed among the runs
+    for data in (text_file, big, _png()):
+        assert not _holding(uploads, data) and not _holding(outputs, data)
+
+
+def test_stale_uploads_are_swept_and_only_uploads_are_deleted(tmp_path):
+    """An upload no handler read (sent without its event) goes with the next PNG-info call once stale; a path that
+    is not in Gradio's upload set is never touched."""
+    from ui.pnginfo import sweep_uploads, take_upload
+
+    fresh, stale, other = tmp_path / "a" / "fresh.png", tmp_path / "b" / "stale.png", tmp_path / "other.png"
+    for p in (fresh, stale, other):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(_png())
+    os.utime(stale, (1, 1))
+    uploaded = {str(fresh), str(stale)}
+    sweep_uploads(uploaded, older_than=60)
+    assert fresh.is_file() and not stale.exists() and not stale.parent.exists() and uploaded == {str(fresh)}
+    with pytest.raises(ValueError, match="not uploaded to this page"):
+        take_upload({"path": str(other)}, uploaded)
+    assert other.is_file()
+    assert take_upload({"path": str(fresh)}, uploaded) == _png() and not fresh.exists() and not uploaded
+    with pytest.raises(ValueError, match="not uploaded to this page, or was read already"):
+        take_upload({"path": str(fresh)}, uploaded)
+
+
+# -- the page, in Chromium -----------------------------------------------------------------------------------------
+
+
+def _browser(playwright):
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+
+
+def _open(browser, url: str, prompt: str, steps: int):
+    """A desktop page on the app with `prompt` typed and `steps` set."""
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    page.goto(url)
+    page.wait_for_selector("#history")
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    _set_steps(page, steps)
+    return page
+
+
+def _set_steps(page, n: int) -> None:
+    box = page.get_by_label("Steps").first
+    box.fill(str(n))
+    box.press("Enter")
+
+
+def _done(page, seen: set[str]) -> str:
+    """Wait until the status line says a run other than `seen` is done; its run id (added to `seen`)."""
+    page.wait_for_function(
+        """seen => { const s = document.querySelector('#live-status').innerText;
+                     const m = s.match(/^Done.*Saved as run (\\S+?)\\.?$/s);
+                     return m && !seen.includes(m[1]); }""", arg=sorted(seen), timeout=60000)
+    run = page.locator("#live-status code").inner_text()
+    seen.add(run)
+    return run
+
+
+def _generate_events(url: str) -> set[int]:
+    """fn_index of the page's events that start a run: Generate's click and the prompt's submit (from /config)."""
+    import httpx
+
+    config = httpx.get(f"{url}config").json()
+    ids = {c["id"] for c in config["components"]
+           if c["props"].get("elem_id") == "generate-btn" or c["props"].get("label") == "Prompt"}
+    return {i for i, d in enumerate(config["dependencies"]) if d.get("queue") is not False
+            and d.get("trigger_after") is None and any(t[0] in ids and t[1] in ("click", "submit") for t in d["targets"])}
+
+
+def test_browser_ctrl_enter_generates_once_and_reuse_seed(server):
+    """Ctrl+Enter in the prompt and in the negative prompt starts exactly one run; Shift+Enter still does, Enter
+    still adds a line; ♻ brings back the last run's seed and unticks Random seed; both say so on the page."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url = server[0]
+    events = _generate_events(url)
+    assert len(events) == 2, events
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = _open(browser, url, "keys run", 3)
+        runs: list[int] = []  # the page's requests that start a run, as sent
+        page.on("request", lambda r: "/queue/join" in r.url and r.post_data_json.get("fn_index") in events
+                and runs.append(r.post_data_json["fn_index"]))
+        page.evaluate("() => { window.clicks = 0; document.getElementById('generate-btn')"
+                      ".addEventListener('click', () => window.clicks++); }")
+        assert "Ctrl/Cmd+Enter" in page.get_by_label("Prompt", exact=True).get_attribute("placeholder")
+        assert "Ctrl/Cmd+Enter" in page.locator("#generate-btn").get_attribute("title")
+        assert "last run's seed" in page.locator("#reuse-seed").get_attribute("title")
+
+        page.get_by_role("button", name="♻ reuse the last run's seed").click()  # nothing to reuse yet
+        page.locator(".toast-body", has_text="No finished run in this tab yet").wait_for(timeout=10000)
+
+        prompt = page.get_by_label("Prompt", exact=True)
+        prompt.press("End")
+        prompt.press("Enter")  # a new line, no run
+        assert prompt.input_value() == "keys run\n"
+        prompt.fill("keys run")
+        seen: set[str] = set()
+        prompt.press("Control+Enter")
+        first = _done(page, seen)
+        # A second request would have been sent at once (another event) or on the first's end (the same event).
+        assert len(runs) == 1 and page.evaluate("window.clicks") == 1, (runs, page.evaluate("window.clicks"))
+        seed = int(page.get_by_label("Seed", exact=True).input_value())
+        assert f"seed {seed}" in page.locator("#live-status").inner_text()
+
+        random_seed = page.get_by_label("Random seed")
+        assert random_seed.is_checked()
+        page.get_by_label("Seed", exact=True).fill("5")
+        page.get_by_role("button", name="♻ reuse the last run's seed").click()
+        page.wait_for_function("s => document.querySelector('#reuse-seed').closest('.row')"
+                               ".querySelector('input[type=number]').value === s", arg=str(seed), timeout=10000)
+        assert not random_seed.is_checked()
+
+        page.get_by_label("Negative prompt").press("Control+Enter")
+        second = _done(page, seen)
+        assert len(runs) == 2 and page.evaluate("window.clicks") == 2
+        assert f"seed {seed}" in page.locator("#live-status").inner_text()  # ♻'s seed, not a random one
+        prompt.press("Shift+Enter")
+        _done(page, seen)
+        assert len(runs) == 3 and prompt.input_value() == "keys run"
+        assert first != second and len(seen) == 3
+        browser.close()
+
+
+def test_browser_png_info_restores_a_dropped_png_and_a_pasted_text_and_refuses_the_rest(server, tmp_path):
+    """A PNG made on the page, dropped back after the settings changed, restores them, and Generate then makes the
+    same pixels; an A1111 parameters text pasted fills the controls; a file that is not a PNG with settings, or over
+    1 MB, is refused with a line that says so and is kept nowhere (Gradio's upload folder, the outputs)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, outputs, uploads, demo = server
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = _open(browser, url, "a red circle", 4)
+        page.get_by_label("Negative prompt").fill("green")
+        page.locator("#generate-btn").click()
+        seen: set[str] = set()
+        made = outputs / _done(page, seen) / "image.png"
+        original = json.loads(made.parent.joinpath("trace.json").read_text())["seed"]
+
+        # Other settings, then the PNG dropped back: they come back, and so do its pixels.
+        page.get_by_label("Prompt", exact=True).fill("something else")
+        page.get_by_label("Negative prompt").fill("")
+        _set_steps(page, 2)
+        page.get_by_label("Random seed").check()
+        page.get_by_text("PNG info: settings from an image").click()
+        data = made.read_bytes()
+        before = _files(uploads)
+        page.locator("#pnginfo-file input[type=file]").set_input_files(str(made))
+        status = page.locator("#pnginfo-status")
+        status.filter(has_text="Settings restored from the PNG's request chunk").wait_for(timeout=20000)
+        assert page.get_by_label("Prompt", exact=True).input_value() == "a red circle"
+        assert page.get_by_label("Negative prompt").input_value() == "green"
+        assert page.get_by_label("Steps").first.input_value() == "4"
+        assert page.get_by_label("Seed", exact=True).input_value() == str(original)
+        assert not page.get_by_label("Random seed").is_checked()
+        wait_until(lambda: _files(uploads) == before, 10, "the dropped PNG left Gradio's upload folder")
+        assert not _holding(uploads, data) and not demo.upload_file_set
+        page.locator("#generate-btn").click()
+        again = outputs / _done(page, seen) / "image.png"
+        assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
+        page.screenshot(path=str(tmp_path / "restored.png"))
+
+        # An A1111 parameters text pasted fills the controls.
+        text = ("a small blue star\nNegative prompt: red\nSteps: 7, Sampler: Euler a, CFG scale: 4.5, Seed: 99, "
+                "Size: 40x24, Model hash: 1234abcd, Model: tiny-sd")
+        page.locator("#pnginfo-text textarea").fill(text)
+        page.get_by_role("button", name="Apply parameters text").click()
+        status.filter(has_text="Settings restored from the parameters text, seed 99").wait_for(timeout=20000)
+        assert "ignored (no such setting here): Model hash" in status.inner_text()
+        assert page.get_by_label("Prompt", exact=True).input_value() == "a small blue star"
+        assert page.get_by_label("Negative prompt").input_value() == "red"
+        assert page.get_by_label("Steps").first.input_value() == "7"
+        assert page.get_by_label("Guidance scale").first.input_value() == "4.5"
+        assert page.get_by_label("Seed", exact=True).input_value() == "99"
+        assert page.get_by_label("Width").first.input_value() == "40"
+        assert page.get_by_label("Height").first.input_value() == "24"
+        assert page.get_by_label("Scheduler").input_value().startswith("euler_a")
+        page.locator("#pnginfo-text textarea").fill("just some words")
+        page.get_by_role("button", name="Apply parameters text").click()
+        status.filter(has_text="Not restored: not a parameters text").wait_for(timeout=20000)
+        assert page.get_by_label("Prompt", exact=True).input_value() == "a small blue star"  # left as it was
+
+        # Refused: not a PNG (by name, then by content), over 1 MB, a PNG without settings.
+        before_outputs = _files(outputs)
+        files = {"notes.txt": b"Steps: 20, Sampler: Euler a, CFG scale: 7",
+                 "fake.png": b"Steps: 20, Sampler: Euler a, CFG scale: 7",
+                 "big.png": PNG_SIGNATURE + os.urandom(MAX_PNG_BYTES), "plain.png": _png()}
+        said = {"notes.txt": "Invalid file type: notes.txt. Only .png allowed.",
+                "fake.png": "this server takes only PNG images (PNG info); 'fake.png' is not one",
+                "big.png": 'exceed the maximum allowed size of 1.0 Mb: "big.png"',
+                "plain.png": "this PNG carries no generation settings"}
+        for name, content in files.items():
+            path = tmp_path / name
+            path.write_bytes(content)
+            page.locator("#pnginfo-file input[type=file]").set_input_files(str(path))
+            page.locator(".toast-body", has_text=said[name]).first.wait_for(timeout=20000)
+        status.filter(has_text="Not restored: this PNG carries no generation settings").wait_for(timeout=10000)
+        wait_until(lambda: _files(uploads) == before, 10, "refused files left Gradio's upload folder")
+        assert _files(outputs) == before_outputs
+        for content in files.values():
+            assert not _holding(uploads, content) and not _holding(outputs, content)
+        assert page.get_by_label("Prompt", exact=True).input_value() == "a small blue star"
+        browser.close()

@@ -189,12 +189,16 @@ def test_a_forged_run_list_shows_no_other_visitors_run(server):
         browser.close()
 
 
-@pytest.mark.parametrize("route", ["gradio_api/upload", "gradio_api/process_recording", "gradio_api/component_server"])
-def test_uploads_are_refused_and_nothing_is_kept(server, route):
+@pytest.mark.parametrize("route,status,detail", [
+    ("gradio_api/upload", 415, "this server takes only PNG images (PNG info); 'x.png' is not one"),  # ui/pnginfo.py
+    ("gradio_api/process_recording", 403, "this server takes uploads only at /gradio_api/upload"),
+    ("gradio_api/component_server", 403, "this server takes uploads only at /gradio_api/upload")])
+def test_uploads_are_refused_and_nothing_is_kept(server, route, status, detail):
+    """The one upload the page takes is a PNG for PNG info (tests/test_pnginfo.py); anything else is refused."""
     url, _, _, uploads = server
     before = set(uploads.rglob("*"))
     response = httpx.post(f"{url}{route}", files={"files": ("x.png", os.urandom(4096), "image/png")})
-    assert response.status_code == 403 and response.json() == {"detail": "this server takes no uploads"}, response.text
+    assert response.status_code == status and response.json() == {"detail": detail}, response.text
     assert set(uploads.rglob("*")) == before
     assert httpx.get(f"{url}config").status_code == 200  # and the server serves on
 

@@ -99,8 +99,9 @@ class Controls:
         model0 = app.default_model
         rec = known_settings(model0, app.loader)
         with gr.Column(elem_id="prompt-block"):
-            self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left",
-                                     info="Ctrl/Cmd+Enter or Shift+Enter generates; Enter starts a new line")
+            # The hint is in the placeholder: an `info` line would join the label's accessible name ("Prompt").
+            self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a small yellow star in the top left   "
+                                     "(Ctrl/Cmd+Enter or Shift+Enter: Generate; Enter: new line)")
             self.prompt_note = gr.Markdown("", elem_classes="step-note", elem_id="prompt-note")
             self.negative_prompt = gr.Textbox("", label="Negative prompt", lines=1,
                                               placeholder="(none; Ctrl/Cmd+Enter generates)")

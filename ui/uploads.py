@@ -1,7 +1,9 @@
 """Uploads: Gradio's upload routes take files from anyone, and this page takes none (yet). UploadGate, an ASGI
 middleware, refuses every upload beyond UploadLimits before Gradio reads a byte of it, so nothing reaches Gradio's
-upload folder. A feature that must take a file (a PNG-info drop: one PNG of at most 1 MB, read in memory and never
-kept) sets `_Blocks.uploads` in app.py. Clients are told apart as everywhere else (ui/clients.py)."""
+upload folder. A feature that must take a file (the PNG-info drop, ui/pnginfo.py: one PNG of at most 1 MB, read in
+memory and never kept) sets `_Blocks.uploads` in app.py; with `file_signature` set, the gate reads the (bounded) body
+itself and refuses any file that does not start with it, so a file of another kind is never written either. Clients
+are told apart as everywhere else (ui/clients.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import JSONResponse
 
 from ui.clients import client_address
@@ -25,6 +28,9 @@ class UploadLimits:
     per_client: int = 0  # uploads one client address may make per window
     bytes_per_client: int = 0  # their total size, in bytes
     window_seconds: float = 3600.0  # the window the two above are counted over
+    file_signature: bytes = b""  # every uploaded file must start with these bytes (b"": any file)
+    file_bytes: int = 0  # and be at most this many bytes (0: only request_bytes bounds it); checked with the signature
+    file_kind: str = "files"  # what those files are, for the refusal (e.g. "PNG images")
 
     def __post_init__(self) -> None:
         if min(self.request_bytes, self.per_client, self.bytes_per_client) < 0 or not self.window_seconds > 0:
@@ -50,11 +56,45 @@ class UploadGate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and _is_upload(scope):
             refusal = self.admit(scope)
+            if refusal is None and (self.limits.file_signature or self.limits.file_bytes):
+                body, refusal = await self.sniff(scope, receive)
+                if refusal is None:  # the app reads the body the gate has already read
+                    receive = _replay(body, receive)
             if refusal is not None:
                 status, detail = refusal
                 await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def sniff(self, scope: dict, receive: Callable) -> tuple[bytes, tuple[int, str] | None]:
+        """Read an admitted upload's body (at most request_bytes: admit checked its Content-Length) and check that
+        every file in it starts with `file_signature` and holds at most `file_bytes`; (body, None) when they do, else
+        (b"", (HTTP status, reason))."""
+        limits = self.limits
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", (400, "the upload ended before its body")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limits.request_bytes:
+                return b"", (413, f"an upload here is at most {limits.request_bytes} bytes")
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        _, options = parse_options_header(dict(scope["headers"]).get(b"content-type", b""))
+        try:
+            files = _file_starts(body, options[b"boundary"], len(limits.file_signature))
+        except (KeyError, ValueError):  # no boundary; python-multipart's parse errors are ValueErrors
+            return b"", (400, "the upload is not a readable multipart/form-data body")
+        if not files:
+            return b"", (400, "the upload holds no file")
+        for name, start, size in files:
+            if start != limits.file_signature:
+                return b"", (415, f"this server takes only {limits.file_kind}; {name[:60]!r} is not one")
+            if limits.file_bytes and size > limits.file_bytes:
+                return b"", (413, f"a file here is at most {limits.file_bytes} bytes; {name[:60]!r} is {size}")
+        return body, None
 
     def admit(self, scope: dict) -> tuple[int, str] | None:
         """None, and the upload counted, when the limits allow it; else (HTTP status, one-line reason)."""
@@ -89,3 +129,54 @@ def _is_upload(scope: dict) -> bool:
     path = scope["path"].rstrip("/")
     content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
     return path.endswith(UPLOAD_ROUTES) or content_type.startswith(b"multipart/")
+
+
+def _file_starts(body: bytes, boundary: bytes, n: int) -> list[tuple[str, bytes, int]]:
+    """(file name, first n bytes, size) of each file part of a multipart body, parsed in memory."""
+    files: list[tuple[str, bytes, int]] = []
+    part: dict = {}
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, field=b"", value=b"", start=b"", size=0)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][part["field"].lower()] = part["value"]
+        part["field"] = part["value"] = b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["size"] += end - start
+        if len(part["start"]) < n:
+            part["start"] += data[start:min(end, start + n)]
+
+    def on_part_end() -> None:
+        _, options = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        if b"filename" in options:
+            files.append((options[b"filename"].decode("utf-8", errors="replace"), part["start"][:n], part["size"]))
+
+    parser = MultipartParser(boundary, dict(  # type: ignore[arg-type]
+        on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
+        on_header_end=on_header_end, on_part_data=on_part_data, on_part_end=on_part_end))
+    parser.write(body)
+    parser.finalize()
+    return files
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """An ASGI receive that hands the app `body` first (already read by the gate), then the connection's own."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
