@@ -40,7 +40,7 @@ WHAT_IT_LOOKS_LIKE = ("an AUTOMATIC1111 parameters text is the prompt, an option
 # Keys of a settings line that count as A1111's: a line with none of them is not a parameters text.
 CORE_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 # Settings this playground reads; anything else on the line is ignored with a note.
-READ_KEYS = (*CORE_KEYS, "Schedule type", "Model", "Guidance", "CFG Rescale phi", "Batch size")
+READ_KEYS = (*CORE_KEYS, "Schedule type", "Model", "Guidance", "CFG Rescale phi", "Batch size", "Batch pos")
 # A1111 schedule types that leave a sampler's own spacing (no note needed).
 PLAIN_SCHEDULES = ("", "automatic", "uniform")
 
@@ -220,8 +220,13 @@ def parse_parameters(text: str) -> dict[str, Any]:
     if values.get("Model"):
         out["model"] = values["Model"]
     if "Batch size" in values:
-        out["num_images_per_prompt"] = _ranged("Batch size", whole_number("Batch size", values["Batch size"]), 1,
-                                               MAX_IMAGES_PER_PROMPT)
+        batch = _ranged("Batch size", whole_number("Batch size", values["Batch size"]), 1, MAX_IMAGES_PER_PROMPT)
+        if "Batch pos" in values:  # one image of a batch, its Seed its own (seed + pos): made alone, as our request is
+            out["num_images_per_prompt"] = 1
+            notes.append(f"the image is number {values['Batch pos']} of a batch of {batch}; its own seed makes it "
+                         "alone (set the batch size to make the rest)")
+        else:
+            out["num_images_per_prompt"] = batch
     if "Sampler" in values:
         key, note = scheduler_for(values["Sampler"], values.get("Schedule type", ""))
         if key is not None:

@@ -80,6 +80,19 @@ def test_our_png_gives_back_its_request_and_its_parameters_text_the_same_setting
     assert alone["scheduler"] == {"flow_euler": "euler"}.get(result.scheduler, result.scheduler)
 
 
+def test_each_image_of_our_batch_gives_back_the_settings_that_make_it_alone(tmp_path, loader):
+    request = GenerationRequest(prompt="a red circle", model=MODEL, num_inference_steps=2, seed=40,
+                                num_images_per_prompt=3)
+    result = generate(request, loader=loader)
+    data = save_image(tmp_path / "second.png", result, index=1).read_bytes()
+    ours = read_png_info(data)
+    assert ours["seed"] == 41 and ours["num_images_per_prompt"] == 1 and ours["notes"] == []
+    text = read_png_info(_png({"parameters": png_text(data)["parameters"]}))
+    assert text["seed"] == 41 and text["num_images_per_prompt"] == 1
+    assert text["notes"] == ["the image is number 1 of a batch of 3; its own seed makes it alone (set the batch size "
+                             "to make the rest)"]
+
+
 def test_a_broken_request_chunk_falls_back_to_the_parameters_text_with_a_note():
     text = "a red circle\nSteps: 4, Sampler: DDIM, CFG scale: 5, Seed: 3, Size: 32x32, Model: tiny-sd"
     info = read_png_info(_png({"request": '{"prompt": "x", "num_inference_steps": 0}', "parameters": text}))
@@ -184,6 +197,11 @@ def test_our_guidance_fields_and_a1111_cfg_rescale():
     phi = parse_parameters("x\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, CFG Rescale phi: 0.7")
     assert phi["guidance"] == "rescale" and phi["guidance_params"] == {"guidance_rescale": 0.7}
     assert parse_parameters("x\nSteps: 2, Sampler: DDIM, CFG scale: 7, Batch size: 4")["num_images_per_prompt"] == 4
+    # One image of a batch (A1111 and our parameters text give it its own seed): that image alone, as our request.
+    one = parse_parameters("x\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 12, Batch size: 4, Batch pos: 2")
+    assert one["num_images_per_prompt"] == 1 and one["seed"] == 12
+    assert one["notes"] == ["the image is number 2 of a batch of 4; its own seed makes it alone (set the batch size "
+                            "to make the rest)"]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -248,20 +266,27 @@ def _our_png(tmp_path: Path, **kwargs) -> tuple[Path, GenerationRequest, int]:
 
 
 def test_api_png_info_reads_a_png_or_a_text_and_keeps_no_upload(server, client, tmp_path):
+    """/png_info gives a PNG's settings written as /generate's parameters: fed back, they make the same pixels."""
     from gradio_client import handle_file
 
     _, outputs, uploads, demo = server
-    path, request, seed = _our_png(tmp_path, negative_prompt="blue", scheduler="ddim", guidance_scale=4.0)
+    path = client.predict(prompt="a red circle", negative_prompt="blue", scheduler="ddim", num_inference_steps=3,
+                          guidance_scale=4, guidance="rescale", guidance_params='{"guidance_rescale": 0.3}',
+                          api_name="/generate")[0]
     before = _files(uploads)
-    info = client.predict(png=handle_file(str(path)), api_name="/png_info")
-    assert info["source"] == "request" and info["seed"] == seed == 21
-    assert {k: info[k] for k in ("prompt", "negative_prompt", "scheduler", "guidance_scale", "model")} == dict(
-        prompt="a red circle", negative_prompt="blue", scheduler="ddim", guidance_scale=4.0, model=MODEL)
-    assert _files(uploads) == before and not _holding(uploads, path.read_bytes())  # read in memory, then deleted
+    info = client.predict(png=handle_file(path), api_name="/png_info")
+    assert _files(uploads) == before and not _holding(uploads, Path(path).read_bytes())  # read in memory, deleted
     assert not demo.upload_file_set
+    assert info.pop("source") == "request" and info.pop("notes") == []
+    assert info == dict(prompt="a red circle", negative_prompt="blue", model=MODEL, scheduler="ddim",
+                        num_inference_steps=3, guidance_scale=4.0, seed=info["seed"], width=0, height=0,
+                        guidance="rescale", guidance_params='{"guidance_rescale": 0.3}', num_images_per_prompt=1)
+    again = client.predict(**info, api_name="/generate")[0]
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(path)))
 
     text = client.predict(text=A1111, api_name="/png_info")
     assert text["source"] == "parameters" and text["scheduler"] == "dpmpp_2m_karras" and text["seed"] == 3141592653
+    assert text["guidance_params"] == "{}" and (text["width"], text["height"]) == (512, 768)
     assert text["notes"] == ["ignored (no such setting here): Model hash, Lora hashes, Version"]
 
 

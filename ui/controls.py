@@ -137,10 +137,10 @@ class Controls:
                             self.param_sliders[f"{key}__{p.name}"] = gr.Slider(
                                 p.low, p.high, value=value, step=step, label=p.name, info=p.doc)
                     self.param_groups[key] = group
-            with gr.Row():
+            with gr.Row(equal_height=True):  # ♻ as tall as the seed box beside it
                 self.seed = gr.Number(value=0, precision=0, label="Seed", scale=2, min_width=120)
                 # ♻ (A1111's habit): the last run's seed back in the box, Random seed unticked (ui/pnginfo.py wires it)
-                self.reuse_seed_btn = gr.Button("♻", size="sm", scale=0, min_width=44, elem_id="reuse-seed")
+                self.reuse_seed_btn = gr.Button("♻", size="lg", scale=0, min_width=48, elem_id="reuse-seed")
                 self.randomize_seed = gr.Checkbox(value=True, label="Random seed", scale=1, min_width=110)
             with gr.Row():
                 self.width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Width", info="0 = the model's size")

@@ -11,6 +11,7 @@ the next PNG-info call once STALE_UPLOAD_SECONDS old (and by Gradio when the ser
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -137,7 +138,7 @@ class PngInfoView:
     def restored(self, info: dict[str, Any], current_model: str, what: str) -> dict:
         out, notes = self.restore(info, current_model)
         seed = f", seed {info['seed']}" if "seed" in info else ""
-        lines = [f"✅ Settings restored from {what}{seed}. Press **Generate** (or Ctrl/Cmd+Enter in the prompt) to "
+        lines = [f"Settings restored from {what}{seed}. Press **Generate** (or Ctrl/Cmd+Enter in the prompt) to "
                  "make it again."] + [f"ℹ️ {n}" for n in notes]
         return out | {self.status: "  \n".join(lines)}
 
@@ -197,10 +198,11 @@ class PngInfoView:
             return self.restored(info, current_model, "the parameters text")
 
         def png_info(png: dict | None = None, text: str | None = "") -> dict:
-            """The settings of a PNG (ours or AUTOMATIC1111's, at most 1 MB) or of an A1111 parameters text, named as
-            /generate's parameters, with `source` ("request" or "parameters") and `notes` (what was not used)."""
+            """The settings of a PNG (ours or AUTOMATIC1111's, at most 1 MB) or of an A1111 parameters text, named and
+            written as /generate's parameters, with `source` ("request" or "parameters") and `notes` (what was not
+            used)."""
             try:
-                return self.settings(png, text, uploaded)
+                return as_generate_parameters(self.settings(png, text, uploaded))
             except ValueError as e:
                 raise gr.Error(str(e), print_exception=False) from None
 
@@ -213,6 +215,17 @@ class PngInfoView:
         self.controls.reuse_seed_btn.click(self.reuse_seed, inputs=[self.run_id],
                                            outputs=[self.controls.seed, self.controls.randomize_seed],
                                            api_visibility="private")  # queued: a warning needs the queue
+
+
+def as_generate_parameters(info: dict[str, Any]) -> dict[str, Any]:
+    """Settings written as /generate takes them (ui/api.py parameters): the model's own scheduler "", its own size 0,
+    guidance_params as JSON text; so `client.predict(**settings_without_source_and_notes, api_name="/generate")`
+    makes the image again."""
+    unset = {"scheduler": "", "width": 0, "height": 0}
+    out = {k: unset[k] if v is None and k in unset else v for k, v in info.items()}
+    if "guidance_params" in out:
+        out["guidance_params"] = json.dumps(out["guidance_params"], sort_keys=True)
+    return out
 
 
 def take_upload(png: Any, uploaded: set[str]) -> bytes:
