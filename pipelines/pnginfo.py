@@ -35,8 +35,9 @@ SETTINGS = ("prompt", "negative_prompt", "model", "scheduler", "num_inference_st
             "height", "guidance", "guidance_params", "num_images_per_prompt")
 EXAMPLE = ("a red circle in the center\nNegative prompt: blue\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
            "CFG scale: 7, Seed: 42, Size: 64x64, Model: tiny-shapes")
-WHAT_IT_LOOKS_LIKE = ("an AUTOMATIC1111 parameters text is the prompt, an optional 'Negative prompt: …' line, then one "
-                      "line of settings such as 'Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x512'")
+WHAT_IT_LOOKS_LIKE = ("an AUTOMATIC1111 parameters text is the prompt, an optional 'Negative prompt: …' line, then "
+                      "one line of settings such as 'Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: "
+                      "512x512'")
 # Keys of a settings line that count as A1111's: a line with none of them is not a parameters text.
 CORE_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 # Settings this playground reads; anything else on the line is ignored with a note.

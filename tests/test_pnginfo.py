@@ -11,18 +11,22 @@ import os
 import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
-from pipelines.outputs import a1111_parameters, save_image, save_png
+from pipelines.outputs import save_image, save_png
 from pipelines.pnginfo import (MAX_PNG_BYTES, PNG_SIGNATURE, parse_parameters, png_text, read_png_info,
                                scheduler_for)
 from pipelines.types import GenerationRequest
-from tests.serving import serve, wait_until
+from tests.serving import Visitor, serve, wait_until
 from tests.tiny import tiny_pipeline
+from ui.pnginfo import sweep_uploads, take_upload
+
+gradio_client = pytest.importorskip("gradio_client")
 
 MODEL = "tiny-sd"
 
@@ -186,7 +190,8 @@ def test_unknown_keys_and_samplers_are_ignored_with_a_note():
     assert "scheduler" not in info and info["num_inference_steps"] == 9
     assert any("sampler 'DPM++ 3M SDE' is not offered here" in n and "model's own scheduler" in n
                for n in info["notes"])
-    assert "ignored (no such setting here): Denoising strength, Hires upscale, Clip skip, Stopped at step" in info["notes"]
+    ignored = "ignored (no such setting here): Denoising strength, Hires upscale, Clip skip, Stopped at step"
+    assert ignored in info["notes"]
     assert any("stopped at step 5" in n for n in info["notes"])
 
 
@@ -229,7 +234,8 @@ def test_garbage_is_refused_with_a_line_saying_what_a_parameters_text_looks_like
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The real app around a tiny SD pipeline with its own Gradio upload folder; yields (url, outputs, uploads, demo)."""
+    """The real app around a tiny SD pipeline, with its own Gradio upload folder; yields (url, outputs, uploads,
+    demo)."""
     loader = ModelLoader(device="cpu")
     loader.add(MODEL, tiny_pipeline("sd"))
     uploads = tmp_path_factory.mktemp("gradio-uploads")
@@ -243,7 +249,6 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server, tmp_path_factory):
-    gradio_client = pytest.importorskip("gradio_client")
     return gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
@@ -267,14 +272,12 @@ def _our_png(tmp_path: Path, **kwargs) -> tuple[Path, GenerationRequest, int]:
 
 def test_api_png_info_reads_a_png_or_a_text_and_keeps_no_upload(server, client, tmp_path):
     """/png_info gives a PNG's settings written as /generate's parameters: fed back, they make the same pixels."""
-    from gradio_client import handle_file
-
     _, outputs, uploads, demo = server
     path = client.predict(prompt="a red circle", negative_prompt="blue", scheduler="ddim", num_inference_steps=3,
                           guidance_scale=4, guidance="rescale", guidance_params='{"guidance_rescale": 0.3}',
                           api_name="/generate")[0]
     before = _files(uploads)
-    info = client.predict(png=handle_file(path), api_name="/png_info")
+    info = client.predict(png=gradio_client.handle_file(path), api_name="/png_info")
     assert _files(uploads) == before and not _holding(uploads, Path(path).read_bytes())  # read in memory, deleted
     assert not demo.upload_file_set
     assert info.pop("source") == "request" and info.pop("notes") == []
@@ -291,20 +294,17 @@ def test_api_png_info_reads_a_png_or_a_text_and_keeps_no_upload(server, client, 
 
 
 def test_api_refuses_what_is_not_a_png_with_settings_and_keeps_nothing(server, client, tmp_path):
-    import httpx
-    from gradio_client import handle_file
-    from gradio_client.exceptions import AppError
-
     url, outputs, uploads, demo = server
     before_uploads, before_outputs = _files(uploads), _files(outputs)
     plain = tmp_path / "plain.png"
     plain.write_bytes(_png())  # a PNG without settings: it passes the gate, the handler refuses and deletes it
-    with pytest.raises(AppError, match="carries no generation settings"):
-        client.predict(png=handle_file(str(plain)), api_name="/png_info")
+    with pytest.raises(gradio_client.exceptions.AppError, match="carries no generation settings"):
+        client.predict(png=gradio_client.handle_file(str(plain)), api_name="/png_info")
+    both = dict(png=gradio_client.handle_file(str(plain)), text=A1111)
     for kwargs, message in ((dict(text="a cat on a mat"), "not a parameters text: an AUTOMATIC1111 parameters text"),
                             (dict(), "give a PNG (saved by this playground or AUTOMATIC1111) or a parameters text"),
-                            (dict(png=handle_file(str(plain)), text=A1111), "either a PNG or a parameters text")):
-        with pytest.raises(AppError) as err:
+                            (both, "either a PNG or a parameters text")):
+        with pytest.raises(gradio_client.exceptions.AppError) as err:
             client.predict(api_name="/png_info", **kwargs)
         assert message in str(err.value)
 
@@ -319,8 +319,6 @@ def test_api_refuses_what_is_not_a_png_with_settings_and_keeps_nothing(server, c
         assert response.status_code == status and detail in response.json()["detail"], response.text
     assert httpx.post(f"{url}gradio_api/component_server", files={"files": ("a.png", _png())}).status_code == 403
     # A path the upload route did not write is neither read nor deleted (here: a run's own image).
-    from tests.serving import Visitor
-
     own = next(iter(outputs.glob("*/image.png")), None) or _our_png(outputs)[0]
     visitor = Visitor(url)
     answer = visitor.call("/png_info", png={"path": str(own), "meta": {"_type": "gradio.FileData"}})
@@ -335,8 +333,6 @@ def test_api_refuses_what_is_not_a_png_with_settings_and_keeps_nothing(server, c
 def test_stale_uploads_are_swept_and_only_uploads_are_deleted(tmp_path):
     """An upload no handler read (sent without its event) goes with the next PNG-info call once stale; a path that
     is not in Gradio's upload set is never touched."""
-    from ui.pnginfo import sweep_uploads, take_upload
-
     fresh, stale, other = tmp_path / "a" / "fresh.png", tmp_path / "b" / "stale.png", tmp_path / "other.png"
     for p in (fresh, stale, other):
         p.parent.mkdir(exist_ok=True)
@@ -358,7 +354,8 @@ def test_stale_uploads_are_swept_and_only_uploads_are_deleted(tmp_path):
 
 def _browser(playwright):
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
-        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run"])
 
 
 def _open(browser, url: str, prompt: str, steps: int):
@@ -390,13 +387,12 @@ def _done(page, seen: set[str]) -> str:
 
 def _generate_events(url: str) -> set[int]:
     """fn_index of the page's events that start a run: Generate's click and the prompt's submit (from /config)."""
-    import httpx
-
     config = httpx.get(f"{url}config").json()
     ids = {c["id"] for c in config["components"]
            if c["props"].get("elem_id") == "generate-btn" or c["props"].get("label") == "Prompt"}
     return {i for i, d in enumerate(config["dependencies"]) if d.get("queue") is not False
-            and d.get("trigger_after") is None and any(t[0] in ids and t[1] in ("click", "submit") for t in d["targets"])}
+            and d.get("trigger_after") is None
+            and any(t[0] in ids and t[1] in ("click", "submit") for t in d["targets"])}
 
 
 def test_browser_ctrl_enter_generates_once_and_reuse_seed(server):

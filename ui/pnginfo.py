@@ -48,8 +48,8 @@ class PngInfoView:
                 self.file = gr.File(label="Drop or pick a PNG (this playground's or AUTOMATIC1111's; at most 1 MB, "
                                           "read and discarded, never kept)", file_types=[".png"], height=120,
                                     elem_id="pnginfo-file")
-                self.text = gr.Textbox(label="…or paste an AUTOMATIC1111 parameters text", lines=3, placeholder=EXAMPLE,
-                                       elem_id="pnginfo-text")
+                self.text = gr.Textbox(label="…or paste an AUTOMATIC1111 parameters text", lines=3,
+                                       placeholder=EXAMPLE, elem_id="pnginfo-text")
                 self.apply_btn = gr.Button("Apply parameters text", size="sm", elem_id="pnginfo-apply")
                 self.status = gr.Markdown("", elem_classes="step-note", elem_id="pnginfo-status")
         with gr.Group(visible=False):  # /png_info's parameters and result
