@@ -201,8 +201,11 @@ def test_browser_stop_captions_and_restore_are_true(server, browser):
     _wait_status(page, "Done")
     assert caption.inner_text().strip() == "Final image"
 
+    # Both runs in the history: the second run's stream has ended (its follow-up event fills the gallery), so no
+    # late update of that stream lands on the restored run.
+    thumbs = page.locator("#history button.thumbnail-item")
+    wait_until(lambda: thumbs.count() == 2, 20, "both runs in the history")
     item = page.locator("#history button.thumbnail-item", has_text="stopped")
-    item.first.wait_for(timeout=20000)
     item.first.click()
     _wait_status(page, "Restored")
     wait_until(lambda: caption.inner_text().strip() == f"Stopped at step {k} — x̂0 shown", 10,

@@ -714,26 +714,28 @@ class ExplainView:
         validate = admission_validator(self.app)
         common = dict(show_progress="minimal", concurrency_id="explain", concurrency_limit=EXPLAIN_CONCURRENCY,
                       trigger_mode="once", validator=validate)
+        # Outputs in API order: the status first and the numbers last, as before the progress bars came (just
+        # before the numbers).
         runs = [
             ("explain_jump", self.jump_btn, self.jump_stop, self.run_jump, {}, self.jump_status,
              [self.jump_status, self.jump_state, self.jump_gallery, self.jump_k, self.jump_distance,
-              self.jump_sharpness, self.jump_compare, self.jump_short, self.jump_note, self.numbers, self.jump_progress]),
+              self.jump_sharpness, self.jump_compare, self.jump_short, self.jump_note, self.jump_progress, self.numbers]),
             ("explain_branch", self.branch_btn, self.branch_stop, self.run_branch,
              dict(branch_at=self.branch_at, branch_n=self.branch_n, branch_scheduler=self.branch_scheduler),
-             self.branch_status, [self.branch_status, self.branch_gallery, self.branch_plot, self.numbers,
-                                  self.branch_progress]),
+             self.branch_status, [self.branch_status, self.branch_gallery, self.branch_plot, self.branch_progress,
+                                  self.numbers]),
             ("explain_sweep", self.sweep_btn, self.sweep_stop, self.run_sweep,
              dict(sweep_x=self.sweep_x, sweep_x_values=self.sweep_x_values, sweep_y=self.sweep_y,
                   sweep_y_values=self.sweep_y_values),
-             self.sweep_status, [self.sweep_status, self.sweep_state, self.sweep_gallery, self.numbers,
-                                 self.sweep_progress]),
+             self.sweep_status, [self.sweep_status, self.sweep_state, self.sweep_gallery, self.sweep_progress,
+                                 self.numbers]),
             ("explain_dissect", self.dissect_btn, self.dissect_stop, self.run_dissect, {}, self.dissect_status,
              [self.dissect_status, self.dissect_state, self.dissect_push, self.dissect_move, self.dissect_k,
-              self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note, self.numbers,
-              self.dissect_progress]),
+              self.dissect_cond, self.dissect_uncond, self.dissect_x0, self.dissect_note, self.dissect_progress,
+              self.numbers]),
             ("explain_tradeoff", self.tradeoff_btn, self.tradeoff_stop, self.run_tradeoff,
              dict(tradeoff_scales=self.tradeoff_scales, tradeoff_seeds=self.tradeoff_seeds), self.tradeoff_status,
-             [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.numbers, self.tradeoff_progress]),
+             [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.tradeoff_progress, self.numbers]),
         ]
         jump_k = self.jump_k.release(self.gpu(self._counted(self.on_jump_k)),
                                      inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),
