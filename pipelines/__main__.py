@@ -1,5 +1,5 @@
 """Command line: `python -m pipelines generate ...`, the Explain lab's experiments (sweep, jump, branch, dissect,
-tradeoff: pipelines/explain/) and the listings (guidance, schedulers, models).
+tradeoff, attention: pipelines/explain/) and the listings (guidance, schedulers, models).
 
 Same API as the UI: a GenerationRequest from pipelines.requests.build_request, handed to generate().
 A refusal is one line on stderr, `error: ...`, and an exit status that says what kind (EXIT_STATUS).
@@ -167,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scales to compare (default 1,2,3,5,7.5,12)")
     t.add_argument("--seeds", type=int, default=8, help="images per scale, seeds s, s+1, ... (default 8)")
 
+    a = sub.add_parser("attention", help="which word drew where: per-word cross-attention maps, per step and for the run",
+                       description="One run with attention probes on its cross-attention layers (SD, SDXL, PixArt-Σ; "
+                                   "SD3's joint attention, image to text). Write DIR/image.png, DIR/attention.json "
+                                   '({"words": [{"word", "index", "map", "steps": [{"step", "map"}]}], ...}), '
+                                   "DIR/maps/<index>.png (each word's greyscale map at image size for the whole run), "
+                                   "DIR/steps/NNN_<index>.png and DIR/steps/NNN_x0.png per step, and DIR/attention.png "
+                                   "(every word's map over the image). On the embedded model each word also gets the "
+                                   "share of its map on the object (on_object).")
+    _request_flags(a)
+
     sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
     sub.add_parser("schedulers", help="list scheduler keys")
     sub.add_parser("models", help="list the models offered by name")
@@ -328,6 +338,25 @@ def _tradeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(args: argparse.Namespace) -> int:
+    loader, _, request = _request(args, trace=False)  # one run, eager anyway: the probes replace the traced call
+    report = _run(explain.attention(request, loader=loader),
+                  lambda r: f"x̂0 decoded {sum(s.x0 is not None for s in r.steps)}/{len(r.steps)}")
+    try:
+        explain.check_judge_model(request.model)
+        mask = explain.object_mask(report.result.image)  # the shapes world's object, as the judge segments it
+    except ValueError:
+        mask = None  # another model's pictures: no object to measure against
+    data = report.write(args.out, mask=mask)
+    where = ""
+    if mask is not None:
+        where = (f"; share of each word's region on the object ({data['object']['area']:.1%} of the image): " +
+                 ", ".join(f"{w['word']} {w['on_object']['region']:.2f}" for w in data["words"]))
+    print(f"wrote {os.path.join(args.out, 'attention.json')} (seed {report.request.seed}, {len(report.words)} words, "
+          f"{report.layers} attention layers, {len(report.steps)} steps){where}")
+    return 0
+
+
 def _run(experiment, progress):
     """Run an experiment to its end, saying how far it is on stderr (stdout keeps the one result line)."""
     report = None
@@ -371,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dissect(args)
         if args.command == "tradeoff":
             return _tradeoff(args)
+        if args.command == "attention":
+            return _attention(args)
         if args.command == "guidance":
             print(describe())
         elif args.command == "schedulers":

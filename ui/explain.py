@@ -1,11 +1,11 @@
-"""The Explain lab view: five experiments from pipelines/explain/ on the main tab's prompt, model, scheduler,
+"""The Explain lab view: six experiments from pipelines/explain/ on the main tab's prompt, model, scheduler,
 guidance and seed, one sub-tab each, each with a few sentences saying what to look at and why.
 
 Every experiment is a generator of growing reports (pipelines/explain/). The handlers advance it one step at a
 time as jobs on the app's one generation worker (so it never runs beside a main-tab run, with the torch thread
 count the model wants) and yield each partial result to the browser; Stop ends it between runs and, through the
 experiment's `cancelled` check, inside a run at the next step boundary. Each experiment is also a named API
-endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /explain_tradeoff).
+endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /explain_tradeoff, /explain_attention).
 """
 
 from __future__ import annotations
@@ -75,6 +75,13 @@ TEXT = {
                 "judge checks each image against the prompt (colour, shape, size, position). Higher guidance "
                 "usually follows the prompt more closely and makes the images more alike; the plot shows how far "
                 "that holds on your prompt. Embedded model only: the judge knows only its world.",
+    "attention": "**Which word drew where.** At every step the model's cross-attention layers let each part of the "
+                 "image look at the prompt's words. Summed over the layers and heads (as DAAM does), that shows where "
+                 "each word acted: pick a word, and move k to see where it acted at step k, over that step's x̂0; "
+                 "the right image is the whole run over the final image. Early steps spread a word over the blurry "
+                 "layout, later ones hold it on the part of the picture it names. Small words (a, the) can gather "
+                 "attention too: the model may use any token as a handle. SD, SDXL, PixArt-Σ, and SD3 (the image "
+                 "attending to the text in its joint attention).",
 }
 
 
@@ -168,6 +175,14 @@ def tradeoff_progress(report: explain.TradeoffReport | None, total: int, seeds: 
     """`seeds` runs per guidance scale."""
     done = 0 if report is None else len(report.points) * seeds
     return progress_html(done, total, f"{done} / {total} runs", _state(report is not None and report.done))
+
+
+def attention_progress(report: explain.AttentionReport) -> str:
+    """One run with the attention probes, then its x̂0 decoded step by step."""
+    k, n = len(report.steps), max(report.request.num_inference_steps, len(report.steps))
+    if report.decoding:
+        return progress_html(k, n, f"x̂0 decoded {k} / {n}")
+    return progress_html(k, k, f"{k} / {k} steps decoded", "done")
 
 
 class _Files:
@@ -321,6 +336,7 @@ class ExplainView:
                         self.tradeoff_plot = gr.LinePlot(x="guidance_scale", y="value", color="series",
                                                          title="adherence (judge) and diversity", x_title="guidance scale",
                                                          y_title="value", y_lim=[0, 1], height=260)
+            self._attention_tab()
         with gr.Accordion("Numbers of the last experiment (JSON)", open=False):
             self.numbers = gr.JSON(label="numbers")
 
@@ -704,6 +720,113 @@ class ExplainView:
                        self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
                                              f"{len(report.scales)} scales; the judge checks {wanted}."}
 
+    # -- attention -----------------------------------------------------------------------------------------------
+
+    def _attention_tab(self) -> None:
+        """The "Which word drew where" tab: word chips, a step slider, the word's map over x̂0 at step k and over the
+        final image, and every word's whole-run map."""
+        with gr.Tab("Which word drew where", elem_id="explain-attention-tab"):
+            gr.Markdown(TEXT["attention"], elem_classes="step-note")
+            with gr.Row():
+                self.attention_btn = gr.Button("Run word maps", variant="primary", scale=3)
+                self.attention_stop = gr.Button("Stop", variant="stop", scale=1)
+            self.attention_status = gr.Markdown("", elem_id="explain-attention-status")
+            self.attention_progress = progress_bar("explain-attention-progress")
+            self.attention_state = gr.State(None)
+            self.attention_word = gr.Radio([], label="Word", elem_id="explain-attention-word")
+            self.attention_k = gr.Slider(1, 20, value=20, step=1, label="Step k", elem_id="explain-attention-k")
+            with gr.Row():
+                for name, caption in (("x0", "the word at step k, over x̂0 at step k"),
+                                      ("final", "the word over the whole run, over the final image")):
+                    with gr.Column(min_width=160):
+                        image = gr.Image(label=caption, show_label=False, type="filepath", height=260,
+                                         interactive=False, elem_classes="pixelated",
+                                         elem_id=f"explain-attention-{name}")
+                        gr.Markdown(caption, elem_classes="caption")
+                    setattr(self, f"attention_{name}", image)
+            self.attention_note = gr.Markdown("", elem_classes="step-note", elem_id="explain-attention-note")
+            gr.Markdown("Every word over the final image, the whole run, with its part of the words' attention "
+                        "(click one to show it above):", elem_classes="step-note")
+            self.attention_gallery = gr.Gallery(label="every word, whole run", show_label=False, columns=6,
+                                                height="auto", elem_classes="explain-gallery", allow_preview=False,
+                                                elem_id="explain-attention-gallery")
+
+    async def run_attention(self, http: gr.Request, **values):
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
+        files = _Files(self.app, http)
+        n = request.num_inference_steps
+        yield {self.attention_status: f"Running {n} steps with the attention probes (seed {request.seed})…",
+               self.attention_state: None, self.attention_gallery: [], self.attention_k: gr.Slider(1, n, value=n),
+               self.attention_progress: progress_html(None, 1, f"the run: {n} steps…")}
+        make = lambda c: explain.attention(request, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                           max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if (interim := _interim(report, self.attention_status, request,
+                                        (self.attention_progress, attention_progress))) is not None:
+                    yield interim
+                    continue
+                shares = report.shares()
+                top = report.words[int(np.argmax(shares))]  # shown first: the word that drew the most attention
+                n = len(report.steps)
+                gallery = [(files(f"attn_{w.index}", report.overlay(w.index)), f"{w.text} · {share:.0%}")
+                           for w, share in zip(report.words, shares)]
+                yield {self.attention_gallery: gallery, self.attention_state: (report, files),
+                       self.attention_word: gr.Radio(choices=[(w.text, w.index) for w in report.words],
+                                                     value=top.index),
+                       self.attention_k: gr.Slider(1, n, value=n), self.numbers: report.to_dict(),
+                       self.attention_progress: attention_progress(report),
+                       self.attention_status: f"Done: seed {report.request.seed}, {len(report.words)} words, "
+                                              f"{report.layers} attention layers × {n} steps."
+                       } | self._attention_at(report, top.index, n, files)
+
+    def _attention_at(self, report: explain.AttentionReport, word: int, k: int, files: _Files) -> dict:
+        """A word's map at step k over that step's x̂0, and over the whole run over the final image."""
+        n = len(report.steps)
+        k = max(1, min(int(k), n))
+        w = report.word(word)
+        s, shown = report.steps[k - 1], report.step_near(k - 1)
+        sigma = "" if s.sigma is None else f" (σ = {s.sigma:.3g})"
+        note = (f"“{w.text}” at step {k} of {n}{sigma}: where the image attended to it at this step. Over the whole "
+                f"run it got {report.shares()[w.index]:.0%} of the attention the prompt's words got.")
+        if shown.step != s.step:
+            note += _thinned(shown.step, sum(t.maps is not None for t in report.steps), n)
+        return {self.attention_x0: files(f"attn_{w.index}_{shown.step:03d}", report.overlay(w.index, shown.step)),
+                self.attention_final: files(f"attn_{w.index}", report.overlay(w.index)), self.attention_note: note}
+
+    def on_attention_view(self, state, word, k):
+        """The word chips and the step slider (dragged or typed): the chosen word at step k."""
+        if state is None:
+            return {self.attention_note: "Run the experiment first."}
+        report, files = state
+        try:
+            k = _whole(k, "step k")
+            return self._attention_at(report, report.words[0].index if word is None else _whole(word, "word"), k,
+                                      files)
+        except gr.Error as e:
+            return {self.attention_note: str(e.message)}
+        except ValueError as e:
+            return {self.attention_note: str(e)}
+
+    def on_attention_pick(self, state, k, evt: gr.SelectData) -> dict:
+        """A click on a word in the gallery chooses it (the gallery lists the words in order)."""
+        index = getattr(evt, "index", None)
+        if state is None or not isinstance(index, int) or not 0 <= index < len(state[0].words):
+            return {}
+        return self.on_attention_view(state, index, k) | {self.attention_word: index}
+
+    def _wire_attention_view(self) -> None:
+        view = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="explain-view",
+                    concurrency_limit=4)
+        outputs = [self.attention_x0, self.attention_final, self.attention_note]
+        inputs = dict(state=self.attention_state, word=self.attention_word, k=self.attention_k)
+        # .input: a chip clicked, the slider dragged or a number typed into its box (each keystroke; the last one
+        # wins), never a value a run sets (.change would also fire then, with the old value under the new maximum)
+        self.attention_word.input(self.on_attention_view, inputs_kwargs=inputs, outputs=outputs, **view)
+        self.attention_k.input(self.on_attention_view, inputs_kwargs=inputs, outputs=outputs, **view)
+        self.attention_gallery.select(self.on_attention_pick, inputs=[self.attention_state, self.attention_k],
+                                      outputs=[*outputs, self.attention_word], **view)
+
     # -- wiring --------------------------------------------------------------------------------------------------
 
     def wire(self) -> None:
@@ -737,6 +860,12 @@ class ExplainView:
              dict(tradeoff_scales=self.tradeoff_scales, tradeoff_seeds=self.tradeoff_seeds), self.tradeoff_status,
              [self.tradeoff_status, self.tradeoff_gallery, self.tradeoff_plot, self.tradeoff_progress, self.numbers]),
         ]
+        runs.append(("explain_attention", self.attention_btn, self.attention_stop, self.run_attention, {},
+                     self.attention_status, [self.attention_status, self.attention_state, self.attention_word,
+                                             self.attention_k, self.attention_x0, self.attention_final,
+                                             self.attention_gallery, self.attention_note, self.attention_progress,
+                                             self.numbers]))
+        self._wire_attention_view()
         jump_k = self.jump_k.release(self.gpu(self._counted(self.on_jump_k)),
                                      inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),
                                      outputs=[self.jump_compare, self.jump_short, self.jump_note, self.jump_k,

@@ -16,6 +16,8 @@ generate() and its StepEvents.
   how much x̂0 still moves.
 - tradeoff: for a few guidance scales, N seeds each: prompt adherence (the shapes world's judge, embedded model
   only) and diversity.
+- attention: which word drew where: per-word cross-attention maps of one run (pipelines/attention.py), per step
+  and for the whole run, over x̂0 and over the final image.
 
 Every report has to_dict() (its numbers, JSON-ready: what the UI's JSON panel and the API return) and write(out)
 (its images, its picture from figures.py and OUT/<experiment>.json: to_dict() plus the image paths; the CLI's files).
@@ -24,6 +26,8 @@ Distances are RMS over RGB pixels in [0, 1]; sharpness is the mean squared Lapla
 (high-frequency energy: a blurry average has little, crisp edges a lot).
 """
 
+from pipelines.explain.attention import (AttentionReport, AttentionStep, attention, attention_maps, heat_over,
+                                        object_mask)
 from pipelines.explain.branch import BranchPoint, BranchReport, branch, branch_seed
 from pipelines.explain.common import MAX_CELLS, MAX_RUNS, Cancelled, finish, seeded, _X0
 from pipelines.explain.dissect import DissectReport, DissectStep, dissect
@@ -32,7 +36,8 @@ from pipelines.explain.metrics import diversity, pixels, rms, sharpness
 from pipelines.explain.sweep import AXES, Axis, SweepCell, SweepReport, parse_axis, sweep
 from pipelines.explain.tradeoff import TradeoffPoint, TradeoffReport, check_judge_model, judge_targets, tradeoff
 
-__all__ = ["AXES", "Axis", "BranchPoint", "BranchReport", "Cancelled", "DissectReport", "DissectStep", "JumpReport",
+__all__ = ["AttentionReport", "AttentionStep", "attention", "attention_maps", "heat_over", "object_mask",
+           "AXES", "Axis", "BranchPoint", "BranchReport", "Cancelled", "DissectReport", "DissectStep", "JumpReport",
            "JumpStep", "MAX_CELLS", "MAX_RUNS", "ShortRun", "SweepCell", "SweepReport", "TradeoffPoint",
            "TradeoffReport", "branch", "branch_seed", "check_judge_model", "dissect", "diversity", "finish",
            "frame_steps", "judge_targets", "jump", "kept_steps", "nearest_kept", "parse_axis", "pixels", "rms",
