@@ -37,6 +37,7 @@ from ui.explain import EXPERIMENT_IMAGE_BYTES, ExplainView
 from ui.history import LEGACY_KEY_FILE, HistoryView, key_file as history_key_file
 from ui.live import LiveView, generate_handler
 from ui.pnginfo import UPLOADS as PNG_UPLOADS, PngInfoView
+from ui.sliders import HEAD as SLIDERS_HEAD
 from ui.state import Playground
 from ui.theme import CSS, theme
 from ui.uploads import NO_UPLOADS, UploadGate, UploadLimits
@@ -57,6 +58,7 @@ class _Blocks(gr.Blocks):
         kwargs.setdefault("max_file_size", "1mb")  # Gradio's own bound, behind UploadGate's
         kwargs.setdefault("theme", theme())
         kwargs["head"] = f"{kwargs.get('head') or ''}<script>{KEYS_JS}</script>"  # Ctrl/Cmd+Enter generates
+        kwargs["head"] += SLIDERS_HEAD  # a typed value outside a slider's range is kept and refused, not clamped
         kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or []), str(self.outputs_dir)]
         # The key signs every browser's list of runs: no route may serve it, nor the old one where it could not be
         # removed (ui/history.py).
@@ -158,7 +160,7 @@ def build_demo(
         demo.uploads = PNG_UPLOADS
         gr.Markdown("### History")
         history = HistoryView(app, shared=shared_history)
-        gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above (ui/explain.py).")
+        gr.Markdown("### Explain lab\nWhy many small steps? Experiments on the settings above.")
         explain = ExplainView(app, controls, experiment_image_bytes, gpu)
         ApiView(app, gpu, concurrency_limit=concurrent_streams)
 

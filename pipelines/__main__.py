@@ -33,6 +33,7 @@ from pipelines.registry import MODELS  # noqa: E402
 from pipelines.requests import Limits, build_request  # noqa: E402
 from pipelines.schedulers import SCHEDULERS  # noqa: E402
 from pipelines.types import DEFAULT_MODEL, MAX_IMAGES_PER_PROMPT, MAX_STEPS  # noqa: E402
+from pipelines.words import counted  # noqa: E402
 
 
 EXIT_OK = 0
@@ -255,7 +256,7 @@ def _generate(args: argparse.Namespace) -> int:
     names = ", ".join(trace.images) if n <= 4 else f"{trace.images[0]} … {trace.images[-1]}"
     also = "" if n == 1 else f" ({n} images: {names})"
     print(f"wrote {os.path.join(args.out, 'image.png')}{also} ({result.width}x{result.height}, {seeds}, "
-          f"{result.scheduler}, {result.steps_completed} steps in {t.denoise:.2f}s on {_threads()}, "
+          f"{result.scheduler}, {counted(result.steps_completed, 'step')} in {t.denoise:.2f}s on {_threads()}, "
           f"written in {written:.2f}s)")
     return 0
 
@@ -285,7 +286,7 @@ def _sweep(args: argparse.Namespace) -> int:
     report = _run(explain.sweep(request, x, y, loader=loader), lambda r: f"cell {len(r.cells)}/{r.total}")
     report.write(args.out)
     seeds = sorted({c.result.seed for c in report.cells})
-    print(f"wrote {os.path.join(args.out, 'grid.png')} ({len(report.cells)} cells, "
+    print(f"wrote {os.path.join(args.out, 'grid.png')} ({counted(len(report.cells), 'cell')}, "
           f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
     return 0
 
@@ -320,7 +321,7 @@ def _dissect(args: argparse.Namespace) -> int:
     report = _run(explain.dissect(request, loader=loader), lambda r: "")
     report.write(args.out, frames=args.frames)
     where = "" if report.interval is None else f"; guidance on at steps {report.interval[0] + 1}-{report.interval[1] + 1}"
-    print(f"wrote {os.path.join(args.out, 'dissect.png')} (seed {report.request.seed}, {len(report.steps)} steps{where})")
+    print(f"wrote {os.path.join(args.out, 'dissect.png')} (seed {report.request.seed}, {counted(len(report.steps), 'step')}{where})")
     return 0
 
 
@@ -353,7 +354,7 @@ def _attention(args: argparse.Namespace) -> int:
         where = (f"; share of each word's region on the object ({data['object']['area']:.1%} of the image): " +
                  ", ".join(f"{w['word']} {w['on_object']['region']:.2f}" for w in data["words"]))
     print(f"wrote {os.path.join(args.out, 'attention.json')} (seed {report.request.seed}, {len(report.words)} words, "
-          f"{report.layers} attention layers, {len(report.steps)} steps){where}")
+          f"{report.layers} attention layers, {counted(len(report.steps), 'step')}){where}")
     return 0
 
 

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from pipelines.words import counted
+
 MAX_MESSAGE_CHARS = 300  # a client message is cut here (a refusal that echoes input stays short)
 MAX_SHOWN_CHARS = 60  # user-supplied values quoted in a refusal are cut here
 
@@ -40,7 +42,7 @@ class NonFiniteLatents(ValueError):
         why = "" if repeated_timestep is None else f" (its schedule repeats timestep {repeated_timestep} there)"
         tries = []
         if num_steps > 1:
-            tries.append(f"{fewer_steps} steps" if fewer_steps else "fewer steps")
+            tries.append(counted(fewer_steps, "step") if fewer_steps else "fewer steps")
         if alternative:
             tries.append(f"another scheduler such as {alternative}")
         super().__init__(
@@ -79,9 +81,18 @@ def scrub_paths(text: str, outputs_dir: str | os.PathLike | None = None,
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """Whitespace collapsed to single spaces, diffusers' stack-trace pointer dropped, cut to `limit` characters."""
+    """Whitespace collapsed to single spaces, diffusers' stack-trace pointer dropped, and cut to at most `limit`
+    characters on a whole word: after the last full sentence when that keeps at least half the limit, else at the
+    last space, with "…" for what was left out (never "To…", half a word)."""
     text = " ".join(text.replace(_STACKTRACE_HINT, "").split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    sentence = head.rfind(". ")
+    if sentence >= limit // 2:
+        return head[: sentence + 1]
+    space = head[: limit - 1].rfind(" ")
+    return (head[:space] if space > 0 else head[: limit - 1]).rstrip(" ,;:(") + "…"
 
 
 def client_message(error: BaseException, outputs_dir: str | os.PathLike | None = None) -> str:

@@ -16,6 +16,7 @@ from pipelines.loading import ModelLoader
 from pipelines.observers import Observer
 from pipelines.schedulers import compatible_keys
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent, Timings
+from pipelines.words import counted
 from pipelines.x0 import predict_x0, sigma_at
 
 
@@ -46,9 +47,9 @@ def check_timesteps(scheduler, timesteps: torch.Tensor, num_inference_steps: int
         config = scheduler.config
         raise ValueError(
             f"{type(scheduler).__name__} (timestep_spacing={config.get('timestep_spacing')!r}, steps_offset="
-            f"{config.get('steps_offset')}) cannot take {num_inference_steps} steps: its first timestep would be "
-            f"{first}, past the {train} it was trained on; use at most {num_inference_steps - (first - train + 1)} "
-            f"steps or another scheduler")
+            f"{config.get('steps_offset')}) cannot take {counted(num_inference_steps, 'step')}: its first timestep "
+            f"would be {first}, past the {train} it was trained on; use at most "
+            f"{counted(num_inference_steps - (first - train + 1), 'step')} or another scheduler")
 
 
 def fewer_steps(scheduler, num_steps: int, tries: int = 20) -> int | None:
@@ -221,6 +222,7 @@ def generate(
     return GenerationResult(
         image=images[0],
         images=tuple(images),
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
         seed=seed,
         request=request,
         timings=Timings(

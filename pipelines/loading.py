@@ -21,7 +21,7 @@ from pipelines import threads as thread_probe
 from pipelines.previews import Previewer
 from pipelines.profile import ModelProfile, build_profile
 from pipelines.registry import MODELS, resolve
-from pipelines.schedulers import key_of, make_scheduler
+from pipelines.schedulers import denoiser_config, key_of, make_scheduler
 from pipelines.traced import SMALL_DENOISER_PARAMS, TracedUNet, num_params, traceable
 
 # diffusers' tail on load errors; it points at a stack trace the user of the UI or CLI never sees.
@@ -258,7 +258,7 @@ class ModelLoader:
         with self._lock:
             view = self._views.get((model, scheduler))
             if view is None:
-                view = with_scheduler(pipe, make_scheduler(pipe.scheduler, scheduler))
+                view = with_scheduler(pipe, make_scheduler(pipe.scheduler, scheduler, denoiser_config(pipe)))
                 self._views[(model, scheduler)] = view
         return view, key_of(view.scheduler)
 
@@ -310,6 +310,7 @@ class ModelLoader:
             dtype = getattr(torch, entry.cuda_dtype)  # e.g. SD3.5 is meant to run in bf16
         self._check_source(model)
         offline = not is_dir and hub_offline()
+        cached = is_dir or is_available_offline(source)
         try:
             kwargs = {} if is_dir else {"cache_dir": hub_cache_dir()}
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
@@ -318,6 +319,10 @@ class ModelLoader:
             hint = ""
             if offline:  # model_index.json is cached, so part of the download is missing
                 hint = f"; it is only partly in the local Hugging Face cache: finish it with `hf download {source}`"
+            elif not is_dir and not cached:  # the what-to-do first: the library's own words may be cut for the client
+                raise ValueError(f"{_named(model, source)} is not downloaded on this server and could not be fetched "
+                                 f"from the Hugging Face Hub (no network, or the Hub refused); run `hf download "
+                                 f"{source}` where there is network. The loader said: {_one_line(e)}") from e
             raise ValueError(f"{_named(model, source)} could not be loaded as a diffusers {where}: {_one_line(e)}{hint}") from e
         # SDXL's VAE overflows in fp16 (diffusers' force_upcast); keep it in fp32 instead of flipping it per call.
         if isinstance(pipe, StableDiffusionXLPipeline) and pipe.dtype == torch.float16 and pipe.vae.config.force_upcast:

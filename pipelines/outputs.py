@@ -140,6 +140,7 @@ class Trace:
     latent_format: str  # the model's latent-format record name (pipelines/previews.py)
     steps: tuple[StepEvent, ...]  # one per completed loop iteration: numbers and previews, no tensors
     images: tuple[str, ...] = ()  # a batch's image files in order, image i from seed + i (() or one: just `image`)
+    threads: int | None = None  # torch's CPU threads during the run (GenerationResult.threads); None: not recorded
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -160,7 +161,8 @@ class Trace:
             "preview_kinds": dict(self.preview_kinds),
             "latent_format": self.latent_format,
             "steps": [s.numbers() | {"previews": dict(s.previews)} for s in self.steps],
-        } | ({"images": list(self.images)} if len(self.images) > 1 else {})
+        } | ({"images": list(self.images)} if len(self.images) > 1 else {}) | (
+            {"threads": self.threads} if self.threads is not None else {})
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Write <folder>/trace.json atomically; return its path."""
@@ -194,7 +196,7 @@ class Trace:
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any], folder: Path, where: str) -> Trace:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name != "images"]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in ("images", "threads")]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         image = _typed(data, "image", str, where)
@@ -238,6 +240,7 @@ class Trace:
             preview_kinds=_str_map(data, "preview_kinds", where),
             latent_format=_typed(data, "latent_format", str, where),
             steps=tuple(_trace_step(s, f"{where}: steps[{i}]", len(steps_data)) for i, s in enumerate(steps_data)),
+            threads=_typed(data, "threads", int, where) if data.get("threads") is not None else None,
         )
 
 
@@ -452,6 +455,7 @@ class TraceWriter(Observer):
             preview_kinds={name: kind for name, (_, kind) in self.previews.items()},
             latent_format=self.previewer.format.name,
             steps=tuple(self.steps),
+            threads=result.threads,
         )
         if self._tensors is not None:
             self.tensors_saved = save_step_tensors(self.out_dir, self._tensors, self.tensors_limit_bytes)

@@ -14,8 +14,9 @@ from typing import Any, Mapping
 
 from pipelines.families import family_of
 from pipelines.previews import LatentFormat, Previewer, resolve_kind
-from pipelines.registry import MODELS, model_vocabulary, tier_of
-from pipelines.schedulers import SCHEDULERS, compatible_keys, why_not
+from pipelines.registry import MODELS, model_vocabulary, resolve, tier_of
+from pipelines.schedulers import (SCHEDULERS, check_fits, compatible_keys, denoiser_config, folder_config,
+                                  folder_denoiser_config, why_not)
 
 # Images up to this many pixels are VAE-decoded outside the loop (scrubber, experiments); a decode competes with the
 # loop on a CPU, so the live x̂0 there uses the fast preview. Larger images use the fast preview everywhere.
@@ -112,11 +113,57 @@ def build_profile(model: str, pipe: Any, previewer: Previewer, device_type: str,
     policy = PreviewPolicy(offered=previewer.kinds, fast=fast,
                            decode_pixels=DECODE_PIXELS.get(device_type, DECODE_PIXELS["cpu"]),
                            on_cpu=device_type == "cpu", offload=offload)
-    refused = {k: r for k in SCHEDULERS if (r := why_not(k, pipe.scheduler)) is not None}
+    denoiser = denoiser_config(pipe)
+    refused = {k: r for k in SCHEDULERS if (r := why_not(k, pipe.scheduler, denoiser)) is not None}
     entry = MODELS.get(model)
     return ModelProfile(
         model=model, family=family.key, prediction_type=family.prediction_type(pipe),
-        recommended=recommended_for(model, pipe), schedulers=tuple(compatible_keys(pipe.scheduler)), refused=refused,
+        recommended=recommended_for(model, pipe), schedulers=tuple(compatible_keys(pipe.scheduler, denoiser)),
+        refused=refused,
         native_size=family.default_size(pipe), size_multiple=family.size_multiple(pipe), tier=tier_of(model, pipe),
         latent_format=previewer.format, previews=policy, vocabulary=model_vocabulary(model),
         note=entry.note if entry else "")
+
+
+def fitting_schedulers(model: str, pipe: Any | None) -> tuple[str, ...]:
+    """Registry keys of the samplers that fit `model`, known before it loads where they can be: the loaded pipeline's
+    (as its profile has them); a local folder's, from the scheduler and UNet configs it ships (read, no weights);
+    for a hub id its schedule kind's samplers (any kind outside the registry), less those only a distilled model can
+    run, until it loads."""
+    if pipe is not None:
+        return tuple(compatible_keys(pipe.scheduler, denoiser_config(pipe)))
+    source = resolve(model)
+    config = folder_config(source)
+    if config is not None:
+        return tuple(compatible_keys(config, folder_denoiser_config(source)))
+    entry = MODELS.get(model)
+    kind = entry.schedule if entry is not None else None
+    return tuple(k for k, s in SCHEDULERS.items() if (kind is None or s.kind == kind) and not s.distilled_only)
+
+
+def check_scheduler(model: str, key: str, pipe: Any | None) -> None:
+    """Refuse a scheduler that does not fit `model` as the loop would (schedulers.check_fits), before the run is queued
+    where it can be known: on the loaded pipeline, else on a local folder's configs (read, no weights). A hub id not
+    yet loaded is checked when it loads (its configs are not on this machine); an unknown key is refused at once."""
+    if pipe is not None:
+        return check_fits(key, pipe.scheduler, denoiser_config(pipe))
+    source = resolve(model)
+    config = folder_config(source)
+    if config is not None:
+        return check_fits(key, config, folder_denoiser_config(source))
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {key!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def size_note(native: int, width: int, height: int) -> str:
+    """What to expect at width x height from a model trained at native x native; "" at its own size. A UNet makes
+    what it learned at every place of the latent, so a larger canvas gets more than one subject and a smaller one too
+    little room for one (Stable Diffusion 1.x at 1024² is the known case: doubled heads and bodies)."""
+    if width == native and height == native:
+        return ""
+    trained = f"this model was trained at {native}×{native}; at {width}×{height} expect"
+    if width >= native and height >= native:
+        return f"{trained} repeated or duplicated objects and a layout that does not hold together"
+    if width <= native and height <= native:
+        return f"{trained} cramped, broken shapes and lost detail: it never saw images this small"
+    return f"{trained} stretched or repeated objects along the longer side and cut-off ones along the shorter"

@@ -22,9 +22,10 @@ from pipelines.errors import shown
 from pipelines.families import family_of
 from pipelines.limits import ENV_VARS, Limits
 from pipelines.loading import ModelLoader
-from pipelines.profile import Recommended, recommended_for
+from pipelines.profile import Recommended, check_scheduler, recommended_for
 from pipelines.registry import MODELS, resolve, tier_of
 from pipelines.types import DEFAULT_MODEL, MAX_IMAGES_PER_PROMPT, MAX_SIDE, MAX_STEPS, GenerationRequest
+from pipelines.words import counted
 
 _ROOT = Path(__file__).resolve().parent.parent
 OWN_SCHEDULER = "model default"  # the UI dropdown's value for "keep the model's own scheduler"
@@ -142,18 +143,19 @@ def check_budget(model: str, tier: str, device: str, width: int, height: int, st
                          f"(e.g. {_side(budget.max_pixels)}x{_side(budget.max_pixels)}; raise it with "
                          f"{ENV_VARS['max_pixels']})")
     if images > 1 and pixels * images > budget.max_pixels:
+        most = counted(max(1, budget.max_pixels // pixels), "image")
         raise ValueError(f"a batch of {images} images of {width}x{height} is {pixels * images} pixels; the limit "
-                         f"{where} is {budget.max_pixels} (at most {max(1, budget.max_pixels // pixels)} images at this "
-                         f"size; raise it with {ENV_VARS['max_pixels']})")
+                         f"{where} is {budget.max_pixels} (at most {most} at this size; raise it with "
+                         f"{ENV_VARS['max_pixels']})")
     if pixels * steps * images > budget.max_work:
         if images == 1:
             most = max(1, budget.max_work // pixels)
-            raise ValueError(f"{width}x{height} x {steps} steps is {pixels * steps} pixel-steps; the limit {where} is "
-                             f"{budget.max_work} (at most {most} steps at this size; raise it with "
-                             f"{ENV_VARS['max_work']})")
+            raise ValueError(f"{width}x{height} x {counted(steps, 'step')} is {pixels * steps} pixel-steps; the limit "
+                             f"{where} is {budget.max_work} (at most {counted(most, 'step')} at this size; raise it "
+                             f"with {ENV_VARS['max_work']})")
         most = max(1, budget.max_work // (pixels * steps))
-        raise ValueError(f"{images} images of {width}x{height} x {steps} steps is {pixels * steps * images} "
-                         f"pixel-steps; the limit {where} is {budget.max_work} (at most {most} image"
+        raise ValueError(f"{images} images of {width}x{height} x {counted(steps, 'step')} is "
+                         f"{pixels * steps * images} pixel-steps; the limit {where} is {budget.max_work} (at most {most} image"
                          f"{'s' if most > 1 else ''} per batch at this size and step count; raise it with "
                          f"{ENV_VARS['max_work']})")
 
@@ -248,6 +250,8 @@ def build_request(
     pipe = loader.loaded(model)
     if pipe is None and model not in MODELS:
         pipe = loader.get(model)
+    if scheduler_key is not None:  # refused now, with why and what fits, rather than after waiting in the queue
+        check_scheduler(model, scheduler_key, pipe)
     side = native_size(model, pipe) if None in sizes.values() else 0
     check_budget(model, tier_of(model, pipe), loader.device.type, sizes["width"] or side, sizes["height"] or side,
                  steps, limits, images)

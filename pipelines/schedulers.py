@@ -43,6 +43,9 @@ class SchedulerSpec:
     kind: str  # "discrete" (VP noise schedule: ε / v models) or "flow" (flow matching)
     stochastic: bool  # step() adds fresh noise from the generator (ancestral / SDE samplers); checked by is_stochastic
     overrides: Mapping[str, Any] = field(default_factory=dict)  # applied on top of the model's scheduler config
+    # Only for consistency-distilled models (lcm_capable): LCM's few big steps jump to a boundary-conditioned x̂0 that
+    # only such a model predicts; an ordinary model gives lumpy, misshapen shapes (the embedded model's star: a blob)
+    distilled_only: bool = False
 
     def build(self, config: Mapping[str, Any]) -> SchedulerMixin:
         """A fresh scheduler from a model's scheduler config, as `Cls.from_config(config, **overrides)`."""
@@ -68,7 +71,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.key: s for s in (
     SchedulerSpec("dpmpp_2m_karras", DPMSolverMultistepScheduler, "DPM++ 2M Karras", "discrete", False,
                   _DPMPP_2M | {"use_karras_sigmas": True}),
     SchedulerSpec("unipc", UniPCMultistepScheduler, "UniPC", "discrete", False),
-    SchedulerSpec("lcm", LCMScheduler, "LCM", "discrete", True),  # re-noises x̂0 to the next timestep
+    SchedulerSpec("lcm", LCMScheduler, "LCM", "discrete", True, distilled_only=True),  # re-noises x̂0 each step
     SchedulerSpec("flow_euler", FlowMatchEulerDiscreteScheduler, "Euler", "flow", False, {"stochastic_sampling": False}),
 )}
 
@@ -84,17 +87,37 @@ def _config(scheduler: SchedulerMixin | Mapping[str, Any]) -> Mapping[str, Any]:
     return scheduler.config if isinstance(scheduler, SchedulerMixin) else scheduler
 
 
-def why_not(key: str, scheduler: SchedulerMixin | Mapping[str, Any]) -> str | None:
-    """Why registry `key` cannot run a model whose own scheduler (or its config) is `scheduler`; None when it can.
+def lcm_capable(scheduler: SchedulerMixin | Mapping[str, Any], denoiser_config: Mapping[str, Any] | None) -> bool:
+    """Whether a model was distilled for latent-consistency sampling (Luo et al. 2023, arXiv:2310.04378): its UNet
+    takes the guidance scale as an embedding (time_cond_proj_dim: LCM-distilled SD / SDXL), or it ships an
+    LCMScheduler (a model with LCM-LoRA fused in, PixArt-LCM). `denoiser_config`: its UNet's or transformer's config
+    (None when unknown: then only the scheduler can tell)."""
+    name = type(scheduler).__name__ if isinstance(scheduler, SchedulerMixin) else str(scheduler.get("_class_name", ""))
+    return name == "LCMScheduler" or (denoiser_config or {}).get("time_cond_proj_dim") is not None
+
+
+def why_not(key: str, scheduler: SchedulerMixin | Mapping[str, Any],
+            denoiser_config: Mapping[str, Any] | None = None) -> str | None:
+    """Why registry `key` cannot run a model whose own scheduler (or its config) is `scheduler` and whose UNet or
+    transformer has `denoiser_config` (None: unknown); None when it can.
 
     A model trained on a zero-terminal-SNR schedule (`rescale_betas_zero_snr`, Lin et al. 2023, arXiv:2305.08891)
     needs a sampler that rebuilds that schedule: one without the option would silently sample the unrescaled
-    schedule, whose last step keeps a share of the image in x_T that such a model never saw.
+    schedule, whose last step keeps a share of the image in x_T that such a model never saw. LCM needs a
+    consistency-distilled model (lcm_capable).
     """
     spec = _spec(key)
     kind = schedule_kind(scheduler)
     if spec.kind != kind:
         return f"it is a {spec.kind} sampler and this model has a {kind} schedule"
+    if flux_transformer(denoiser_config) and not (_takes_in_set_timesteps(spec.cls, "sigmas")
+                                                  and _takes_in_set_timesteps(spec.cls, "mu")):
+        return (f"Flux sets its schedule from sigmas 1 -> 1/N and a resolution shift mu (as FluxPipeline); "
+                f"{spec.cls.__name__}.set_timesteps takes neither")
+    if spec.distilled_only and not lcm_capable(scheduler, denoiser_config):
+        # Short: with make_scheduler's list of what fits it stays inside a client message (pipelines/errors.py)
+        return ("LCM needs a latent-consistency-distilled model (a UNet with time_cond_proj_dim, or its own "
+                "LCMScheduler); on this one its few big steps give lumpy, misshapen shapes; for few steps use dpmpp_2m")
     if _config(scheduler).get("rescale_betas_zero_snr"):
         if not _takes(spec.cls, "rescale_betas_zero_snr"):
             return (f"{spec.cls.__name__} cannot rebuild this model's zero-terminal-SNR schedule "
@@ -107,24 +130,51 @@ def why_not(key: str, scheduler: SchedulerMixin | Mapping[str, Any]) -> str | No
     return None
 
 
+def flux_transformer(denoiser_config: Mapping[str, Any] | None) -> bool:
+    """Whether a denoiser config is a Flux transformer's (FluxTransformer2DModel: rotary axes and the guidance flag)."""
+    config = denoiser_config or {}
+    return "axes_dims_rope" in config and "guidance_embeds" in config
+
+
+def _takes_in_set_timesteps(cls: type, parameter: str) -> bool:
+    return parameter in inspect.signature(cls.set_timesteps).parameters
+
+
 @lru_cache(maxsize=None)
 def _takes(cls: type, parameter: str) -> bool:
     return parameter in inspect.signature(cls.__init__).parameters
 
 
-def compatible_keys(scheduler: SchedulerMixin | Mapping[str, Any]) -> list[str]:
-    """Registry keys usable with a model whose own scheduler (or its config) is `scheduler`."""
-    return [k for k in SCHEDULERS if why_not(k, scheduler) is None]
+def compatible_keys(scheduler: SchedulerMixin | Mapping[str, Any],
+                    denoiser_config: Mapping[str, Any] | None = None) -> list[str]:
+    """Registry keys usable with a model whose own scheduler (or its config) is `scheduler` and whose denoiser has
+    `denoiser_config` (None: unknown, so only a shipped LCMScheduler admits lcm)."""
+    return [k for k in SCHEDULERS if why_not(k, scheduler, denoiser_config) is None]
+
+
+def denoiser_config(pipe: Any) -> Mapping[str, Any] | None:
+    """The config of a loaded pipeline's UNet or transformer (what lcm_capable reads); None when it has neither."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return getattr(denoiser, "config", None)
+
+
+def _folder_json(source: str, *parts: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(source, *parts).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def folder_config(source: str) -> dict[str, Any] | None:
     """The scheduler config a local diffusers folder ships (read without loading any weights); None for a hub id or
     a folder without one."""
-    path = Path(source) / "scheduler" / "scheduler_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return _folder_json(source, "scheduler", "scheduler_config.json")
+
+
+def folder_denoiser_config(source: str) -> dict[str, Any] | None:
+    """The UNet's (else the transformer's) config of a local diffusers folder, read without loading any weights."""
+    return _folder_json(source, "unet", "config.json") or _folder_json(source, "transformer", "config.json")
 
 
 def key_of(scheduler: SchedulerMixin) -> str:
@@ -135,17 +185,26 @@ def key_of(scheduler: SchedulerMixin) -> str:
     return type(scheduler).__name__
 
 
-def make_scheduler(model_scheduler: SchedulerMixin, key: str | None) -> SchedulerMixin:
-    """A fresh scheduler for one run: `key` from the registry, or a copy of the model's own when key is None."""
+def make_scheduler(model_scheduler: SchedulerMixin, key: str | None,
+                   denoiser_config: Mapping[str, Any] | None = None) -> SchedulerMixin:
+    """A fresh scheduler for one run: `key` from the registry, or a copy of the model's own when key is None.
+    `denoiser_config`: the model's UNet or transformer config (denoiser_config(pipe)), which says whether lcm fits."""
     if key is None:
         return type(model_scheduler).from_config(model_scheduler.config)
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {key!r}; valid for this model: {', '.join(compatible_keys(model_scheduler))}")
-    reason = why_not(key, model_scheduler)
-    if reason is not None:
-        raise ValueError(f"scheduler {key!r} does not fit this model: {reason}; "
-                         f"valid for this model: {', '.join(compatible_keys(model_scheduler))}")
+    check_fits(key, model_scheduler, denoiser_config)
     return SCHEDULERS[key].build(model_scheduler.config)
+
+
+def check_fits(key: str, scheduler: SchedulerMixin | Mapping[str, Any],
+               denoiser_config: Mapping[str, Any] | None = None) -> None:
+    """ValueError unless registry `key` fits the model (its own scheduler or config, its denoiser's config), saying
+    why not and which keys do."""
+    valid = ", ".join(compatible_keys(scheduler, denoiser_config))
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {key!r}; valid for this model: {valid}")
+    reason = why_not(key, scheduler, denoiser_config)
+    if reason is not None:
+        raise ValueError(f"scheduler {key!r} does not fit this model: {reason}; valid for this model: {valid}")
 
 
 def _spec(key: str) -> SchedulerSpec:

@@ -207,6 +207,9 @@ class GenerationResult:
     height: int  # pixels rendered
     width: int  # pixels rendered
     images: tuple[Image.Image, ...] = ()  # every image of the batch, image i from seed + i (images[0] is `image`)
+    # torch's CPU thread count during the run (None on CUDA): float sums are split per thread, so the last bit of a
+    # CPU image depends on it; the copied diffusers script pins it (ui/render.py)
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if not self.images:

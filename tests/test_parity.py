@@ -24,7 +24,8 @@ def _cases():
     for family in FAMILIES:
         kind = "flow" if family == "sd3" else "discrete"
         for key, spec in SCHEDULERS.items():
-            if spec.kind == kind and not (family == "sd_zsnr" and key in ZERO_SNR_REFUSED):
+            # LCM only fits consistency-distilled models; its parity is checked on one (tests/test_honest_controls.py)
+            if spec.kind == kind and not spec.distilled_only and not (family == "sd_zsnr" and key in ZERO_SNR_REFUSED):
                 yield family, key
 
 
@@ -191,7 +192,8 @@ def test_zero_snr_model_refuses_samplers_without_its_schedule(pipes, scheduler):
     """A sampler that cannot rebuild the zero-terminal-SNR schedule would run one the model never saw: refused, with
     why and what works instead; the others all run (test_matches_stock_pipeline)."""
     pipe = pipes.get("sd_zsnr")
-    assert set(compatible_keys(pipe.scheduler)) == {k for k, s in SCHEDULERS.items() if s.kind == "discrete"} - ZERO_SNR_REFUSED
+    assert set(compatible_keys(pipe.scheduler)) == ({k for k, s in SCHEDULERS.items() if s.kind == "discrete"}
+                                                    - ZERO_SNR_REFUSED - {"lcm"})
     with pytest.raises(ValueError, match=r"zero-terminal-SNR.*valid for this model: ddim, ddpm, euler") as e:
         generate(request("sd_zsnr", scheduler=scheduler), loader=pipes)
     assert "dpmpp_2m" in str(e.value) and "unipc" in str(e.value)

@@ -12,12 +12,13 @@ import gradio as gr
 from guidance.registry import METHODS
 from pipelines.limits import ENV_VARS
 from pipelines.loading import hub_offline, is_available_offline
-from pipelines.profile import Recommended
+from pipelines.profile import Recommended, size_note
 from pipelines.prompts import prompt_notes as notes_on_prompt
 from pipelines.registry import MODELS, model_vocabulary, resolve
-from pipelines.requests import OWN_SCHEDULER, build_request, recommended, text_field
+from pipelines.requests import OWN_SCHEDULER, build_request, native_size, recommended, text_field
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.render import display_source
+from ui.sliders import StrictSlider
 from ui.state import Playground
 
 # The embedded model knows only its world's words (shapes/world.py): 5 shapes, 8 colours, small/large, a 3x3 grid.
@@ -79,7 +80,7 @@ def guidance_range(recommended_scale: float) -> tuple[float, float]:
 
 
 def model_label(model: str) -> str:
-    """Dropdown label: hub models that are not on this machine say so (they download on first use, or fail offline)."""
+    """Dropdown label: hub models that are not on this machine say so (a run fetches them where there is network)."""
     if is_available_offline(model):
         return model
     return f"{model} (not downloaded{': offline' if hub_offline() else ''})"
@@ -117,24 +118,26 @@ class Controls:
             self.scheduler = gr.Dropdown(app.scheduler_choices(model0), value=rec.scheduler or OWN_SCHEDULER,
                                          label="Scheduler",
                                          info="stochastic samplers add fresh noise every step; heun and pndm "
-                                              "evaluate the model more often than the step count")
-            self.num_inference_steps = gr.Slider(1, MAX_STEPS, value=rec.num_inference_steps, step=1, label="Steps")
+                                              "evaluate the model more often than the step count; only the "
+                                              "samplers this model can run are listed (lcm: LCM-distilled "
+                                              "models only)")
+            self.num_inference_steps = StrictSlider(1, MAX_STEPS, value=rec.num_inference_steps, step=1, label="Steps")
             with gr.Row():
                 self.guidance = gr.Dropdown([(k, k) for k in METHODS], value=rec.guidance, label="Guidance method",
                                             scale=1)
                 lo, hi = guidance_range(rec.guidance_scale)
-                self.guidance_scale = gr.Slider(lo, hi, value=rec.guidance_scale, step=0.1,
+                self.guidance_scale = StrictSlider(lo, hi, value=rec.guidance_scale, step=0.1,
                                                 label="Guidance scale", scale=2)
             with gr.Accordion("Guidance method parameters", open=False):
                 self.method_note = gr.Markdown(method_note(rec.guidance), elem_classes="step-note")
                 self.param_groups: dict[str, gr.Group] = {}
-                self.param_sliders: dict[str, gr.Slider] = {}  # "method__param" -> slider
+                self.param_sliders: dict[str, StrictSlider] = {}  # "method__param" -> slider
                 for key, spec in METHODS.items():
                     with gr.Group(visible=key == rec.guidance) as group:
                         for p in spec.params:
                             step = 1 if p.integer else 0.01  # fine enough for every default (e.g. σ 0.28)
                             value = rec.guidance_params.get(p.name, p.default) if key == rec.guidance else p.default
-                            self.param_sliders[f"{key}__{p.name}"] = gr.Slider(
+                            self.param_sliders[f"{key}__{p.name}"] = StrictSlider(
                                 p.low, p.high, value=value, step=step, label=p.name, info=p.doc)
                     self.param_groups[key] = group
             with gr.Row(equal_height=True):  # ♻ as tall as the seed box beside it
@@ -143,8 +146,9 @@ class Controls:
                 self.reuse_seed_btn = gr.Button("♻", size="lg", scale=0, min_width=48, elem_id="reuse-seed")
                 self.randomize_seed = gr.Checkbox(value=True, label="Random seed", scale=1, min_width=110)
             with gr.Row():
-                self.width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Width", info="0 = the model's size")
-                self.height = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Height", info="0 = the model's size")
+                self.width = StrictSlider(0, MAX_SIDE, value=0, step=8, label="Width", info="0 = the model's size")
+                self.height = StrictSlider(0, MAX_SIDE, value=0, step=8, label="Height", info="0 = the model's size")
+            self.size_note = gr.Markdown("", elem_classes="step-note", elem_id="size-note")
             self.x0_preview = gr.Radio(X0_CHOICES, value="auto", label="x̂0 preview",
                                        info="Auto: the scrubber decodes small images with the VAE; the live view uses "
                                             "the model's fast colour preview on a CPU. Each panel's caption names "
@@ -186,6 +190,16 @@ class Controls:
 
     # -- notes -----------------------------------------------------------------------------------------
 
+    def size_note_for(self, model: str, width: float | None, height: float | None) -> str:
+        """The line under Width / Height: what a size other than the model's own gives (pipelines.profile.size_note);
+        "" at its own size or while its size is not known (a folder outside the registry, not loaded yet)."""
+        pipe = self.app.loader.loaded(model)
+        if pipe is None and model not in MODELS:
+            return ""
+        native = native_size(model, pipe)
+        note = size_note(native, int(width or native), int(height or native))
+        return f"ℹ️ {note[0].upper()}{note[1:]}." if note else ""
+
     def note_for(self, model: str) -> str:
         """The line under the model dropdown: where it comes from, its note, and what is wrong when it cannot run."""
         missing = self.app.missing_embedded(model)
@@ -226,7 +240,7 @@ class Controls:
         lo, hi = guidance_range(rec.guidance_scale)
         out: dict = {self.scheduler: gr.Dropdown(choices=self.app.scheduler_choices(model_value),
                                                  value=rec.scheduler or OWN_SCHEDULER),
-                     self.model_note: self.note_for(model_value), self.width: 0, self.height: 0,
+                     self.model_note: self.note_for(model_value), self.width: 0, self.height: 0, self.size_note: "",
                      self.guidance_scale: gr.Slider(lo, hi)}
         if rec is not UNKNOWN:  # an unknown folder keeps the user's values; unset ones are filled when it runs
             out |= {self.num_inference_steps: rec.num_inference_steps,
@@ -244,9 +258,14 @@ class Controls:
 
     def wire(self) -> None:
         self.model.input(self.on_model, inputs_kwargs=dict(model_value=self.model),
-                         outputs=[self.scheduler, self.model_note, self.width, self.height, self.num_inference_steps,
+                         outputs=[self.scheduler, self.model_note, self.width, self.height, self.size_note,
+                                  self.num_inference_steps,
                                   self.guidance_scale, self.guidance, self.method_note, *self.param_groups.values(),
                                   *self.param_sliders.values()], api_visibility="private")
+        for side in (self.width, self.height):  # release: the box left or the handle let go, in range (ui/sliders.py)
+            side.release(self.size_note_for, inputs_kwargs=dict(model=self.model, width=self.width, height=self.height),
+                         outputs=[self.size_note], show_progress="hidden", trigger_mode="always_last",
+                         api_visibility="private", queue=False)
         self.guidance.change(self.on_method, inputs_kwargs=dict(method=self.guidance),
                              outputs=[self.method_note, *self.param_groups.values()], api_visibility="private")
         notes = dict(fn=self.prompt_notes, inputs_kwargs=dict(prompt=self.prompt, negative_prompt=self.negative_prompt,
@@ -268,6 +287,7 @@ class Controls:
         if model in self.app.models:
             out[self.model] = model
             out[self.model_note] = self.note_for(model)
+            out[self.size_note] = self.size_note_for(model, req.get("width"), req.get("height"))
             out[self.scheduler] = gr.Dropdown(choices=self.app.scheduler_choices(model),
                                               value=req.get("scheduler") or OWN_SCHEDULER)
         else:
@@ -281,7 +301,7 @@ class Controls:
     @property
     def restore_outputs(self) -> list:
         return [self.prompt, self.negative_prompt, self.model, self.model_note, self.scheduler, self.num_inference_steps,
-                self.guidance_scale, self.guidance, self.seed, self.randomize_seed, self.width, self.height,
+                self.guidance_scale, self.guidance, self.seed, self.randomize_seed, self.width, self.height, self.size_note,
                 self.method_note, *self.param_sliders.values(), *self.param_groups.values()]
 
 
@@ -291,4 +311,6 @@ def offline_hint(model: str) -> str:
     if hub_offline():
         return (f"`{source}` is not in the local Hugging Face cache and this machine is offline (HF_HUB_OFFLINE=1): "
                 f"run `hf download {source}` where there is network, or unset HF_HUB_OFFLINE.")
-    return f"`{source}` is not downloaded yet: the first run downloads it (several GB; can take minutes)."
+    # Never a promise: without network (HF_HUB_OFFLINE unset, no route to the Hub) the fetch fails, and says so.
+    return (f"`{source}` is not downloaded on this server: a run asks the Hugging Face Hub for it (several GB; "
+            f"minutes where the server has network, an error where it has none).")

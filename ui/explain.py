@@ -27,8 +27,10 @@ import pandas as pd
 from pipelines import explain
 from pipelines.outputs import save_png
 from pipelines.worker import load_here
+from pipelines.words import counted
 from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error
 from ui.render import upscale
+from ui.sliders import StrictSlider
 from ui.state import Playground
 from ui.theme import progress_bar, progress_html
 
@@ -108,8 +110,8 @@ EXPERIMENT_IMAGE_BYTES = 64 * 2**20
 
 def _thinned(shown: int, kept: int, total: int) -> str:
     """The note under images shown from a nearby step because the experiment kept only some steps' images."""
-    return (f" The images are from step {shown + 1}, the nearest of the {kept} of {total} steps whose images this "
-            f"run keeps, to bound memory; the numbers are step-exact.")
+    return (f" The images are from step {shown + 1}, the nearest of the {kept} of {counted(total, 'step')} whose "
+            f"images this run keeps, to bound memory; the numbers are step-exact.")
 
 
 def _whole(value: Any, name: str) -> int:
@@ -150,17 +152,17 @@ def jump_progress(report: explain.JumpReport) -> str:
         k, n = len(report.steps), report.request.num_inference_steps
         return progress_html(k / max(n, k, 1), total, f"run 1 of {total}: x̂0 decoded {k} / {n}")
     done = 1 + len(report.short_runs)
-    return progress_html(done, total, f"{done} / {total} runs", _state(report.done))
+    return progress_html(done, total, f"{done} / {counted(total, 'run')}", _state(report.done))
 
 
 def branch_progress(report: explain.BranchReport | None, total: int, per_point: int) -> str:
     """The trunk, then `per_point` branches at each point."""
     done = 0 if report is None else 1 + len(report.points) * per_point
-    return progress_html(done, total, f"{done} / {total} runs", _state(report is not None and report.done))
+    return progress_html(done, total, f"{done} / {counted(total, 'run')}", _state(report is not None and report.done))
 
 
 def sweep_progress(done: int, total: int, finished: bool = False) -> str:
-    return progress_html(done, total, f"{done} / {total} cells", _state(finished))
+    return progress_html(done, total, f"{done} / {counted(total, 'cell')}", _state(finished))
 
 
 def dissect_progress(report: explain.DissectReport) -> str:
@@ -168,13 +170,13 @@ def dissect_progress(report: explain.DissectReport) -> str:
     k, n = len(report.steps), max(report.request.num_inference_steps, len(report.steps))
     if report.decoding:
         return progress_html(k, n, f"x̂0 decoded {k} / {n}")
-    return progress_html(k, k, f"{k} / {k} steps decoded", "done")
+    return progress_html(k, k, f"{k} / {counted(k, 'step')} decoded", "done")
 
 
 def tradeoff_progress(report: explain.TradeoffReport | None, total: int, seeds: int) -> str:
     """`seeds` runs per guidance scale."""
     done = 0 if report is None else len(report.points) * seeds
-    return progress_html(done, total, f"{done} / {total} runs", _state(report is not None and report.done))
+    return progress_html(done, total, f"{done} / {counted(total, 'run')}", _state(report is not None and report.done))
 
 
 def attention_progress(report: explain.AttentionReport) -> str:
@@ -182,7 +184,7 @@ def attention_progress(report: explain.AttentionReport) -> str:
     k, n = len(report.steps), max(report.request.num_inference_steps, len(report.steps))
     if report.decoding:
         return progress_html(k, n, f"x̂0 decoded {k} / {n}")
-    return progress_html(k, k, f"{k} / {k} steps decoded", "done")
+    return progress_html(k, k, f"{k} / {counted(k, 'step')} decoded", "done")
 
 
 class _Files:
@@ -229,7 +231,7 @@ class ExplainView:
                                                      x_title="step", y_title="RMS distance", height=240)
                     self.jump_sharpness = gr.LinePlot(x="step", y="value", color="series", title="x̂0 sharpness", color_map=JUMP_COLOURS,
                                                       x_title="step", y_title="Laplacian energy", height=240)
-                self.jump_k = gr.Slider(1, 20, value=5, step=1, label="Compare at step k", elem_id="explain-jump-k")
+                self.jump_k = StrictSlider(1, 20, value=5, step=1, label="Compare at step k", elem_id="explain-jump-k")
                 with gr.Row():
                     with gr.Column():
                         self.jump_compare = gr.ImageSlider(label="jump now | keep walking", show_label=False,
@@ -251,7 +253,7 @@ class ExplainView:
                 gr.Markdown(TEXT["branch"], elem_classes="step-note")
                 with gr.Row():
                     self.branch_at = gr.Textbox("0.1,0.3,0.5,0.7,0.9", label="Branch points f (fractions of the schedule)")
-                    self.branch_n = gr.Slider(2, 8, value=4, step=1, label="Branches per point")
+                    self.branch_n = StrictSlider(2, 8, value=4, step=1, label="Branches per point")
                     self.branch_scheduler = gr.Radio([("euler_a (stochastic)", "euler_a"), ("ddim (deterministic)", "ddim"),
                                                       ("the main scheduler", "main")], value="euler_a", label="Sampler")
                 with gr.Row():
@@ -306,7 +308,7 @@ class ExplainView:
                                                     x_title="step", y_title="value", height=240)
                     self.dissect_move = gr.LinePlot(x="step", y="value", color="series", title="how much x̂0 still moves",
                                                     x_title="step", y_title="‖x̂0_k − x̂0_k−1‖", height=240)
-                self.dissect_k = gr.Slider(1, 20, value=5, step=1, label="Show step k", elem_id="explain-dissect-k")
+                self.dissect_k = StrictSlider(1, 20, value=5, step=1, label="Show step k", elem_id="explain-dissect-k")
                 with gr.Row():
                     images = []
                     for caption in ("conditional x̂0 (with the prompt)", "unconditional x̂0 (without it)",
@@ -321,7 +323,7 @@ class ExplainView:
                 gr.Markdown(TEXT["tradeoff"], elem_classes="step-note")
                 with gr.Row():
                     self.tradeoff_scales = gr.Textbox("1,2,3,5,7.5,12", label="Guidance scales")
-                    self.tradeoff_seeds = gr.Slider(2, 12, value=6, step=1, label="Seeds per scale")
+                    self.tradeoff_seeds = StrictSlider(2, 12, value=6, step=1, label="Seeds per scale")
                 with gr.Row():
                     self.tradeoff_btn = gr.Button("Run trade-off", variant="primary", scale=3)
                     self.tradeoff_stop = gr.Button("Stop", variant="stop", scale=1)
@@ -468,9 +470,9 @@ class ExplainView:
         request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         files = _Files(self.app, http)
         n = request.num_inference_steps
-        yield {self.jump_status: f"Running {n} steps (seed {request.seed}), then the k-step runs…", self.jump_state: None,
+        yield {self.jump_status: f"Running {counted(n, 'step')} (seed {request.seed}), then the k-step runs…", self.jump_state: None,
                self.jump_gallery: [], self.jump_k: gr.Slider(1, n, value=max(1, n // 4)),
-               self.jump_progress: progress_html(None, 1, f"run 1: {n} steps…")}
+               self.jump_progress: progress_html(None, 1, f"run 1: {counted(n, 'step')}…")}
         make = lambda c: explain.jump(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                       max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
@@ -495,7 +497,8 @@ class ExplainView:
                 done = "Done" if report.done else "Running"
                 out[self.jump_status] = (f"{done}: seed {report.request.seed}, k-step runs "
                                          f"{len(report.short_runs)}/{len(report.short_steps)} "
-                                         f"({', '.join(str(k) for k in report.short_steps)} steps).")
+                                         f"({', '.join(str(k) for k in report.short_steps)} step"
+                                         f"{'' if list(report.short_steps) == [1] else 's'}).")
                 k0 = report.short_steps[min(1, len(report.short_steps) - 1)] if report.short_steps else n
                 if report.done or any(r.steps == k0 for r in report.short_runs):
                     out |= self._jump_at(report, k0, files)
@@ -596,7 +599,7 @@ class ExplainView:
             raise as_gr_error(e) from None
         files = _Files(self.app, http)
         total = len(x.values) * (len(y.values) if y else 1)
-        yield {self.sweep_status: f"Running {total} cells…", self.sweep_state: [],
+        yield {self.sweep_status: f"Running {counted(total, 'cell')}…", self.sweep_state: [],
                self.sweep_gallery: gr.Gallery(value=[], columns=len(x.values)),
                self.sweep_progress: sweep_progress(0, total)}
         make = lambda c: explain.sweep(request, x, y, loader=self.app.loader, cancelled=c,  # noqa: E731
@@ -612,7 +615,7 @@ class ExplainView:
                 yield {self.sweep_gallery: gr.Gallery(value=items, columns=len(x.values)), self.sweep_state: cells,
                        self.numbers: report.to_dict(),
                        self.sweep_progress: sweep_progress(len(report.cells), report.total, report.done),
-                       self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{report.total} cells"
+                       self.sweep_status: f"{'Done' if report.done else 'Running'}: {len(report.cells)}/{counted(report.total, 'cell')}"
                                           + ("" if "seed" in (x.name, y.name if y else "") else
                                              f", seed {report.request.seed} in every cell") + "."}
 
@@ -630,8 +633,8 @@ class ExplainView:
     async def run_dissect(self, http: gr.Request, **values):
         request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         files = _Files(self.app, http)
-        yield {self.dissect_status: f"Running {request.num_inference_steps} steps (seed {request.seed})…",
-               self.dissect_progress: progress_html(None, 1, f"the run: {request.num_inference_steps} steps…")}
+        yield {self.dissect_status: f"Running {counted(request.num_inference_steps, 'step')} (seed {request.seed})…",
+               self.dissect_progress: progress_html(None, 1, f"the run: {counted(request.num_inference_steps, 'step')}…")}
         make = lambda c: explain.dissect(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                          max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
@@ -698,7 +701,7 @@ class ExplainView:
                            print_exception=False) from None
         seeds = _whole(tradeoff_seeds, "seeds per scale")
         files = _Files(self.app, http)
-        yield {self.tradeoff_status: f"Running {len(scales)} scales × {seeds} seeds (from seed {request.seed})…",
+        yield {self.tradeoff_status: f"Running {counted(len(scales), 'scale')} × {counted(seeds, 'seed')} (from seed {request.seed})…",
                self.tradeoff_gallery: gr.Gallery(value=[], columns=seeds),
                self.tradeoff_progress: tradeoff_progress(None, len(scales) * seeds, seeds)}
         make = lambda c: explain.tradeoff(request, scales, seeds, loader=self.app.loader, cancelled=c,  # noqa: E731
@@ -718,7 +721,7 @@ class ExplainView:
                        self.tradeoff_plot: _frame(rows, "guidance_scale", TRADEOFF_SERIES), self.numbers: report.to_dict(),
                        self.tradeoff_progress: tradeoff_progress(report, len(scales) * seeds, seeds),
                        self.tradeoff_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/"
-                                             f"{len(report.scales)} scales; the judge checks {wanted}."}
+                                             f"{counted(len(report.scales), 'scale')}; the judge checks {wanted}."}
 
     # -- attention -----------------------------------------------------------------------------------------------
 
@@ -734,7 +737,7 @@ class ExplainView:
             self.attention_progress = progress_bar("explain-attention-progress")
             self.attention_state = gr.State(None)
             self.attention_word = gr.Radio([], label="Word", elem_id="explain-attention-word")
-            self.attention_k = gr.Slider(1, 20, value=20, step=1, label="Step k", elem_id="explain-attention-k")
+            self.attention_k = StrictSlider(1, 20, value=20, step=1, label="Step k", elem_id="explain-attention-k")
             with gr.Row():
                 for name, caption in (("x0", "the word at step k, over x̂0 at step k"),
                                       ("final", "the word over the whole run, over the final image")):
@@ -755,9 +758,9 @@ class ExplainView:
         request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
         files = _Files(self.app, http)
         n = request.num_inference_steps
-        yield {self.attention_status: f"Running {n} steps with the attention probes (seed {request.seed})…",
+        yield {self.attention_status: f"Running {counted(n, 'step')} with the attention probes (seed {request.seed})…",
                self.attention_state: None, self.attention_gallery: [], self.attention_k: gr.Slider(1, n, value=n),
-               self.attention_progress: progress_html(None, 1, f"the run: {n} steps…")}
+               self.attention_progress: progress_html(None, 1, f"the run: {counted(n, 'step')}…")}
         make = lambda c: explain.attention(request, loader=self.app.loader, cancelled=c,  # noqa: E731
                                            max_image_bytes=self.image_bytes, run_seconds=self.run_seconds)
         async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
@@ -777,7 +780,7 @@ class ExplainView:
                        self.attention_k: gr.Slider(1, n, value=n), self.numbers: report.to_dict(),
                        self.attention_progress: attention_progress(report),
                        self.attention_status: f"Done: seed {report.request.seed}, {len(report.words)} words, "
-                                              f"{report.layers} attention layers × {n} steps."
+                                              f"{report.layers} attention layers × {counted(n, 'step')}."
                        } | self._attention_at(report, top.index, n, files)
 
     def _attention_at(self, report: explain.AttentionReport, word: int, k: int, files: _Files) -> dict:

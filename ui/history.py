@@ -19,6 +19,7 @@ import gradio as gr
 from pipelines.errors import client_message
 from pipelines.outputs import Trace
 from pipelines.types import GenerationRequest
+from pipelines.words import counted
 from ui.live import final_caption
 from ui.render import diffusers_script
 from ui.state import Playground
@@ -41,7 +42,8 @@ def caption(trace: Trace) -> str:
     method = req.get("guidance") or "cfg"
     guidance = f"CFG {req.get('guidance_scale', 0):g}" if method == "cfg" else f"{method} {req.get('guidance_scale', 0):g}"
     stopped = " · stopped" if trace.cancelled else ""
-    return f"{prompt} · {trace.scheduler} · {req.get('num_inference_steps')} steps · {guidance} · seed {trace.seed}{stopped}"
+    steps = counted(req.get("num_inference_steps"), "step")
+    return f"{prompt} · {trace.scheduler} · {steps} · {guidance} · seed {trace.seed}{stopped}"
 
 
 def history(outputs_dir: Path, limit: int = HISTORY_LIMIT) -> list[tuple[str, str]]:
@@ -244,7 +246,7 @@ class HistoryView:
             out[live.code] = diffusers_script(
                 request, seed=trace.seed, width=trace.width, height=trace.height, scheduler=trace.scheduler,
                 family=trace.family, stopped_at=len(trace.steps) if trace.cancelled else None,
-                dtype=self.app.loader.dtype, device=self.app.loader.device.type)
+                dtype=self.app.loader.dtype, device=self.app.loader.device.type, threads=trace.threads)
         except (KeyError, TypeError, ValueError):
             out[live.code] = ""
         run = self.app.runs.get(folder.name) or self.app.restore(folder, trace)

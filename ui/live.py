@@ -23,7 +23,9 @@ import pandas as pd  # a Gradio dependency
 from pipelines.errors import client_message
 from pipelines.explain.common import seeded
 from pipelines.types import GenerationResult, StepEvent
+from pipelines.words import counted
 from ui.render import diffusers_code
+from ui.sliders import StrictSlider
 from ui.state import Playground, Run, kind_label
 from ui.theme import RESULT_INTO_VIEW_JS, captioned_image, progress_bar, progress_html
 
@@ -75,7 +77,7 @@ class LiveView:
             self.final_image, self.cap_final = captioned_image(FINAL_CAPTION, 200, elem_id="final-image", type="filepath",
                                                                buttons=["download", "fullscreen"])
         with gr.Group(visible=False) as self.scrub_group:
-            self.scrub = gr.Slider(1, 2, value=1, step=1, label="Scrub through the steps", elem_id="scrub")
+            self.scrub = StrictSlider(1, 2, value=1, step=1, label="Scrub through the steps", elem_id="scrub")
             self.step_info = gr.Markdown(elem_id="step-info")
             with gr.Row():
                 self.scrub_latents, self.cap_s_latents = captioned_image("x_t", 150, elem_id="scrub-latents")
@@ -320,7 +322,7 @@ def finished_status(run: Run, result: GenerationResult) -> str:
     t = result.timings
     rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
     what = (f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled
-            else f"Done: {result.steps_completed} steps")
+            else f"Done: {counted(result.steps_completed, 'step')}")
     if result.cancelled and run.time_limit is not None and run.time_limit.expired:
         what += (f" (runs here may take at most {run.time_limit.seconds:g} s; the server's "
                  f"PLAYGROUND_MAX_RUN_SECONDS sets it)")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from guidance.registry import METHODS
+from pipelines.families import FAMILIES
 from pipelines.registry import resolve
 from pipelines.schedulers import SCHEDULERS
 from pipelines.types import GenerationRequest, GenerationResult
@@ -16,6 +17,7 @@ from pipelines.types import GenerationRequest, GenerationResult
 # the browser (CSS image-rendering: pixelated): a 256-pixel PNG cost ~16x the encoding and transfer of a 64-pixel
 # one, on the CPU the denoising loop needs.
 PREVIEW_SIDE = 64
+ROOT = Path(__file__).resolve().parent.parent  # the playground's repository
 
 
 def upscale(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
@@ -37,29 +39,57 @@ def guidance_map(cond: torch.Tensor, uncond: torch.Tensor) -> np.ndarray:
 
 
 def display_source(model: str) -> str:
-    """What from_pretrained should be given to reproduce `model`: the hub id, or the folder's absolute path
-    (so the copied script runs from any working directory)."""
+    """Where `model` comes from, as a visitor may see it and as the copied script gives it to from_pretrained: the hub
+    id; a folder inside the playground's repository relative to its root (`assets/models/tiny-shapes`: the script
+    runs from a checkout's root); any other folder by its name alone. Never an absolute path on the server."""
     source = resolve(model)
     path = Path(source).expanduser()
-    return str(path.resolve()) if path.is_dir() else source
+    if not path.is_dir():
+        return source
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
 
 
 def diffusers_code(result: GenerationResult, dtype: torch.dtype, device: str) -> str:
-    """A short stock-diffusers script that reproduces `result` (plain CFG and CFG rescale exactly)."""
+    """A short stock-diffusers script that reproduces `result`: the same pixels for CFG, CFG rescale and PAG on the
+    same machine (see diffusers_script)."""
     return diffusers_script(result.request, seed=result.seed, width=result.width, height=result.height,
                             scheduler=result.scheduler, family=result.family,
-                            stopped_at=result.steps_completed if result.cancelled else None, dtype=dtype, device=device)
+                            stopped_at=result.steps_completed if result.cancelled else None, dtype=dtype, device=device,
+                            threads=result.threads)
 
 
 def diffusers_script(req: GenerationRequest, *, seed: int, width: int, height: int, scheduler: str, family: str,
-                     stopped_at: int | None, dtype: torch.dtype, device: str) -> str:
-    """diffusers_code() from a run's resolved settings, as a result or its trace.json records them."""
-    lines = ["import torch", "from diffusers import DiffusionPipeline"]
+                     stopped_at: int | None, dtype: torch.dtype, device: str, threads: int | None = None) -> str:
+    """diffusers_code() from a run's resolved settings, as a result or its trace.json records them.
+
+    Plain CFG and CFG rescale go through the model's own pipeline class; PAG through diffusers' PAG pipeline of the
+    family (AutoPipelineForText2Image with enable_pag=True, on the layers ours perturbs: families.py pag_layers).
+    `threads`: torch's CPU thread count during the run. The script pins it, because float sums are split per thread
+    and the last bit of a pixel follows (the embedded model's default run on 1 thread against 2: one level on one
+    to three pixels for 7 of 12 prompt/seed pairs); None (a GPU run, or a trace from before it was recorded) pins
+    nothing. A batch gets one generator per image, seeded seed + i, as the playground runs it.
+    """
+    pag = req.guidance == "pag"
+    pipeline_cls = "AutoPipelineForText2Image" if pag else "DiffusionPipeline"
+    lines = ["import torch", f"from diffusers import {pipeline_cls}"]
     spec = SCHEDULERS.get(scheduler) if req.scheduler is not None else None
     if spec is not None:
         lines[-1] += f", {spec.cls.__name__}"
+    lines.append("")
+    if threads is not None and threads >= 1 and device == "cpu":
+        lines.append(f"torch.set_num_threads({threads})  # as the playground's run: float sums depend on the count")
+    source = display_source(req.model)
+    folder = Path(resolve(req.model)).expanduser()
+    if folder.is_dir():
+        lines.append(f"# {source!r} is the model's folder in the playground's repository: run this from a checkout's "
+                     "root." if folder.resolve().is_relative_to(ROOT) else
+                     f"# {source!r} is a model folder on the playground's server: put a copy of it beside this script.")
     dtype_arg = "" if dtype == torch.float32 else f", dtype=torch.{str(dtype).removeprefix('torch.')}"
-    lines += ["", f"pipe = DiffusionPipeline.from_pretrained({display_source(req.model)!r}{dtype_arg}).to({device!r})"]
+    pag_args = ""
+    if pag:
+        pag_args = f", enable_pag=True, pag_applied_layers={list(FAMILIES[family].pag_layers)!r}"
+    lines.append(f"pipe = {pipeline_cls}.from_pretrained({source!r}{dtype_arg}{pag_args}).to({device!r})")
     if spec is not None:
         overrides = "".join(f", {k}={v!r}" for k, v in spec.overrides.items())
         lines.append(f"pipe.scheduler = {spec.cls.__name__}.from_config(pipe.scheduler.config{overrides})")
@@ -68,15 +98,28 @@ def diffusers_script(req: GenerationRequest, *, seed: int, width: int, height: i
         args.append(f"negative_prompt={req.negative_prompt!r}")
     args += [
         f"num_inference_steps={req.num_inference_steps}",
-        f"guidance_scale={req.guidance_scale:g}",
+        f"guidance_scale={_num(req.guidance_scale)}",
         f"width={width}",
         f"height={height}",
-        f'generator=torch.Generator("cpu").manual_seed({seed})',
     ]
+    n = req.num_images_per_prompt
+    if n == 1:
+        args.append(f'generator=torch.Generator("cpu").manual_seed({seed})')
+    else:
+        args += [f"num_images_per_prompt={n}",
+                 f'generator=[torch.Generator("cpu").manual_seed({seed} + i) for i in range({n})]']
     note = None
     if req.guidance == "rescale":
-        phi = req.guidance_params.get("guidance_rescale", METHODS["rescale"].params[0].default)
-        args.append(f"guidance_rescale={phi:g}")
+        phi = req.guidance_params.get("guidance_rescale", _default("rescale", "guidance_rescale"))
+        args.append(f"guidance_rescale={_num(phi)}")
+    elif pag:
+        args.append(f"pag_scale={_num(req.guidance_params.get('pag_scale', _default('pag', 'pag_scale')))}")
+        adaptive = req.guidance_params.get("pag_adaptive_scale", _default("pag", "pag_adaptive_scale"))
+        if adaptive and family == "pixart_sigma":  # its _get_pag_scale compares a batch of timesteps: an error
+            note = (f"# diffusers' PixArtSigmaPAGPipeline fails with pag_adaptive_scale: this runs a constant "
+                    f"pag_scale (the playground ran pag_adaptive_scale={_num(adaptive)}: a different image).")
+        elif adaptive:
+            args.append(f"pag_adaptive_scale={_num(adaptive)}")
     elif req.guidance != "cfg":
         note = f"# Stock __call__ has no '{req.guidance}' guidance: same settings with plain CFG (a different image)."
     if family == "pixart_sigma":
@@ -84,5 +127,23 @@ def diffusers_script(req: GenerationRequest, *, seed: int, width: int, height: i
     if stopped_at is not None:
         stopped = f"# The playground run was stopped at step {stopped_at}; this one runs to the end."
         note = f"{note}\n{stopped}" if note else stopped
-    call = "image = pipe(\n" + "".join(f"    {a},\n" for a in args) + ").images[0]"
-    return "\n".join(lines + ([note] if note else []) + [call, 'image.save("image.png")']) + "\n"
+    call = "(\n" + "".join(f"    {a},\n" for a in args) + ")"
+    if n == 1:
+        end = [f"image = pipe{call}.images[0]", 'image.save("image.png")']
+    else:  # the playground's names: image.png, image_1.png, …
+        end = [f"images = pipe{call}.images", "for i, image in enumerate(images):",
+               '    image.save("image.png" if i == 0 else f"image_{i}.png")']
+    return "\n".join(lines + ([note] if note else []) + end) + "\n"
+
+
+def _default(method: str, param: str) -> float:
+    """The registry's default of a guidance method's parameter."""
+    return next(p.default for p in METHODS[method].params if p.name == param)
+
+
+def _num(value: float) -> str:
+    """A number as Python source that reads back as the same float (7.5, 3, 0.30000000000000004), never rounded:
+    a scale cut to 6 digits would make another image."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+

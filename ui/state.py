@@ -21,9 +21,9 @@ from pipelines.limits import Limits
 from pipelines.outputs import (STEP_TENSORS_LIMIT, Trace, TraceWriter, load_step_tensors, prune_experiments,
                                prune_outputs, remove_run_folder, save_png)
 from pipelines.previews import Previewer
-from pipelines.registry import MODELS
+from pipelines.profile import fitting_schedulers
 from pipelines.requests import OWN_SCHEDULER, build_request, missing_embedded
-from pipelines.schedulers import SCHEDULERS, compatible_keys, describe_choice, folder_config
+from pipelines.schedulers import describe_choice
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent
 from pipelines.worker import GenerationWorker, generate_here, load_here
 from ui.clients import Admission, request_address
@@ -146,14 +146,7 @@ class Playground:
     def scheduler_choices(self, model: str) -> list[tuple[str, str]]:
         """(label, key) for the schedulers that fit `model`, each saying whether it is stochastic and what a step costs."""
         pipe = self.loader.loaded(model)
-        if pipe is not None:
-            keys = compatible_keys(pipe.scheduler)
-        elif model in MODELS:  # a local folder says what fits without loading weights; a hub id, its family
-            config = folder_config(MODELS[model].source)
-            kind = MODELS[model].schedule
-            keys = compatible_keys(config) if config is not None else [k for k, s in SCHEDULERS.items() if s.kind == kind]
-        else:
-            keys = list(SCHEDULERS)
+        keys = fitting_schedulers(model, pipe)  # the profile's rule, read before the model loads where it can be
         scheduler = pipe.scheduler if pipe is not None else None
         own = f"model default — {describe_choice(None, scheduler).split(' — ', 1)[1]}" if pipe is not None else "model default"
         return [(own, OWN_SCHEDULER), *((describe_choice(k, scheduler), k) for k in keys)]

@@ -17,6 +17,7 @@ from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
 from pipelines.schedulers import is_stochastic
 from pipelines.types import GenerationRequest
+from pipelines.words import counted
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
     if isinstance(branches, bool) or not isinstance(branches, int) or branches < 2:
         raise ValueError(f"branches must be a whole number of at least 2 (diversity compares endings), got {branches!r}")
     if len(at) * branches > MAX_RUNS:
-        raise ValueError(f"{len(at)} branch points × {branches} branches is {len(at) * branches} runs; "
+        raise ValueError(f"{counted(len(at), 'branch point')} × {counted(branches, 'branch', 'branches')} is "
+                         f"{len(at) * branches} runs; "
                          f"at most {MAX_RUNS}")
     pipe, key = loader.view(request.model, request.scheduler)
     stochastic = is_stochastic(pipe.scheduler)

@@ -17,6 +17,7 @@ from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
 from pipelines.types import GenerationRequest
+from pipelines.words import counted
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
     short_steps = tuple(dict.fromkeys(int(k) for k in short_steps))
     bad = [k for k in short_steps if not 1 <= k <= n]
     if bad:
-        raise ValueError(f"short runs must have from 1 to {n} steps (the full run's --steps), got {bad}")
+        raise ValueError(f"short runs must have from 1 to {counted(n, 'step')} (the full run's --steps), got {bad}")
     watch = _Watch(cancelled, run_seconds=run_seconds)
     result = generate(request, watch, loader=loader)
     if watch.stopped(result):

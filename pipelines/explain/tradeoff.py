@@ -20,6 +20,7 @@ from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
 from pipelines.registry import resolve
 from pipelines.types import DEFAULT_MODEL, GenerationRequest
+from pipelines.words import counted
 from shapes.judge import Judge, prompt_targets as judge_targets
 
 
@@ -70,7 +71,7 @@ def check_judge_model(model: str) -> None:
     """ValueError unless `model` is the embedded model, the only one whose images the judge can score."""
     embedded = Path(resolve(DEFAULT_MODEL)).resolve()
     if model != DEFAULT_MODEL and Path(resolve(model)).resolve() != embedded:
-        raise ValueError(f"adherence is measured by the shapes world's judge (shapes/judge.py), which can only "
+        raise ValueError(f"adherence is measured by the shapes world's judge, a classifier that can only "
                          f"score the embedded model {DEFAULT_MODEL!r}; {model!r} draws other things")
 
 
@@ -86,7 +87,8 @@ def tradeoff(request: GenerationRequest, scales: Sequence[float], seeds: int, *,
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
         raise ValueError(f"seeds must be a whole number of at least 2 (diversity compares images), got {seeds!r}")
     if len(scales) * seeds > MAX_RUNS:
-        raise ValueError(f"{len(scales)} scales × {seeds} seeds is {len(scales) * seeds} runs; at most {MAX_RUNS}")
+        raise ValueError(f"{counted(len(scales), 'scale')} × {counted(seeds, 'seed')} is {len(scales) * seeds} runs; "
+                         f"at most {MAX_RUNS}")
     seed_list = tuple((request.seed + i) % 2**63 for i in range(seeds))
     plan = [_cell_request(request, loader, {"guidance_scale": s}) for s in scales]
     judge = Judge()
