@@ -22,7 +22,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +46,6 @@ class Word:
 
     text: str  # as written in that text
     index: int  # 0-based position among its words
-    start: int  # character span [start, end) in that text
-    end: int
     tokens: tuple[int, ...]  # positions in the text sequence the denoiser attends to (every encoder's, for SD3)
 
 
@@ -80,13 +78,8 @@ def not_for_family(key: str) -> ValueError:
                       f"{', '.join(FAMILIES)}")
 
 
-def prompt_words(pipe: Any, family: Family, prompt: str) -> tuple[str, tuple[Word, ...]]:
-    """(the text the encoder read, its words with their token positions). Tokens are placed by their character
-    offsets, so BPE pieces (CLIP's, ending in </w>) and sentencepiece pieces (T5's, starting with ▁) join their word;
-    special tokens (no characters) and punctuation join none. Words cut off by the encoder's length are left out."""
-    if family.key not in FAMILIES:
-        raise not_for_family(family.key)
-    text = encoded_text(pipe, family, prompt)
+def _text_words(pipe: Any, family: Family, text: str) -> tuple[Word, ...]:
+    """The words of a text the encoder reads, with their token positions (none: no words)."""
     spans = [(m.start(), m.end()) for m in WORD.finditer(text)]
     tokens: list[list[int]] = [[] for _ in spans]
     for tokenizer, max_length, offset in _tokenizers(pipe, family):
@@ -101,14 +94,84 @@ def prompt_words(pipe: Any, family: Family, prompt: str) -> tuple[str, tuple[Wor
             word = next((i for i, (s, e) in enumerate(spans) if s < b and a < e), None)
             if word is not None:
                 tokens[word].append(offset + position)
-    words, k = [], 0
-    for (s, e), positions in zip(spans, tokens):
-        if positions:
-            words.append(Word(text[s:e], k, s, e, tuple(positions)))
-            k += 1
+    words = [(text[s:e], positions) for (s, e), positions in zip(spans, tokens) if positions]
+    return tuple(Word(w, k, tuple(positions)) for k, (w, positions) in enumerate(words))
+
+
+NO_WORDS = "the prompt has no words to map (attention maps are per word of the prompt)"
+
+
+def prompt_words(pipe: Any, family: Family, prompt: str) -> tuple[str, tuple[Word, ...]]:
+    """(the text the encoder read, its words with their token positions). Tokens are placed by their character
+    offsets, so BPE pieces (CLIP's, ending in </w>) and sentencepiece pieces (T5's, starting with ▁) join their word;
+    special tokens (no characters) and punctuation join none. Words cut off by the encoder's length are left out."""
+    if family.key not in FAMILIES:
+        raise not_for_family(family.key)
+    text = encoded_text(pipe, family, prompt)
+    words = _text_words(pipe, family, text)
     if not words:
-        raise ValueError("the prompt has no words to map (attention maps are per word of the prompt)")
-    return text, tuple(words)
+        raise ValueError(NO_WORDS)
+    return text, words
+
+
+@dataclass(frozen=True)
+class PromptWords:
+    """The words of a run's prompt: those of its one text, or, for a prompt schedule ([from:to:when]), those of its
+    texts merged in prompt order (a word read in several texts is one word), with each text's token positions."""
+
+    texts: tuple[str, ...]  # the texts the encoder reads, one per segment of the schedule, in order
+    firsts: tuple[int, ...]  # the first loop iteration that reads each text
+    words: tuple[Word, ...]  # merged; a Word's tokens are its positions in the first text that has it
+    positions: tuple[tuple[tuple[int, ...], ...], ...]  # positions[t][w]: word w's positions in text t; () if absent
+
+    def text_at(self, i: int) -> int:
+        """The index of the text read at loop iteration i (0-based)."""
+        return max(k for k, first in enumerate(self.firsts) if first <= i or k == 0)
+
+    def reads(self, word: int, i: int) -> bool:
+        """Whether the text read at loop iteration i has word `word`."""
+        return bool(self.positions[self.text_at(i)][word])
+
+
+def run_words(pipe: Any, family: Family, segments: Sequence[tuple[int, str]]) -> PromptWords:
+    """The words of a run whose prompt reads text segments[k][1] from loop iteration segments[k][0] on (one segment
+    without a schedule). A word is matched across texts by its spelling and which occurrence of it it is ("a" twice
+    is two words); a word new in a later text goes after the word it follows there."""
+    if family.key not in FAMILIES:
+        raise not_for_family(family.key)
+    texts = tuple(encoded_text(pipe, family, text) for _, text in segments)
+    per_text = [_text_words(pipe, family, text) for text in texts]
+    order: list[tuple[str, int]] = []  # (spelling, occurrence): the merged words, in order
+    spelled: dict[tuple[str, int], str] = {}
+    keyed: list[list[tuple[str, int]]] = []
+    for words in per_text:
+        seen: dict[str, int] = {}
+        keys = []
+        for w in words:
+            keys.append((w.text.lower(), seen.get(w.text.lower(), 0)))
+            seen[w.text.lower()] = keys[-1][1] + 1
+        at = 0
+        for w, key in zip(words, keys):
+            if key in spelled:
+                at = order.index(key) + 1
+                continue
+            while at < len(order) and order[at] not in keys:  # past the words this text replaced ("circle"
+                at += 1  # before "triangle" in "a [circle:triangle:0.5]")
+            order.insert(at, key)
+            spelled[key] = w.text
+            at += 1
+        keyed.append(keys)
+    if not order:
+        raise ValueError(NO_WORDS)
+    index = {key: k for k, key in enumerate(order)}
+    positions = []
+    for words, keys in zip(per_text, keyed):
+        row: list[tuple[int, ...]] = [()] * len(order)
+        for w, key in zip(words, keys):
+            row[index[key]] = w.tokens
+        positions.append(tuple(row))
+    merged = tuple(Word(spelled[key], k, next(p[k] for p in positions if p[k])) for k, key in enumerate(order))
+    return PromptWords(texts, tuple(first for first, _ in segments), merged, tuple(positions))
 
 
 def _grid(queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -209,6 +272,14 @@ class AttentionProbe:
         return out
 
 
+def cond_row(batch: int, num_images: int, perturbed: bool) -> int:
+    """The batch row of the first image's conditional prediction: the model call batches [uncond, cond, perturbed]
+    parts of num_images rows each, the step's parts as the guidance method asks for them (perturbed: the method
+    adds PAG's part after the conditional one)."""
+    parts = batch // num_images
+    return (parts - 1 - (1 if perturbed and parts > 1 else 0)) * num_images
+
+
 class AttentionCollector(Observer):
     """Per-word maps of one run: the probes add each layer's probabilities to the step being computed, and on_step
     (the loop's StepEvent after every step) closes that step. Hand it to generate() (with any other observer through
@@ -220,42 +291,41 @@ class AttentionCollector(Observer):
     UNet would skip them), and its maps would be silently empty.
     """
 
-    def __init__(self, words: tuple[Word, ...], latent_hw: tuple[int, int], num_images: int = 1,
+    def __init__(self, words: PromptWords, latent_hw: tuple[int, int], num_images: int = 1,
                  perturbed: bool = False, keep: Callable[[int, int], Collection[int]] | None = None) -> None:
-        self.words = words
+        self.words = words  # the run's words, and which text (of a prompt schedule) each step reads
         self.latent_hw = latent_hw  # (h, w) of the latents: every layer's map is upsampled to it
         self.num_images = num_images  # the batch's images: rows [uncond × n?, cond × n, perturbed × n?]
         self.perturbed = perturbed  # the method adds a perturbed (PAG) part after the conditional one
         self.keep = keep
         self.steps: dict[int, np.ndarray] = {}  # loop index -> (words, h, w) float32, for the kept steps
         self.sigmas: dict[int, float | None] = {}  # loop index -> σ, for every step
-        self.total = np.zeros((len(words), *latent_hw), np.float32)  # the whole run: the sum over the steps
+        self.total = np.zeros((len(words.words), *latent_hw), np.float32)  # the whole run: the sum over the steps
         self.layers = 0  # layers that reached a probe in the last step
         self._kept: Collection[int] | None = None
         self._current: torch.Tensor | None = None
         self._calls = 0
-        self._select: torch.Tensor | None = None
+        self._step = 0  # the loop iteration whose model call the probes are in
+        self._select: dict[tuple[int, int], torch.Tensor] = {}  # (text, tokens) -> its word selection
 
     def cond_row(self, batch: int) -> int:
-        """The batch row of the first image's conditional prediction: the model call batches [uncond, cond,
-        perturbed] parts of num_images rows each, the step's parts as the guidance method asks for them."""
-        parts = batch // self.num_images
-        return (parts - 1 - (1 if self.perturbed and parts > 1 else 0)) * self.num_images
+        return cond_row(batch, self.num_images, self.perturbed)
 
     def _words_of(self, tokens: int, device: torch.device) -> torch.Tensor:
-        """(tokens, words) 0/1: which word each text position belongs to."""
-        if self._select is None or self._select.shape[0] != tokens:
-            select = torch.zeros(tokens, len(self.words))
-            for w in self.words:
-                select[[p for p in w.tokens if p < tokens], w.index] = 1.0
-            self._select = select
-        return self._select.to(device)
+        """(tokens, words) 0/1: which word each text position of this step's text belongs to."""
+        text = self.words.text_at(self._step)
+        select = self._select.get((text, tokens))
+        if select is None:
+            select = self._select[text, tokens] = torch.zeros(tokens, len(self.words.words))
+            for w, positions in enumerate(self.words.positions[text]):
+                select[[p for p in positions if p < tokens], w] = 1.0
+        return select.to(device)
 
     def add(self, probs: torch.Tensor) -> None:
         """One layer's (queries, tokens) probabilities: summed per word, on the latent grid."""
         per_word = probs @ self._words_of(probs.shape[1], probs.device)  # (queries, words)
         gh, gw = _grid(per_word.shape[0], self.latent_hw)
-        grid = per_word.T.reshape(1, len(self.words), gh, gw)
+        grid = per_word.T.reshape(1, per_word.shape[1], gh, gw)
         if (gh, gw) != self.latent_hw:
             grid = F.interpolate(grid, size=self.latent_hw, mode="bilinear", align_corners=False)
         self._current = grid[0] if self._current is None else self._current + grid[0]
@@ -266,7 +336,7 @@ class AttentionCollector(Observer):
             raise RuntimeError(f"no cross-attention probe ran at step {event.step + 1}: the model ran without the "
                                "installed attention processors (a traced UNet?), so there are no maps")
         maps = self._current.float().cpu().numpy()
-        self._current, self.layers, self._calls = None, self._calls, 0
+        self._current, self.layers, self._calls, self._step = None, self._calls, 0, event.step + 1
         self.total += maps
         self.sigmas[event.step] = event.sigma
         if self._kept is None:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines import explain
 from pipelines.__main__ import main
-from pipelines.attention import AttentionCollector, probed_modules, probing, prompt_words
+from pipelines.attention import AttentionCollector, cond_row, probed_modules, probing, prompt_words, run_words
 from pipelines.families import Family, family_of
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
@@ -70,6 +70,18 @@ def test_real_clip_bpe_pieces_join_their_word():
         prompt_words(pipe, family_of(pipe), " ,;! ")
 
 
+def test_a_prompt_schedule_merges_its_texts_words_in_prompt_order(tiny_loader):
+    """Words of several texts are matched by spelling and occurrence; a word new in a later text goes after the word
+    it follows there, past the words that text no longer reads; each text keeps its own token positions."""
+    sd = tiny_loader.get("sd")
+    read = run_words(sd, family_of(sd), [(0, "a red circle on a mat"), (3, "a big red triangle on a mat"), (5, "")])
+    assert [w.text for w in read.words] == ["a", "big", "red", "circle", "triangle", "on", "a", "mat"]
+    assert read.texts == ("a red circle on a mat", "a big red triangle on a mat", "")
+    assert [read.text_at(i) for i in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    assert read.positions[0][2] == (2, 3, 4) and read.positions[1][2] == (5, 6, 7)  # "red" moved by "big"
+    assert read.positions[0][4] == () and read.reads(4, 3) and not read.reads(3, 3) and not read.reads(0, 6)
+
+
 def test_a_family_without_mapped_attention_is_refused_by_name(tiny_loader):
     class Other(Family):
         key = "flux"
@@ -82,11 +94,9 @@ def test_a_family_without_mapped_attention_is_refused_by_name(tiny_loader):
 
 def test_the_conditional_row_of_every_batch_layout():
     """The model call batches [uncond × n, cond × n, perturbed × n], each part only when the step needs it."""
-    def row(batch: int, n: int, perturbed: bool) -> int:
-        return AttentionCollector((), (1, 1), n, perturbed).cond_row(batch)
-
-    assert [row(1, 1, False), row(2, 1, False), row(3, 1, True), row(2, 1, True)] == [0, 1, 1, 0]
-    assert [row(4, 2, False), row(2, 2, False), row(6, 2, True), row(4, 2, True)] == [2, 0, 2, 0]
+    # (batch, images, perturbed): [cond], [uncond, cond], [uncond, cond, perturbed], [cond, perturbed]
+    assert [cond_row(1, 1, False), cond_row(2, 1, False), cond_row(3, 1, True), cond_row(2, 1, True)] == [0, 1, 1, 0]
+    assert [cond_row(4, 2, False), cond_row(2, 2, False), cond_row(6, 2, True), cond_row(4, 2, True)] == [2, 0, 2, 0]
 
 
 # ---- maps from every family ----------------------------------------------------------------------------------------
@@ -140,8 +150,7 @@ def test_a_traced_unet_never_bypasses_the_probes():
     request = tiny_request("sd", guidance_scale=5.0)
 
     view, _ = bare.view("sd", None)
-    _, words = prompt_words(view, family_of(view), request.prompt)
-    collector = AttentionCollector(words, (16, 16))
+    collector = AttentionCollector(run_words(view, family_of(view), [(0, request.prompt)]), (16, 16))
     with pytest.raises(RuntimeError, match="no cross-attention probe ran at step 2"):
         with probing(view, family_of(view), collector):  # the loader not told: it traces the probes
             generate(request, collector, loader=bare)

@@ -790,8 +790,13 @@ class ExplainView:
         w = report.word(word)
         s, shown = report.steps[k - 1], report.step_near(k - 1)
         sigma = "" if s.sigma is None else f" (σ = {s.sigma:.3g})"
-        note = (f"“{w.text}” at step {k} of {n}{sigma}: where the image attended to it at this step. Over the whole "
-                f"run it got {report.shares()[w.index]:.0%} of the attention the prompt's words got.")
+        read = report.read
+        where = ("where the image attended to it at this step" if read.reads(w.index, s.step) else
+                 "not in the text read at this step, so nowhere")
+        note = (f"“{w.text}” at step {k} of {n}{sigma}: {where}. Over the whole run it got "
+                f"{report.shares()[w.index]:.0%} of the attention the prompt's words got.")
+        if len(read.texts) > 1:  # a prompt schedule: say which of its texts this step reads
+            note += f" Step {k} reads “{read.texts[read.text_at(s.step)]}”."
         if shown.step != s.step:
             note += _thinned(shown.step, sum(t.maps is not None for t in report.steps), n)
         return {self.attention_x0: files(f"attn_{w.index}_{shown.step:03d}", report.overlay(w.index, shown.step)),

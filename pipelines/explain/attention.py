@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from guidance.registry import create as create_guidance
-from pipelines.attention import (AttentionCollector, Word, normalized, probing, prompt_words, share_on,
+from pipelines.attention import (AttentionCollector, PromptWords, Word, normalized, probing, run_words, share_on,
                                  upsample)
 from pipelines.explain.common import Cancelled, Turn, _r, _save, _Watch, _X0, finish, seeded
 from pipelines.explain.figures import grid_image
@@ -42,14 +42,19 @@ class AttentionReport:
 
     request: GenerationRequest  # seed filled in
     result: GenerationResult  # the run (its final image, its seed, its size)
-    text: str  # the text the encoder read: the prompt (PixArt-Σ: its cleaned caption), whose words are mapped
-    words: tuple[Word, ...]  # the mapped words, in order
+    read: PromptWords  # what the encoder read (the prompt; PixArt-Σ: its cleaned caption; a prompt schedule: each of
+    # its texts and the steps that read it) and the mapped words, in order
     total: np.ndarray  # (words, h, w) float32: the whole run's maps, summed over the steps
     steps: tuple[AttentionStep, ...]  # one per loop step (while decoding: those decoded so far)
     layers: int  # attention layers that gave each step's maps
     preview: str  # how x̂0 was decoded
     done: bool
     decoding: bool = False  # x̂0 are still being decoded: `steps` holds those so far
+
+    @property
+    def words(self) -> tuple[Word, ...]:
+        """The mapped words, in prompt order (a prompt schedule's texts merged)."""
+        return self.read.words
 
     @property
     def size(self) -> tuple[int, int]:
@@ -104,9 +109,11 @@ class AttentionReport:
     def to_dict(self) -> dict[str, Any]:
         """The numbers, JSON-ready (as the UI and the API show them): the words and their shares, per step σ."""
         return {"experiment": "attention", "seed": self.request.seed, "request": self.request.to_dict(),
-                "done": self.done, "family": self.result.family, "text": self.text, "layers": self.layers,
+                "done": self.done, "family": self.result.family, "text": self.read.texts[0], "layers": self.layers,
+                "segments": [{"first_step": f, "text": t} for f, t in zip(self.read.firsts, self.read.texts)],
                 "preview": self.preview, "height": self.result.height, "width": self.result.width,
-                "words": [{"word": w.text, "index": w.index, "tokens": list(w.tokens), "share": _r(s)}
+                "words": [{"word": w.text, "index": w.index, "tokens": list(w.tokens), "share": _r(s),
+                           "segments": [k for k, p in enumerate(self.read.positions) if p[w.index]]}
                           for w, s in zip(self.words, self.shares())],
                 "steps": [{"step": s.step, "sigma": _r(s.sigma)} for s in self.steps],
                 "map_steps": [s.step for s in self.steps if s.maps is not None]}  # steps whose maps are kept
@@ -182,12 +189,12 @@ def attention(request: GenerationRequest, *, loader: ModelLoader, cancelled: Can
     request = seeded(request)
     pipe, _ = loader.view(request.model, request.scheduler)
     family = family_of(pipe)
-    text, words = prompt_words(pipe, family, request.prompt)
+    read = run_words(pipe, family, [(0, request.prompt)])
     height, width = resolve_size(request, pipe, family)
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params,
                              family.prediction_type(pipe))
-    collector = AttentionCollector(words, latent_hw, request.num_images_per_prompt, "perturbed" in method.uses,
+    collector = AttentionCollector(read, latent_hw, request.num_images_per_prompt, "perturbed" in method.uses,
                                    keep=lambda n, b: kept_steps(n, b + height * width * 3, max_image_bytes))
     watch = _Watch(cancelled, run_seconds=run_seconds)
     with probing(pipe, family, collector, loader):
@@ -199,7 +206,7 @@ def attention(request: GenerationRequest, *, loader: ModelLoader, cancelled: Can
     steps, turn = [], Turn()
 
     def report(done: bool) -> AttentionReport:
-        return AttentionReport(request, result, text, words, collector.total.copy(), tuple(steps), collector.layers,
+        return AttentionReport(request, result, read, collector.total.copy(), tuple(steps), collector.layers,
                                decode.kind, done, decoding=not done)
 
     for e in watch.events:
