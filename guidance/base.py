@@ -35,7 +35,28 @@ class Predictions:
 
     cond: torch.Tensor  # with the prompt
     uncond: torch.Tensor | None = None  # with the negative (or empty) prompt
-    perturbed: torch.Tensor | None = None  # with the prompt and the perturbed self-attention (PAG)
+    perturbed: torch.Tensor | None = None  # with the prompt, through the denoiser as the method's Perturbation changes it
+
+
+# What an extra ("perturbed") pass can change in the denoiser; the model family installs it (pipelines/families.py).
+PERTURBATION_KINDS = (
+    "identity_attention",  # self-attention map replaced by the identity in the family's PAG layers (PAG)
+    "skip_blocks",  # the family's guidance blocks return their input unchanged (SLG, AutoGuidance)
+    "blur_query",  # the self-attention query of the guidance blocks blurred over the image plane (SEG)
+)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What a method's extra pass perturbs; the pass runs with the prompt, batched after [uncond?, cond]."""
+
+    kind: str  # one of PERTURBATION_KINDS
+    blur_sigma: float = 0.0  # blur_query: Gaussian σ in tokens; above blur_threshold_inf the query is its mean
+    blur_threshold_inf: float = 9999.0  # blur_query: σ above this means infinite blur (diffusers' default)
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATION_KINDS:
+            raise ValueError(f"unknown perturbation {self.kind!r}; allowed: {', '.join(PERTURBATION_KINDS)}")
 
 
 class GuidanceMethod:
@@ -47,6 +68,8 @@ class GuidanceMethod:
 
     # Every prediction a run of this method may ask for; "perturbed" makes the loop install the perturbed pass.
     uses: tuple[str, ...] = ("uncond", "cond")
+    # What the "perturbed" pass changes in the denoiser; set exactly when "perturbed" is in `uses`.
+    perturbation: Perturbation | None = None
 
     def needs(self, ctx: GuidanceContext, cfg: bool) -> tuple[str, ...]:
         """The predictions this step needs, in PREDICTIONS order. cfg is False when the scale turns CFG off (<= 1,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Predictions
+from guidance.base import GuidanceContext, GuidanceMethod, GuidanceOutput, Perturbation, Predictions
 
 
 def pag_scale_at(pag_scale: float, pag_adaptive_scale: float, timestep: float) -> float:
@@ -43,6 +43,7 @@ class PAG(GuidanceMethod):
     """CFG plus perturbed-attention guidance at scale pag_scale (optionally adaptive in t)."""
 
     uses = ("uncond", "cond", "perturbed")
+    perturbation = Perturbation("identity_attention")
 
     def __init__(self, guidance_scale: float, pag_scale: float = 3.0, pag_adaptive_scale: float = 0.0) -> None:
         self.guidance_scale = guidance_scale

@@ -6,14 +6,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from guidance import apg, cfg_zero_star, interval
+from guidance import apg, apg_mix, cfg_zero_star, fdg, interval, mambo, seg, slg
 from guidance.apg import APG
+from guidance.apg_mix import APGMix
+from guidance.autoguidance import AutoGuidance
 from guidance.base import GuidanceMethod
 from guidance.cfg import CFG
 from guidance.cfg_zero_star import CFGZeroStar
+from guidance.fdg import FDG
 from guidance.interval import Interval, check_interval
+from guidance.mambo import MamboG
 from guidance.pag import PAG
 from guidance.rescale import Rescale
+from guidance.seg import SEG
+from guidance.slg import SLG, check_window
+from guidance.tcfg import TCFG
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,14 @@ class MethodSpec:
     paper: str  # citation
     summary: str  # one line: what it does
     check: Callable[[dict[str, float]], None] | None = None  # cross-parameter rule on the full set; raises ValueError
+    # The diffusers guider class this method agrees with numerically (tests/test_guiders.py), or None.
+    diffusers: str | None = None
 
 
 METHODS: dict[str, MethodSpec] = {
     "cfg": MethodSpec(
-        "cfg", CFG, (), "Ho & Salimans 2022, arXiv 2207.12598", "ε_u + s(ε_c − ε_u); scale ≤ 1 skips the unconditional pass"
+        "cfg", CFG, (), "Ho & Salimans 2022, arXiv 2207.12598", "ε_u + s(ε_c − ε_u); scale ≤ 1 skips the unconditional pass",
+        diffusers="ClassifierFreeGuidance",
     ),
     "rescale": MethodSpec(
         "rescale",
@@ -60,6 +70,7 @@ METHODS: dict[str, MethodSpec] = {
         (Param("guidance_rescale", 0.7, 0.0, 1.0, "φ: mix of the std-rescaled CFG output (0 = plain CFG)"),),
         "Lin et al. 2023, arXiv 2305.08891",
         "CFG rescaled to the std of ε_c, mixed by φ; fights over-exposure at high scales",
+        diffusers="ClassifierFreeGuidance",  # its guidance_rescale
     ),
     "interval": MethodSpec(
         "interval",
@@ -79,6 +90,7 @@ METHODS: dict[str, MethodSpec] = {
         "Kynkäänniemi et al. 2024, arXiv 2404.07724",
         "CFG only inside a σ interval and a step window, cond-only (one pass) elsewhere; default σ ∈ [0.28, 5.42] (SD-XL)",
         check_interval,
+        "ClassifierFreeGuidance",  # its start/stop; the σ interval is ours (open bounds: exactly diffusers' window)
     ),
     "apg": MethodSpec(
         "apg",
@@ -91,6 +103,7 @@ METHODS: dict[str, MethodSpec] = {
         ),
         "Sadat et al. 2024, arXiv 2410.02416",
         "CFG update norm-clipped, its part parallel to the cond prediction down-weighted, with momentum",
+        diffusers="AdaptiveProjectedGuidance",
     ),
     "cfg_zero_star": MethodSpec(
         "cfg_zero_star",
@@ -109,6 +122,7 @@ METHODS: dict[str, MethodSpec] = {
         ),
         "Fan et al. 2025, arXiv 2503.18886",
         "uncond prediction scaled by s* = <v_c, v_u>/|v_u|², then CFG; on flow models the first step is zeroed",
+        diffusers="ClassifierFreeZeroStarGuidance",
     ),
     "pag": MethodSpec(
         "pag",
@@ -119,6 +133,89 @@ METHODS: dict[str, MethodSpec] = {
         ),
         "Ahn et al. 2024, arXiv 2403.17377",
         "CFG plus a third pass with identity self-attention in chosen layers (diffusers' PAG layers); ε += s_pag(ε_c − ε_ptb)",
+        diffusers="PerturbedAttentionGuidance",
+    ),
+    "slg": MethodSpec(
+        "slg",
+        SLG,
+        (
+            Param("skip_layer_guidance_scale", slg.SCALE, 0.0, 100.0, "s_slg: push away from the skipped-blocks prediction (0 = CFG)"),
+            Param("skip_layer_guidance_start", slg.START, 0.0, 1.0, "skip pass on steps after int(start·N) (strictly)"),
+            Param("skip_layer_guidance_stop", slg.STOP, 0.0, 1.0, "skip pass on steps before int(stop·N)"),
+        ),
+        "StabilityAI 2024 (SD3.5 reference code); after Karras et al. 2024, arXiv 2406.02507",
+        "CFG plus a third pass with the guidance blocks skipped (SD3/PixArt: blocks 7-9, UNet: mid block); "
+        "ε += s_slg(ε_c − ε_skip) in a step window",
+        lambda p: check_window(p, "skip_layer_guidance_start", "skip_layer_guidance_stop"),
+        "SkipLayerGuidance",
+    ),
+    "seg": MethodSpec(
+        "seg",
+        SEG,
+        (
+            Param("seg_guidance_scale", seg.SCALE, 0.0, 100.0, "s_seg: push away from the blurred-query prediction (0 = CFG)"),
+            Param("seg_blur_sigma", seg.BLUR_SIGMA, 0.01, seg.BLUR_SIGMA,
+                  f"σ of the query blur in tokens; above {seg.BLUR_THRESHOLD_INF:g} every query is the mean (infinite blur)"),
+            Param("seg_guidance_start", 0.0, 0.0, 1.0, "blurred pass on steps after int(start·N) (strictly)"),
+            Param("seg_guidance_stop", 1.0, 0.0, 1.0, "blurred pass on steps before int(stop·N)"),
+        ),
+        "Hong 2024, arXiv 2408.00760",
+        "CFG plus a third pass with the guidance blocks' self-attention query blurred; ε += s_seg(ε_c − ε_seg)",
+        lambda p: check_window(p, "seg_guidance_start", "seg_guidance_stop"),
+        "SmoothedEnergyGuidance",
+    ),
+    "autoguidance": MethodSpec(
+        "autoguidance",
+        AutoGuidance,
+        (),
+        "Karras et al. 2024, arXiv 2406.02507",
+        "guide away from a weaker model, the same one with its guidance blocks skipped, instead of the unconditional "
+        "prediction: D_weak + s(D_c − D_weak); no negative prompt",
+        diffusers="AutoGuidance",
+    ),
+    "tcfg": MethodSpec(
+        "tcfg",
+        TCFG,
+        (),
+        "Kwon et al. 2025, arXiv 2503.18137",
+        "CFG against ε_u stripped of its component off the first singular direction of [ε_c; ε_u]",
+        diffusers="TangentialClassifierFreeGuidance",
+    ),
+    "fdg": MethodSpec(
+        "fdg",
+        FDG,
+        (
+            Param("guidance_scale_low", fdg.GUIDANCE_SCALE_LOW, 0.0, 100.0,
+                  "w_low: CFG scale of the low-frequency band (the guidance scale is w_high, the high band's)"),
+            Param("parallel_weight", fdg.PARALLEL_WEIGHT, 0.0, 1.0,
+                  "weight of each band's update part parallel to ε_c (1 = plain CFG update)"),
+        ),
+        "Sadat et al. 2025, arXiv 2506.19713",
+        "CFG per band of a 2-level Laplacian pyramid: scale s on the high band, w_low on the low one",
+        diffusers="FrequencyDecoupledGuidance",
+    ),
+    "mambo_g": MethodSpec(
+        "mambo_g",
+        MamboG,
+        (Param("alpha", mambo.ALPHA, 0.0, 100.0, "α: damping of the scale by ‖ε_c − ε_u‖/‖ε_u‖ (0 = CFG)"),),
+        "Wei et al. 2025, arXiv 2508.03442",
+        "CFG at s' = 1 + (s − 1)·exp(−α‖ε_c − ε_u‖/‖ε_u‖) per image: the scale shrinks where the update is large",
+        diffusers="MagnitudeAwareGuidance",
+    ),
+    "apg_mix": MethodSpec(
+        "apg_mix",
+        APGMix,
+        (
+            Param("adaptive_projected_guidance_scale", apg_mix.APG_SCALE, 0.0, 100.0, "s_apg: APG's scale after the CFG steps"),
+            Param("adaptive_projected_guidance_momentum", apg_mix.MOMENTUM, -1.0, 1.0, "β: momentum of the update, CFG steps included"),
+            Param("adaptive_projected_guidance_rescale", apg_mix.NORM_THRESHOLD, 0.0, 1000.0, "r: clip APG's update norm to r (0 = none)"),
+            Param("eta", apg_mix.ETA, 0.0, 1.0, "η: weight of APG's update part parallel to ε_c"),
+            Param("adaptive_projected_guidance_start_step", apg_mix.START_STEP, 0, 1000,
+                  "CFG on steps ≤ this, APG after", integer=True),
+        ),
+        "Sadat et al. 2024, arXiv 2410.02416; as HunyuanImage-2.1 mixes it",
+        "CFG (scale s) for the first steps, then APG (scale s_apg) with a momentum warmed up during the CFG steps",
+        diffusers="AdaptiveProjectedMixGuidance",
     ),
 }
 
@@ -175,6 +272,26 @@ def describe() -> str:
         if not spec.params:
             lines.append("  (no parameters)")
     return "\n".join(lines)
+
+
+def catalogue() -> list[dict]:
+    """Every method as {"key", "diffusers", "params", "paper"}, for `python -m pipelines guidance --json`."""
+    return [
+        {
+            "key": spec.key,
+            "diffusers": spec.diffusers,
+            "params": [{"name": p.name, "default": p.default, "low": p.low, "high": _finite(p.high), "integer": p.integer,
+                        "doc": p.doc} | ({"default_for": dict(p.default_for)} if p.default_for else {})
+                       for p in spec.params],
+            "paper": spec.paper,
+        }
+        for spec in METHODS.values()
+    ]
+
+
+def _finite(v: float) -> float | None:
+    """A bound for JSON: None for an unbounded (infinite) one, which JSON cannot write."""
+    return v if math.isfinite(v) else None
 
 
 def _num(v: float) -> str:

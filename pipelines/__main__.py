@@ -8,6 +8,7 @@ A refusal is one line on stderr, `error: ...`, and an exit status that says what
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -23,7 +24,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from guidance.registry import describe  # noqa: E402
+from guidance.registry import catalogue, describe  # noqa: E402
 from pipelines import explain  # noqa: E402
 from pipelines.errors import NonFiniteLatents, shown  # noqa: E402
 from pipelines.generate import generate  # noqa: E402
@@ -178,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "share of its map on the object (on_object).")
     _request_flags(a)
 
-    sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
+    gl = sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
+    gl.add_argument("--json", action="store_true",
+                    help='print a JSON list of {"key", "diffusers", "params", "paper"} ("diffusers": the guider class '
+                         'the method agrees with numerically, or null)')
     sub.add_parser("schedulers", help="list scheduler keys")
     sub.add_parser("models", help="list the models offered by name")
     return parser
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "attention":
             return _attention(args)
         if args.command == "guidance":
-            print(describe())
+            print(json.dumps(catalogue(), indent=2, ensure_ascii=False) if args.json else describe())
         elif args.command == "schedulers":
             for spec in SCHEDULERS.values():
                 print(f"{spec.key:16} {spec.cls.__name__:34} {spec.kind:9} A1111: {spec.label}")

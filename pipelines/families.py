@@ -12,6 +12,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +24,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import (
     Attention,
     PAGCFGIdentitySelfAttnProcessor2_0,
@@ -32,6 +34,9 @@ from diffusers.models.attention_processor import (
 )
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+from guidance.base import Perturbation
+from guidance.seg import blur_query
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,20 @@ class Family:
         """(processor with CFG: batch [uncond, cond, ptb], processor without CFG: batch [cond, ptb])."""
         return PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0()
 
-    @contextmanager
-    def perturbed_attention(self, pipe: Any, cfg: bool) -> Iterator[None]:
-        """Install PAG processors on the PAG layers' self-attention for one run, then restore the originals.
+    # What a guidance block (see guidance_blocks) returns, in order: the name of the input each output replaces.
+    block_outputs: tuple[str, ...] = ("hidden_states",)
 
-        Layer matching adapted from diffusers 0.42.1, PAGMixin._set_pag_attn_processor.
-        """
-        processor = self.pag_processors()[0 if cfg else 1]
+    def guidance_blocks(self, pipe: Any) -> list[torch.nn.Module]:
+        """The transformer blocks that SLG and AutoGuidance skip and SEG blurs the query of, in the extra pass."""
+        raise ValueError(f"skip-layer, smoothed-energy and autoguidance passes are not available for {self.key} models; "
+                         f"they run on: {', '.join(k for k, f in FAMILIES.items() if f.has_guidance_blocks)}")
+
+    has_guidance_blocks: bool = False  # guidance_blocks() is implemented
+
+    def _pag_attention(self, pipe: Any) -> list[torch.nn.Module]:
+        """The self-attention modules PAG perturbs. Adapted from diffusers 0.42.1, PAGMixin._set_pag_attn_processor."""
         model = self.denoiser(pipe)
-        originals: list[tuple[Attention, Any]] = []
+        modules: list[torch.nn.Module] = []
         for layer in self.pag_layers:
             matched = [
                 module for name, module in model.named_modules()
@@ -128,14 +138,23 @@ class Family:
             ]
             if not matched:
                 raise ValueError(f"PAG: this model has no self-attention layer matching {layer!r}")
-            originals += [(m, m.processor) for m in matched]
-        try:
-            for module, _ in originals:
-                module.set_processor(processor)
-            yield
-        finally:
-            for module, original in originals:
-                module.set_processor(original)
+            modules += matched
+        return modules
+
+    @contextmanager
+    def perturbed_pass(self, pipe: Any, perturbation: Perturbation) -> Iterator[PerturbedPass]:
+        """Resolve what `perturbation` touches in this model once for a run (refusing a family it does not apply to
+        before any step runs); the loop installs it around each model call that has a perturbed part."""
+        if perturbation.kind == "identity_attention":
+            modules = self._pag_attention(pipe)
+        elif perturbation.kind == "skip_blocks":
+            modules = self.guidance_blocks(pipe)
+        else:  # blur_query: the query projections of the blocks' self-attention
+            modules = [m.to_q for block in self.guidance_blocks(pipe) for m in block.modules()
+                       if isinstance(m, Attention) and not m.is_cross_attention and isinstance(m.to_q, torch.nn.Linear)]
+            if not modules:
+                raise ValueError(f"SEG: the {self.key} model's guidance blocks have no self-attention query to blur")
+        yield PerturbedPass(perturbation, tuple(modules), self.block_outputs, self.pag_processors())
 
     def unscale_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> what vae.decode expects."""
@@ -162,6 +181,16 @@ class SDFamily(Family):
 
     key = "sd"
     pipeline_class = StableDiffusionPipeline
+    has_guidance_blocks = True
+
+    def guidance_blocks(self, pipe):
+        # The mid block's transformer blocks: where PAG perturbs a UNet, and SEG's choice for SD-XL (the authors' code).
+        blocks = [m for name, m in pipe.unet.named_modules()
+                  if name.startswith("mid_block.") and isinstance(m, BasicTransformerBlock)]
+        if not blocks:
+            raise ValueError("skip-layer, smoothed-energy and autoguidance passes need a UNet whose mid block has "
+                             "transformer blocks (mid_block_type UNetMidBlock2DCrossAttn); this one has none")
+        return blocks
 
     def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width, num_images=1):
         embeds, neg = pipe.encode_prompt(prompt, device, num_images, cfg, negative_prompt)
@@ -232,6 +261,10 @@ class PixArtSigmaFamily(Family):
     key = "pixart_sigma"
     pipeline_class = PixArtSigmaPipeline
     pag_layers = ("blocks.1",)
+    has_guidance_blocks = True
+
+    def guidance_blocks(self, pipe):
+        return _stack_blocks(pipe.transformer.transformer_blocks)
 
     def denoiser(self, pipe):
         return pipe.transformer
@@ -270,6 +303,11 @@ class SD3Family(Family):
     pipeline_class = StableDiffusion3Pipeline
     flow = True
     pag_layers = ("blocks.1",)
+    has_guidance_blocks = True
+    block_outputs = ("encoder_hidden_states", "hidden_states")  # JointTransformerBlock returns the text stream first
+
+    def guidance_blocks(self, pipe):
+        return _stack_blocks(pipe.transformer.transformer_blocks)
 
     def pag_processors(self):
         return PAGCFGJointAttnProcessor2_0(), PAGJointAttnProcessor2_0()
@@ -314,6 +352,85 @@ class SD3Family(Family):
 
     def unscale_latents(self, pipe, latents):
         return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+
+# Transformer blocks the extra pass of SLG, SEG and AutoGuidance perturbs in a DiT: StabilityAI's SLG layers for SD3.5
+# Medium (diffusers' recommended values), or the middle block of a model with fewer than 10 blocks.
+GUIDANCE_BLOCKS = (7, 8, 9)
+
+
+def _stack_blocks(blocks: torch.nn.ModuleList) -> list[torch.nn.Module]:
+    """GUIDANCE_BLOCKS of a DiT's block stack where it has them all, else its middle block."""
+    if len(blocks) > max(GUIDANCE_BLOCKS):
+        return [blocks[i] for i in GUIDANCE_BLOCKS]
+    return [blocks[len(blocks) // 2]]
+
+
+@dataclass(frozen=True)
+class PerturbedPass:
+    """What one run's perturbation touches, resolved once; install() perturbs one batched model call."""
+
+    perturbation: Perturbation  # what the method asked for
+    modules: tuple[torch.nn.Module, ...]  # PAG: self-attention modules; skip: blocks; blur: query projections
+    block_outputs: tuple[str, ...]  # skip: the input each block output stands for (Family.block_outputs)
+    pag_processors: tuple[Any, Any]  # PAG: (with CFG, without)
+
+    @contextmanager
+    def install(self, chunks: int) -> Iterator[None]:
+        """Perturb the last of `chunks` equal parts of the next model call's batch ([uncond?, cond, perturbed]),
+        through attention processors (PAG) or forward hooks (skip, blur) that are removed on exit."""
+        kind = self.perturbation.kind
+        if kind == "identity_attention":
+            if chunks not in (2, 3):
+                raise ValueError(f"PAG's processors take a batch of 2 or 3 parts, got {chunks}")
+            processor = self.pag_processors[0 if chunks == 3 else 1]
+            originals = [(m, m.processor) for m in self.modules]
+            try:
+                for module, _ in originals:
+                    module.set_processor(processor)
+                yield
+            finally:
+                for module, original in originals:
+                    module.set_processor(original)
+            return
+        if kind == "skip_blocks":
+            hook, with_kwargs = partial(_skip_block, outputs=self.block_outputs, chunks=chunks), True
+        else:
+            hook, with_kwargs = partial(_blur_query, perturbation=self.perturbation, chunks=chunks), False
+        handles = []
+        try:
+            for module in self.modules:
+                handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _perturbed_rows(output: torch.Tensor, replacement: torch.Tensor, chunks: int) -> torch.Tensor:
+    """`output` with its last 1/chunks rows (the perturbed pass) taken from `replacement`."""
+    keep = output.shape[0] - output.shape[0] // chunks
+    return torch.cat([output[:keep], replacement[keep:]])
+
+
+def _skip_block(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any, *, outputs: tuple[str, ...],
+                chunks: int) -> Any:
+    """Forward hook: the perturbed rows of a block's outputs are its inputs (the block skipped, diffusers'
+    TransformerBlockSkipHook with dropout 1), each output matched to its input by name."""
+    inputs = {"hidden_states": kwargs.get("hidden_states", args[0] if args else None),
+              "encoder_hidden_states": kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)}
+    parts = output if isinstance(output, tuple) else (output,)
+    skipped = tuple(part if part is None else _perturbed_rows(part, inputs[name], chunks)
+                    for part, name in zip(parts, outputs))
+    return skipped if isinstance(output, tuple) else skipped[0]
+
+
+def _blur_query(module: torch.nn.Module, args: tuple, output: torch.Tensor, *, perturbation: Perturbation,
+                chunks: int) -> torch.Tensor:
+    """Forward hook on a query projection: the perturbed rows' queries blurred (guidance/seg.py blur_query)."""
+    keep = output.shape[0] - output.shape[0] // chunks
+    blurred = blur_query(output[keep:], perturbation.blur_sigma, perturbation.blur_threshold_inf)
+    return torch.cat([output[:keep], blurred])
 
 
 def _fake_integral_match(layer: str, name: str) -> bool:

@@ -150,13 +150,13 @@ def generate(
         step_kwargs = family.step_kwargs(pipe, generator)
         num_steps = len(timesteps)
 
-        # 5. Denoise (PAG methods get their perturbed self-attention installed for the run)
-        perturb = "perturbed" in method.uses
+        # 5. Denoise (a method with a perturbed pass says what it perturbs; the family resolves it for the run)
+        perturb = method.perturbation is not None
         traced = None if perturb else loader.traced_unet(pipe)  # small CPU UNets: same output, less Python
         denoised = latents
         steps_completed = 0
         cancelled = False
-        with family.perturbed_attention(pipe, do_cfg) if perturb else contextlib.nullcontext():
+        with family.perturbed_pass(pipe, method.perturbation) if perturb else contextlib.nullcontext() as perturbed:
             for i, t in enumerate(timesteps):
                 if observer.is_cancelled():
                     cancelled = True
@@ -175,8 +175,10 @@ def generate(
                 model_input = torch.cat([latents] * copies) if copies > 1 else latents
                 if hasattr(scheduler, "scale_model_input"):
                     model_input = scheduler.scale_model_input(model_input, t)
-                output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale,
-                                        "perturbed" in names, traced)
+                # (the perturbed part, last in the batch, through the method's perturbation: PAG, SLG, SEG, …)
+                with perturbed.install(copies) if "perturbed" in names else contextlib.nullcontext():
+                    output = family.predict(pipe, model_input, t, cond, with_uncond, request.guidance_scale,
+                                            "perturbed" in names, traced)
 
                 # 5c. Guidance
                 pred, pred_cond, pred_uncond, effective_scale = apply_guidance(method, output, names, ctx)
