@@ -155,7 +155,8 @@ METHODS: dict[str, MethodSpec] = {
         (
             Param("seg_guidance_scale", seg.SCALE, 0.0, 100.0, "s_seg: push away from the blurred-query prediction (0 = CFG)"),
             Param("seg_blur_sigma", seg.BLUR_SIGMA, 0.01, seg.BLUR_SIGMA,
-                  f"σ of the query blur in tokens; above {seg.BLUR_THRESHOLD_INF:g} every query is the mean (infinite blur)"),
+                  f"σ of the query blur in tokens; above {seg.BLUR_THRESHOLD_INF:g} (the default) every query is the mean: "
+                  "infinite blur"),
             Param("seg_guidance_start", 0.0, 0.0, 1.0, "blurred pass on steps after int(start·N) (strictly)"),
             Param("seg_guidance_stop", 1.0, 0.0, 1.0, "blurred pass on steps before int(stop·N)"),
         ),

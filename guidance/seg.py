@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from guidance.base import Perturbation
 from guidance.slg import WindowedPerturbedGuidance
 
-# diffusers' defaults: scale 3, σ = 9999999 (infinite blur) above the threshold 9999, the whole run
+# diffusers' defaults: scale 3, infinite blur, the whole run. Any σ above the threshold 9999 is infinite blur; diffusers
+# writes it 9999999, here 10000 so that a slider from 0.01 to it stays usable.
 SCALE = 3.0
-BLUR_SIGMA = 9999999.0
+BLUR_SIGMA = 10000.0
 BLUR_THRESHOLD_INF = 9999.0
 
 

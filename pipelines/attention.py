@@ -12,7 +12,7 @@ Where the maps come from, per family:
   over image and text keys, that image queries give to the text keys (CLIP positions, then T5's).
 
 The probes are attention processors installed on those layers for one run and removed after (`probing`), as
-Family.perturbed_attention installs PAG's. Each wraps the layer's own processor, which still computes the layer's
+Family.perturbed_pass installs PAG's. Each wraps the layer's own processor, which still computes the layer's
 output, so the run makes the same image as without them; the probe only reads the layer's projections again.
 """
 
