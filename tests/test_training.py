@@ -158,7 +158,6 @@ def test_smoke_training_and_export_load_in_stock_diffusers(tmp_path: Path) -> No
     from training import encode, export, train_unet, train_vae
     from training.tokenizer import load as load_tokenizer
 
-    torch.set_num_threads(2)
     shutil.copytree(TOKENIZER_DIR, tmp_path / "tokenizer")
     m = train_vae.train(tmp_path, minutes=1, steps=3, batch_size=4, lr=1e-3, kl_weight=1e-6, seed=0, tiny=True)
     assert m["step"] == 3 and np.isfinite(m["mse"])
