@@ -40,7 +40,9 @@ def serve(outputs, loader: ModelLoader | None = None, **kwargs):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("outputs")) as (url, demo):
+    """The app with python app.py's per-client limit (4; its admission counts each client's events):
+    (url, playground)."""
+    with serve(tmp_path_factory.mktemp("outputs"), max_runs_per_client=4) as (url, demo):
         yield url, demo.playground
 
 
@@ -334,7 +336,8 @@ def test_the_api_refuses_the_same_bad_inputs_and_keeps_serving(embedded_client):
 
 def test_a_schedule_past_the_training_timesteps_is_refused_not_crashed():
     """PNDM's default config ('leading', steps_offset=1) at 1000 steps starts at t=1000 of 1000: an IndexError
-    deep in the loop (stock diffusers too). It is refused up front with what works; 999 steps run."""
+    deep in the loop (stock diffusers too). It is refused up front with what works; 999 steps run (small and without
+    CFG: the schedule is the same at any size and scale, and one 16² UNet call per step keeps the run short)."""
     from pipelines.generate import generate
     from pipelines.types import GenerationRequest
 
@@ -343,7 +346,8 @@ def test_a_schedule_past_the_training_timesteps_is_refused_not_crashed():
     with pytest.raises(ValueError, match=r"cannot take 1000 steps: its first timestep would be 1000, past the 1000 it "
                                          r"was trained on; use at most 999 steps or another scheduler"):
         generate(GenerationRequest("x", model=MODEL, num_inference_steps=1000, seed=0), loader=loader)
-    assert generate(GenerationRequest("x", model=MODEL, num_inference_steps=999, seed=0), loader=loader).steps_completed
+    assert generate(GenerationRequest("x", model=MODEL, num_inference_steps=999, seed=0, guidance_scale=1.0, width=16,
+                                      height=16), loader=loader).steps_completed
 
 
 def test_experiment_folders_are_kept_bounded_and_nothing_foreign_is_removed(tmp_path):
@@ -448,22 +452,20 @@ def test_a_run_whose_latents_go_nan_is_an_error_not_a_black_image(client, api_na
 
 
 @pytest.mark.parametrize("api_name", ["/explain_jump", "/explain_sweep"])
-def test_a_cancelled_experiment_stops_its_run_at_the_next_step(tmp_path, api_name):
+def test_a_cancelled_experiment_stops_its_run_at_the_next_step(server, client, api_name):
     """Cancelling an experiment (gradio_client's cancel, as the Stop button's cancels=) stops the run in flight at
     its next step, not at the end of the run or cell: the worker is free long before a 999-step run could end."""
-    with serve(tmp_path, max_runs_per_client=4) as (url, demo):
-        client = gradio_client.Client(url, verbose=False)
-        playground = demo.playground
-        _quick(client)
-        wait_until(lambda: playground.admission.count("127.0.0.1") == 0, 10, "the quick run kept its slot")
-        extra = {"sweep_x": "seed", "sweep_x_values": "1,2", "sweep_y": ""} if api_name == "/explain_sweep" else {}
-        job = client.submit(prompt="x", seed=1, randomize_seed=False, api_name=api_name, **LONG, **extra)
-        # Its handler holds the client's slot: the experiment's first 999-step run (~12 s of worker time) is queued.
-        wait_until(lambda: playground.admission.count("127.0.0.1") == 1, 30, "the experiment never started")
-        job.cancel()
-        t0 = time.perf_counter()
-        playground.worker.submit(lambda: None).result(timeout=60)  # the worker is free once the run stops
-        freed = time.perf_counter() - t0
-        assert freed < 5, f"the worker was busy {freed:.1f} s after the cancel: the run went on past its next step"
-        wait_until(lambda: playground.admission.count("127.0.0.1") == 0, 10, "the cancelled experiment kept its slot")
-        assert _quick(client)["steps_completed"] >= 2
+    _, playground = server
+    _quick(client)
+    wait_until(lambda: playground.admission.count("127.0.0.1") == 0, 10, "the quick run kept its slot")
+    extra = {"sweep_x": "seed", "sweep_x_values": "1,2", "sweep_y": ""} if api_name == "/explain_sweep" else {}
+    job = client.submit(prompt="x", seed=1, randomize_seed=False, api_name=api_name, **LONG, **extra)
+    # Its handler holds the client's slot: the experiment's first 999-step run (~12 s of worker time) is queued.
+    wait_until(lambda: playground.admission.count("127.0.0.1") == 1, 30, "the experiment never started")
+    job.cancel()
+    t0 = time.perf_counter()
+    playground.worker.submit(lambda: None).result(timeout=60)  # the worker is free once the run stops
+    freed = time.perf_counter() - t0
+    assert freed < 5, f"the worker was busy {freed:.1f} s after the cancel: the run went on past its next step"
+    wait_until(lambda: playground.admission.count("127.0.0.1") == 0, 10, "the cancelled experiment kept its slot")
+    assert _quick(client)["steps_completed"] >= 2
