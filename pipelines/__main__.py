@@ -1,5 +1,5 @@
 """Command line: `python -m pipelines generate ...`, the Explain lab's experiments (sweep, jump, branch, dissect,
-tradeoff, attention: pipelines/explain/) and the listings (guidance, schedulers, models).
+tradeoff, attention, layout: pipelines/explain/) and the listings (guidance, schedulers, models).
 
 Same API as the UI: a GenerationRequest from pipelines.requests.build_request, handed to generate().
 A refusal is one line on stderr, `error: ...`, and an exit status that says what kind (EXIT_STATUS).
@@ -30,6 +30,7 @@ from pipelines.errors import NonFiniteLatents, shown  # noqa: E402
 from pipelines.generate import generate  # noqa: E402
 from pipelines.loading import ModelLoader  # noqa: E402
 from pipelines.outputs import TraceWriter  # noqa: E402
+from pipelines.prompts import switch_at  # noqa: E402
 from pipelines.registry import MODELS  # noqa: E402
 from pipelines.requests import Limits, build_request  # noqa: E402
 from pipelines.schedulers import SCHEDULERS  # noqa: E402
@@ -178,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(every word's map over the image). On the embedded model each word also gets the "
                                    "share of its map on the object (on_object).")
     _request_flags(a)
+
+    lay = sub.add_parser("layout", help="when is the layout decided: a [from:to:when] switched at several points",
+                         description="The prompt's one prompt schedule [from:to:when] (its when, a number or the word "
+                                     "WHEN, is replaced by each switch point), the same seed(s) in every column; the "
+                                     "shapes world's judge reads each image. Write DIR/layout.json ({fractions, "
+                                     "switch_steps, counts, words, cells: [{fraction, seed, prompt, reads, judge, "
+                                     "image}]}), DIR/layout.png and DIR/cells/. Embedded model only.")
+    _request_flags(lay)
+    lay.add_argument("--switch-at", default=",".join(f"{f:g}" for f in explain.SWITCH_POINTS), metavar="LIST",
+                     help="switch points as fractions of the steps, 0 (the new text from the start) to 1 (never) "
+                          "(default " + ",".join(f"{f:g}" for f in explain.SWITCH_POINTS) + ")")
+    lay.add_argument("--seeds", type=int, default=1, help="seeds s, s+1, ... (a row each; default 1)")
 
     gl = sub.add_parser("guidance", help="list guidance methods, their parameters, defaults and papers")
     gl.add_argument("--json", action="store_true",
@@ -343,6 +356,21 @@ def _tradeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout(args: argparse.Namespace) -> int:
+    points = explain.parse_points(args.switch_at)
+    explain.check_judge_model(args.model)  # before loading a model the judge cannot score
+    args.prompt = switch_at(args.prompt, "0")  # a placeholder when (WHEN) becomes a valid one; each point replaces it
+    loader, _, request = _request(args)
+    report = _run(explain.layout(request, points, args.seeds, loader=loader),
+                  lambda r: f"run {len(r.cells)}/{len(r.fractions) * len(r.seeds)}")
+    report.write(args.out)
+    read = ", ".join(f"{f:g}: " + "/".join(f"{c[k]} {k}" for k in ("from", "to") if c[k])
+                     for f, c in zip(report.fractions, report.counts()))
+    print(f"wrote {os.path.join(args.out, 'layout.png')} (seeds {report.seeds[0]}..{report.seeds[-1]}); "
+          f"by switch point, seeds showing from / to: {read}. {report.words()}")
+    return 0
+
+
 def _attention(args: argparse.Namespace) -> int:
     loader, _, request = _request(args, trace=False)  # one run, eager anyway: the probes replace the traced call
     report = _run(explain.attention(request, loader=loader),
@@ -407,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tradeoff(args)
         if args.command == "attention":
             return _attention(args)
+        if args.command == "layout":
+            return _layout(args)
         if args.command == "guidance":
             print(json.dumps(catalogue(), indent=2, ensure_ascii=False) if args.json else describe())
         elif args.command == "schedulers":

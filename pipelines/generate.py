@@ -136,9 +136,12 @@ def generate(
         # Defaults may depend on the prediction type (CFG-Zero*'s zero-init only suits flow models).
         method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params, prediction_type)
 
-        # 3. Encode the prompt ("" negative means diffusers' default None)
-        cond = family.encode(pipe, request.prompt, request.negative_prompt or None, do_cfg, device, height, width,
-                             num_images)
+        # 3. Encode the prompt ("" negative means diffusers' default None): each distinct (prompt, negative prompt)
+        # of its schedule once (one pair without [from:to:when]); the loop picks the step's pair in 5a
+        schedule = request.schedule
+        conds = [family.encode(pipe, prompt, negative or None, do_cfg, device, height, width, num_images)
+                 for prompt, negative in schedule.pairs]
+        cond = conds[0]
         t_encoded = time.perf_counter()
 
         # 4. Timesteps, then initial latents (scaled by the scheduler's init_noise_sigma)
@@ -164,7 +167,9 @@ def generate(
                 if request.branch is not None and i == request.branch[0]:
                     for k, g in enumerate(generators):  # a branch: the same x_t, fresh noise from here on
                         g.manual_seed(request.branch[1] + k)
-                # 5a. Guidance context and the predictions this step needs (the method says: uncond, cond, perturbed)
+                # 5a. This step's conditioning (a prompt schedule switches it), the guidance context and the
+                # predictions this step needs (the method says: uncond, cond, perturbed)
+                cond = conds[schedule.pair_index(i)]
                 sigma = sigma_at(scheduler, i, t, family.flow)
                 ctx = GuidanceContext(step=i, num_steps=num_steps, timestep=float(t), sigma=sigma)
                 names = method.needs(ctx, do_cfg)

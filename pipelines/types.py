@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from guidance.registry import validate as _validate_guidance
+from pipelines.prompts import PromptSchedule
 
 # Key of the embedded model (trained in training/, shipped in assets/models/tiny-shapes); see pipelines/registry.py.
 DEFAULT_MODEL = "tiny-shapes"
@@ -24,8 +25,8 @@ MAX_IMAGES_PER_PROMPT = 16  # a batch's upper bound; the work budget (pipelines/
 class GenerationRequest:
     """Everything that determines an image. Field names follow diffusers' `__call__` arguments."""
 
-    prompt: str  # text prompt; "" is valid (unconditional generation)
-    negative_prompt: str = ""  # "" means "none", exactly as diffusers' default negative_prompt=None
+    prompt: str  # text prompt as typed, A1111's [from:to:when] included; "" is valid (unconditional generation)
+    negative_prompt: str = ""  # as prompt; "" means "none", exactly as diffusers' default negative_prompt=None
     model: str = DEFAULT_MODEL  # registry key (pipelines/registry.py), hub id or local diffusers folder
     scheduler: str | None = None  # key of pipelines.schedulers.SCHEDULERS; None keeps the model's own scheduler
     num_inference_steps: int = 20  # denoising steps, 1..1000
@@ -41,6 +42,8 @@ class GenerationRequest:
     # Images made in one batched run; image i uses seed + i and equals the single run with that seed (AUTOMATIC1111's
     # convention; diffusers takes a list of generators), so any image of a batch can be reproduced alone.
     num_images_per_prompt: int = 1
+    # Derived, not given: the texts the encoder reads at each step, parsed from both prompts against the steps.
+    schedule: PromptSchedule = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -52,6 +55,7 @@ class GenerationRequest:
         steps = self.num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        object.__setattr__(self, "schedule", PromptSchedule.parse(self.prompt, self.negative_prompt, steps))
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
@@ -92,6 +96,7 @@ class GenerationRequest:
         """A JSON-ready dict of every field (`branch` only when set and `num_images_per_prompt` only above 1, so
         readers of older traces see what they knew)."""
         d = asdict(self) | {"guidance_params": dict(self.guidance_params)}
+        del d["schedule"]  # derived from prompt, negative_prompt and num_inference_steps
         if self.num_images_per_prompt == 1:
             del d["num_images_per_prompt"]
         if self.branch is None:

@@ -5,7 +5,8 @@ Every experiment is a generator of growing reports (pipelines/explain/). The han
 time as jobs on the app's one generation worker (so it never runs beside a main-tab run, with the torch thread
 count the model wants) and yield each partial result to the browser; Stop ends it between runs and, through the
 experiment's `cancelled` check, inside a run at the next step boundary. Each experiment is also a named API
-endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /explain_tradeoff, /explain_attention).
+endpoint (/explain_jump, /explain_branch, /explain_sweep, /explain_dissect, /explain_tradeoff, /explain_attention,
+/explain_layout).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines import explain
+from pipelines.explain.layout import cell_caption as layout_caption, column_label as layout_column
 from pipelines.outputs import save_png
+from pipelines.prompts import switch_at
 from pipelines.worker import load_here
 from pipelines.words import counted
 from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error
@@ -42,6 +45,7 @@ BRANCH_SERIES = ("diversity of the endings",)
 DISSECT_PUSH = ("‖ε_c − ε_u‖", "effective scale")
 DISSECT_MOVE = ("guided x̂0",)
 TRADEOFF_SERIES = ("adherence (judge)", "diversity")
+LAYOUT_PROMPT = "a large red [circle:triangle:WHEN] in the center"  # the layout tab's default switch
 SHOW_SIDE = 192  # gallery images are enlarged (nearest neighbour) to at least this many pixels on the server
 
 # Gallery captions below the thumbnails (as the history does), never over a small object in a corner.
@@ -50,6 +54,10 @@ STYLE = """<style>
   white-space: normal !important; font-size: 0.75em; padding: 2px 0 0 0 !important; max-width: 100% !important; }
 .explain-gallery .thumbnail-item { flex-direction: column; height: auto !important; }
 .explain-gallery img { image-rendering: pixelated; }
+#explain-layout-gallery .gallery-container, #explain-layout-gallery .grid-wrap {
+  height: auto !important; min-height: 0 !important; max-height: none !important; overflow: visible !important; }
+@media (max-width: 640px) {  /* a phone: the switch points wrap (each caption names its own) rather than scroll away */
+  #explain-layout-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)) !important; } }
 </style>"""
 
 TEXT = {
@@ -84,6 +92,13 @@ TEXT = {
                  "layout, later ones hold it on the part of the picture it names. Small words (a, the) can gather "
                  "attention too: the model may use any token as a handle. SD, SDXL, PixArt-Σ, and SD3 (the image "
                  "attending to the text in its joint attention).",
+    "layout": "**When is the layout decided?** A prompt schedule `[from:to:when]` (AUTOMATIC1111's prompt "
+              "editing) reads `from` until the switch and `to` after it. Run with the switch at several points and the "
+              "same seed, each image shows what was still open when the switch came: what the new text changes was "
+              "not decided yet, what it cannot change was. On the embedded model (20 steps, 6 seeds) position and "
+              "size are decided in the first quarter of the steps, the colour around the middle, and the outline "
+              "(circle or triangle) only in the last two: coarse before fine. Try `[in the top left:in the bottom "
+              "right:WHEN]` or `[red:blue:WHEN]`. The shapes world's judge reads each image (embedded model only).",
 }
 
 
@@ -339,6 +354,7 @@ class ExplainView:
                                                          title="adherence (judge) and diversity", x_title="guidance scale",
                                                          y_title="value", y_lim=[0, 1], height=260)
             self._attention_tab()
+            self._layout_tab()
         with gr.Accordion("Numbers of the last experiment (JSON)", open=False):
             self.numbers = gr.JSON(label="numbers")
 
@@ -835,6 +851,67 @@ class ExplainView:
         self.attention_gallery.select(self.on_attention_pick, inputs=[self.attention_state, self.attention_k],
                                       outputs=[*outputs, self.attention_word], **view)
 
+    # -- layout --------------------------------------------------------------------------------------------------
+
+    def _layout_tab(self) -> None:
+        """The "When is the layout decided?" tab: the prompt's one [from:to:when] switched at several points, a row
+        per seed, each image captioned with the judge's reading, and the words the readings support."""
+        with gr.Tab("When is the layout decided?", elem_id="explain-layout-tab"):
+            gr.Markdown(TEXT["layout"], elem_classes="step-note")
+            with gr.Row():
+                self.layout_prompt = gr.Textbox(LAYOUT_PROMPT, label="Prompt with one switch [from:to:when]", scale=3,
+                                                info="its when (a number or WHEN) is replaced by each switch point; "
+                                                     "the other settings are the main ones above",
+                                                elem_id="explain-layout-prompt")
+                self.layout_at = gr.Textbox(",".join(f"{f:g}" for f in explain.SWITCH_POINTS), scale=2,
+                                            label="Switch points (shares of the steps, 0 to 1)")
+                self.layout_seeds = StrictSlider(1, 6, value=1, step=1, label="Seeds (a row each)", scale=1)
+            with gr.Row():
+                self.layout_btn = gr.Button("Run the switch", variant="primary", scale=3)
+                self.layout_stop = gr.Button("Stop", variant="stop", scale=1)
+            self.layout_status = gr.Markdown("", elem_id="explain-layout-status")
+            self.layout_progress = progress_bar("explain-layout-progress")
+            gr.Markdown("A column per switch point (when the new text starts to be read), a row per seed; under each "
+                        "image, what the judge reads in it and whose it is: *from* (the old text) or *to* (the new).",
+                        elem_classes="step-note")
+            self.layout_gallery = gr.Gallery(label="a column per switch point", show_label=False, columns=6,
+                                             height="auto", elem_classes="explain-gallery", allow_preview=False,
+                                             elem_id="explain-layout-gallery")
+            self.layout_words = gr.Markdown("", elem_classes="step-note", elem_id="explain-layout-words")
+
+    async def run_layout(self, http: gr.Request, layout_prompt: str, layout_at: str, layout_seeds: float, **values):
+        try:
+            points = explain.parse_points(str(layout_at or ""))
+            explain.check_judge_model(values["model"])
+            values = values | {"prompt": switch_at(str(layout_prompt or ""), "0")}  # WHEN: replaced point by point
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        seeds = _whole(layout_seeds, "seeds")
+        request = await asyncio.to_thread(self._request, values)  # may load the model: off the event loop
+        files = _Files(self.app, http)
+        total = len(points) * seeds
+        yield {self.layout_status: f"Running {len(points)} switch points x {seeds} seed(s) (from seed {request.seed})…",
+               self.layout_gallery: gr.Gallery(value=[], columns=len(points)), self.layout_words: "",
+               self.layout_progress: progress_html(0, total, f"0 / {total} runs")}
+        make = lambda c: explain.layout(request, points, seeds, loader=self.app.loader, cancelled=c,  # noqa: E731
+                                        run_seconds=self.run_seconds)
+        async with contextlib.aclosing(self._stream(request, make, http)) as reports:  # closed with the handler
+            async for report in reports:
+                if (interim := _interim(report, self.layout_status, request)) is not None:
+                    yield interim
+                    continue
+                seed = (lambda c: f"seed {c.seed} · ") if seeds > 1 else (lambda c: "")  # noqa: E731
+                items = [(files(f"layout_{c.seed}_{k}", c.image),
+                          f"{seed(c)}{layout_column(c.fraction, c.switch_step)} · {layout_caption(c, report.changes)}")
+                         for c in report.cells for k in [report.fractions.index(c.fraction)]]
+                changes = ", ".join(f"{k}: {b} → {a}" for k, (b, a) in report.changes.items())
+                done = len(report.cells)
+                yield {self.layout_gallery: gr.Gallery(value=items, columns=len(points)),
+                       self.layout_words: report.words() if report.done else "", self.numbers: report.to_dict(),
+                       self.layout_progress: progress_html(done, total, f"{done} / {total} runs", _state(report.done)),
+                       self.layout_status: f"{'Done' if report.done else 'Running'}: {done} / {total} runs, seed "
+                                           f"{request.seed}; the switch changes {changes}."}
+
     # -- wiring --------------------------------------------------------------------------------------------------
 
     def wire(self) -> None:
@@ -873,6 +950,10 @@ class ExplainView:
                                              self.attention_k, self.attention_x0, self.attention_final,
                                              self.attention_gallery, self.attention_note, self.attention_progress,
                                              self.numbers]))
+        runs.append(("explain_layout", self.layout_btn, self.layout_stop, self.run_layout,
+                     dict(layout_prompt=self.layout_prompt, layout_at=self.layout_at, layout_seeds=self.layout_seeds),
+                     self.layout_status, [self.layout_status, self.layout_gallery, self.layout_words,
+                                          self.layout_progress, self.numbers]))
         self._wire_attention_view()
         jump_k = self.jump_k.release(self.gpu(self._counted(self.on_jump_k)),
                                      inputs_kwargs=dict(state=self.jump_state, k=self.jump_k),

@@ -7,6 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusers import (
+    StableDiffusion3PAGPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPAGPipeline,
+    StableDiffusionXLPipeline,
+)
+
 from guidance.registry import METHODS
 from pipelines.families import FAMILIES
 from pipelines.registry import resolve
@@ -93,9 +102,10 @@ def diffusers_script(req: GenerationRequest, *, seed: int, width: int, height: i
     if spec is not None:
         overrides = "".join(f", {k}={v!r}" for k, v in spec.overrides.items())
         lines.append(f"pipe.scheduler = {spec.cls.__name__}.from_config(pipe.scheduler.config{overrides})")
-    args = [f"prompt={req.prompt!r}"]
-    if req.negative_prompt:
-        args.append(f"negative_prompt={req.negative_prompt!r}")
+    prompt, negative = req.schedule.pairs[0]  # a prompt schedule's first texts; the callback below switches them
+    args = [f"prompt={prompt!r}"]
+    if negative:
+        args.append(f"negative_prompt={negative!r}")
     args += [
         f"num_inference_steps={req.num_inference_steps}",
         f"guidance_scale={_num(req.guidance_scale)}",
@@ -124,6 +134,11 @@ def diffusers_script(req: GenerationRequest, *, seed: int, width: int, height: i
         note = f"# Stock __call__ has no '{req.guidance}' guidance: same settings with plain CFG (a different image)."
     if family == "pixart_sigma":
         args.append("use_resolution_binning=False")
+    if req.schedule.scheduled:
+        switch, switch_args, switch_note = prompt_switch(req, family, pag)
+        lines += switch
+        args += switch_args
+        note = f"{note}\n{switch_note}" if note and switch_note else note or switch_note
     if stopped_at is not None:
         stopped = f"# The playground run was stopped at step {stopped_at}; this one runs to the end."
         note = f"{note}\n{stopped}" if note else stopped
@@ -147,3 +162,67 @@ def _num(value: float) -> str:
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)
 
+
+# What a prompt schedule's callback hands back, per family: the text tensors its stock loop reads (its
+# _callback_tensor_inputs must list them; PixArt-Σ's __call__ has no callback_on_step_end at all), and how the
+# family's encode_prompt is called for them (as pipelines/families.py calls it).
+_SWITCHED = {
+    "sd": (("prompt_embeds",), "cond, uncond = pipe.encode_prompt(prompt, pipe.device, {n}, cfg, negative)"),
+    "sdxl": (("prompt_embeds", "add_text_embeds"),
+             "cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(\n"
+             "        prompt, device=pipe.device, num_images_per_prompt={n}, do_classifier_free_guidance=cfg,\n"
+             "        negative_prompt=negative)"),
+    "sd3": (("prompt_embeds", "pooled_prompt_embeds"),
+            "cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(\n"
+            "        prompt=prompt, prompt_2=None, prompt_3=None, device=pipe.device, num_images_per_prompt={n},\n"
+            "        do_classifier_free_guidance=cfg, negative_prompt=negative, max_sequence_length=256)"),
+}
+_STOCK_CLASSES = {("sd", False): StableDiffusionPipeline, ("sd", True): StableDiffusionPAGPipeline,
+                  ("sdxl", False): StableDiffusionXLPipeline, ("sdxl", True): StableDiffusionXLPAGPipeline,
+                  ("sd3", False): StableDiffusion3Pipeline, ("sd3", True): StableDiffusion3PAGPipeline}
+
+
+def prompt_switch(req: GenerationRequest, family: str, pag: bool) -> tuple[list[str], list[str], str | None]:
+    """For a prompt schedule ([from:to:when], pipelines/prompts.py), which stock diffusers does not read: (script
+    lines defining a callback_on_step_end that hands the stock loop the next texts' embeddings at the end of the step
+    before they apply, its __call__ arguments, a note when the family's stock pipeline cannot take them)."""
+    schedule = req.schedule
+    typed = [f"# The prompt as typed: {req.prompt!r}"] + (
+        [f"# The negative prompt as typed: {req.negative_prompt!r}"] if len(schedule.negative_prompt) > 1 else [])
+    stock = _STOCK_CLASSES.get((family, pag))
+    switched, encode = _SWITCHED.get(family, ((), ""))
+    if stock is None or not set(switched) <= set(stock._callback_tensor_inputs):
+        name = stock.__name__ if stock is not None else "this family's pipeline"
+        return typed, [], (f"# Stock {name} lets no callback swap the text embeddings a prompt schedule "
+                           f"switches:\n# this runs the first texts throughout (a different image).")
+    texts = {first: schedule.pairs[index] for first, index in schedule.starts[1:]}
+    names = ("uncond", "cond") if len(switched) == 1 else ("uncond", "cond", "uncond_pooled", "pooled")
+    returned = ", ".join(f'"{name}": batched({names[2 * k]}, {names[2 * k + 1]}, cfg)'
+                         for k, name in enumerate(switched))
+    if pag:
+        batched = ['    """The text batch as the stock PAG loop builds it: [uncond, cond, cond] with CFG, [cond, cond] '
+                   'without."""', "    return torch.cat([uncond, cond, cond]) if cfg else torch.cat([cond, cond])"]
+    else:
+        batched = ['    """The text batch as the stock loop builds it: [uncond, cond] with CFG, cond alone without."""',
+                   "    return torch.cat([uncond, cond]) if cfg else cond"]
+    lines = typed + [
+        "# Stock diffusers reads no [from:to:when]: at the end of step i the callback hands the loop the embeddings",
+        "# of the texts that apply from step i + 1 (the playground's loop switches them there, as A1111 does).",
+        "switch_at = {" + ", ".join(f"{first}: ({p!r}, {n or None!r})" for first, (p, n) in texts.items()) + "}",
+        "",
+        "",
+        "def batched(uncond, cond, cfg):",
+        *batched,
+        "",
+        "",
+        "def switch_prompt(pipe, i, t, tensors):",
+        "    if i + 1 not in switch_at:",
+        "        return {}",
+        "    prompt, negative = switch_at[i + 1]",
+        "    cfg = pipe.do_classifier_free_guidance",
+        "    " + encode.format(n=req.num_images_per_prompt),
+        "    return {" + returned + "}",
+        "",
+        "",
+    ]
+    return lines, ["callback_on_step_end=switch_prompt", f"callback_on_step_end_tensor_inputs={list(switched)!r}"], None

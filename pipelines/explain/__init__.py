@@ -18,6 +18,8 @@ generate() and its StepEvents.
   only) and diversity.
 - attention: which word drew where: per-word cross-attention maps of one run (pipelines/attention.py), per step
   and for the whole run, over x̂0 and over the final image.
+- layout: when is the layout decided: the prompt's one [from:to:when] switched at several points of the
+  schedule, the same seed(s) in every column, each image read by the shapes world's judge (embedded model only).
 
 Every report has to_dict() (its numbers, JSON-ready: what the UI's JSON panel and the API return) and write(out)
 (its images, its picture from figures.py and OUT/<experiment>.json: to_dict() plus the image paths; the CLI's files).
@@ -32,11 +34,14 @@ from pipelines.explain.branch import BranchPoint, BranchReport, branch, branch_s
 from pipelines.explain.common import MAX_CELLS, MAX_RUNS, Cancelled, finish, seeded, _X0
 from pipelines.explain.dissect import DissectReport, DissectStep, dissect
 from pipelines.explain.jump import JumpReport, JumpStep, ShortRun, frame_steps, jump, kept_steps, nearest_kept
+from pipelines.explain.layout import (SWITCH_POINTS, LayoutCell, LayoutReport, judge_changes, layout, parse_points,
+                                     when_text)
 from pipelines.explain.metrics import diversity, pixels, rms, sharpness
 from pipelines.explain.sweep import AXES, Axis, SweepCell, SweepReport, parse_axis, sweep
 from pipelines.explain.tradeoff import TradeoffPoint, TradeoffReport, check_judge_model, judge_targets, tradeoff
 
-__all__ = ["AttentionReport", "AttentionStep", "attention", "attention_maps", "heat_over", "object_mask",
+__all__ = ["SWITCH_POINTS", "LayoutCell", "LayoutReport", "judge_changes", "layout", "parse_points", "when_text",
+           "AttentionReport", "AttentionStep", "attention", "attention_maps", "heat_over", "object_mask",
            "AXES", "Axis", "BranchPoint", "BranchReport", "Cancelled", "DissectReport", "DissectStep", "JumpReport",
            "JumpStep", "MAX_CELLS", "MAX_RUNS", "ShortRun", "SweepCell", "SweepReport", "TradeoffPoint",
            "TradeoffReport", "branch", "branch_seed", "check_judge_model", "dissect", "diversity", "finish",
