@@ -192,8 +192,8 @@ def prompt_switch(req: GenerationRequest, family: str, pag: bool) -> tuple[list[
     stock = _STOCK_CLASSES.get((family, pag))
     switched, encode = _SWITCHED.get(family, ((), ""))
     if stock is None or not set(switched) <= set(stock._callback_tensor_inputs):
-        name = stock.__name__ if stock is not None else "this family's pipeline"
-        return typed, [], (f"# Stock {name} lets no callback swap the text embeddings a prompt schedule "
+        name = f"Stock {stock.__name__}" if stock is not None else "The stock pipeline of this family"
+        return typed, [], (f"# {name} lets no callback swap the text embeddings a prompt schedule "
                            f"switches:\n# this runs the first texts throughout (a different image).")
     texts = {first: schedule.pairs[index] for first, index in schedule.starts[1:]}
     names = ("uncond", "cond") if len(switched) == 1 else ("uncond", "cond", "uncond_pooled", "pooled")
