@@ -14,8 +14,8 @@ from pipelines.limits import ENV_VARS
 from pipelines.loading import hub_offline, is_available_offline
 from pipelines.profile import Recommended, size_note
 from pipelines.prompts import prompt_notes as notes_on_prompt
-from pipelines.registry import MODELS, model_vocabulary, resolve
-from pipelines.requests import OWN_SCHEDULER, build_request, native_size, recommended, text_field, whole_number
+from pipelines.registry import MODELS, model_vocabulary, resolve, tier_of
+from pipelines.requests import OWN_SCHEDULER, build_request, max_batch, native_size, recommended, text_field
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.render import display_source
 from ui.sliders import StrictSlider
@@ -71,6 +71,17 @@ def known_settings(model: str, loader) -> Recommended:
         except ValueError:
             pass
     return UNKNOWN
+
+
+def batch_limit(app: Playground, model: str, steps: int) -> int:
+    """The batch slider's maximum for `model`: the largest batch its work budget allows at its native size and
+    `steps` (pipelines/requests.py max_batch; the request builder checks the batch actually asked for)."""
+    pipe = app.loader.loaded(model)
+    try:
+        side = native_size(model, pipe) if pipe is not None or model in MODELS else 512
+    except (KeyError, ValueError):
+        side = 512
+    return max_batch(tier_of(model, pipe), app.loader.device.type, side, steps, app.limits)
 
 
 def guidance_range(recommended_scale: float) -> tuple[float, float]:
@@ -145,6 +156,10 @@ class Controls:
                 # ♻ (A1111's habit): the last run's seed back in the box, Random seed unticked (ui/pnginfo.py wires it)
                 self.reuse_seed_btn = gr.Button("♻", size="lg", scale=0, min_width=48, elem_id="reuse-seed")
                 self.randomize_seed = gr.Checkbox(value=True, label="Random seed", scale=1, min_width=110)
+            self.num_images_per_prompt = StrictSlider(
+                1, batch_limit(app, model0, rec.num_inference_steps), value=1, step=1, label="Batch size",
+                elem_id="batch-size", info="images per click, in one batched run; image i uses seed + i, so each can "
+                                           "be made again alone")
             with gr.Row():
                 self.width = StrictSlider(0, MAX_SIDE, value=0, step=8, label="Width", info="0 = the model's size")
                 self.height = StrictSlider(0, MAX_SIDE, value=0, step=8, label="Height", info="0 = the model's size")
@@ -162,7 +177,8 @@ class Controls:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, model=self.model, scheduler=self.scheduler,
                     num_inference_steps=self.num_inference_steps, guidance=self.guidance,
                     guidance_scale=self.guidance_scale, seed=self.seed, randomize_seed=self.randomize_seed,
-                    width=self.width, height=self.height, x0_preview=self.x0_preview, **self.param_sliders)
+                    width=self.width, height=self.height, x0_preview=self.x0_preview,
+                    num_images_per_prompt=self.num_images_per_prompt, **self.param_sliders)
 
     def request(self, values: dict[str, Any]) -> tuple[GenerationRequest, str]:
         """Widget values (as `inputs` names them) -> (validated request, x̂0 preview choice); ValueError if refused."""
@@ -175,6 +191,7 @@ class Controls:
             seed=None if values["randomize_seed"] or values["seed"] is None else values["seed"],
             width=values["width"], height=values["height"], guidance=method,
             guidance_params=self.changed_params(method, values), limits=self.app.limits,
+            num_images_per_prompt=values.get("num_images_per_prompt"),
         )
         return request, values.get("x0_preview") or "auto"
 
@@ -211,7 +228,7 @@ class Controls:
             text = f"⚠️ {offline_hint(model)}  \n{text}"
         return text
 
-    def prompt_notes(self, prompt: str, negative_prompt: str, model: str, num_inference_steps: Any = None) -> str:
+    def prompt_notes(self, prompt: str, negative_prompt: str, model: str) -> str:
         try:  # the prompt cap before anything reads the text (a 10-million-character prompt took 8 s and 1.3 GB)
             var = ENV_VARS["max_prompt_chars"]
             prompt = text_field("prompt", prompt, self.app.limits.max_prompt_chars, var)
@@ -224,9 +241,7 @@ class Controls:
         if pipe is None and model == DEFAULT_MODEL and self.app.missing_embedded(model) is None:
             pipe = self.app.loader.get(model)  # the embedded model loads in under a second: worth it for the notes
         try:
-            steps = whole_number("num_inference_steps", num_inference_steps) if num_inference_steps else None
-            notes = notes_on_prompt(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model),
-                                    steps=steps if steps and 1 <= steps <= MAX_STEPS else None)  # the schedule's steps
+            notes = notes_on_prompt(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model))
         except ValueError as e:
             notes = [str(e)]
         return "  \n".join(f"ℹ️ {n}" for n in notes)
@@ -249,6 +264,8 @@ class Controls:
                     self.guidance_scale: gr.Slider(lo, hi, value=rec.guidance_scale), self.guidance: rec.guidance}
             out |= {self.param_sliders[f"{rec.guidance}__{k}"]: v for k, v in rec.guidance_params.items()}
             out |= self.on_method(rec.guidance)
+        out[self.num_images_per_prompt] = gr.Slider(1, batch_limit(self.app, model_value, rec.num_inference_steps),
+                                                    value=1)
         return out
 
     def on_method(self, method: str) -> dict:
@@ -261,7 +278,7 @@ class Controls:
     def wire(self) -> None:
         self.model.input(self.on_model, inputs_kwargs=dict(model_value=self.model),
                          outputs=[self.scheduler, self.model_note, self.width, self.height, self.size_note,
-                                  self.num_inference_steps,
+                                  self.num_inference_steps, self.num_images_per_prompt,
                                   self.guidance_scale, self.guidance, self.method_note, *self.param_groups.values(),
                                   *self.param_sliders.values()], api_visibility="private")
         for side in (self.width, self.height):  # release: the box left or the handle let go, in range (ui/sliders.py)
@@ -271,11 +288,10 @@ class Controls:
         self.guidance.change(self.on_method, inputs_kwargs=dict(method=self.guidance),
                              outputs=[self.method_note, *self.param_groups.values()], api_visibility="private")
         notes = dict(fn=self.prompt_notes, inputs_kwargs=dict(prompt=self.prompt, negative_prompt=self.negative_prompt,
-                                                               model=self.model,
-                                                               num_inference_steps=self.num_inference_steps),
+                                                               model=self.model),
                      outputs=[self.prompt_note], show_progress="hidden", trigger_mode="always_last",
                      api_visibility="private", concurrency_id="notes", concurrency_limit=2)  # queued, bounded
-        for widget in (self.prompt, self.negative_prompt, self.model, self.num_inference_steps):  # steps: a schedule's
+        for widget in (self.prompt, self.negative_prompt, self.model):
             widget.change(**notes)
 
     def restore(self, req: dict[str, Any], seed: int | None) -> dict:
@@ -286,6 +302,7 @@ class Controls:
             self.num_inference_steps: req.get("num_inference_steps", 20), self.guidance_scale: req.get("guidance_scale", 7.5),
             self.guidance: req.get("guidance", "cfg"), self.seed: seed, self.randomize_seed: False,
             self.width: req.get("width") or 0, self.height: req.get("height") or 0,
+            self.num_images_per_prompt: req.get("num_images_per_prompt") or 1,
         }
         if model in self.app.models:
             out[self.model] = model
@@ -305,7 +322,7 @@ class Controls:
     def restore_outputs(self) -> list:
         return [self.prompt, self.negative_prompt, self.model, self.model_note, self.scheduler, self.num_inference_steps,
                 self.guidance_scale, self.guidance, self.seed, self.randomize_seed, self.width, self.height, self.size_note,
-                self.method_note, *self.param_sliders.values(), *self.param_groups.values()]
+                self.num_images_per_prompt, self.method_note, *self.param_sliders.values(), *self.param_groups.values()]
 
 
 def offline_hint(model: str) -> str:

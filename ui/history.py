@@ -20,7 +20,7 @@ from pipelines.errors import client_message
 from pipelines.outputs import Trace
 from pipelines.types import GenerationRequest
 from pipelines.words import counted
-from ui.live import final_caption
+from ui.live import batch_gallery, final_caption
 from ui.render import diffusers_script
 from ui.state import Playground
 
@@ -42,8 +42,10 @@ def caption(trace: Trace) -> str:
     method = req.get("guidance") or "cfg"
     guidance = f"CFG {req.get('guidance_scale', 0):g}" if method == "cfg" else f"{method} {req.get('guidance_scale', 0):g}"
     stopped = " · stopped" if trace.cancelled else ""
+    n = len(trace.images)
+    seed = f"seed {trace.seed}" if n == 1 else f"{n} images · seeds {trace.seed}–{trace.seed + n - 1}"
     steps = counted(req.get("num_inference_steps"), "step")
-    return f"{prompt} · {trace.scheduler} · {steps} · {guidance} · seed {trace.seed}{stopped}"
+    return f"{prompt} · {trace.scheduler} · {steps} · {guidance} · {seed}{stopped}"
 
 
 def history(outputs_dir: Path, limit: int = HISTORY_LIMIT) -> list[tuple[str, str]]:
@@ -238,6 +240,7 @@ class HistoryView:
                                 f"{client_message(e, self.app.outputs_dir)}")
         req = request_dict(trace)
         out = controls.restore(req, trace.seed)
+        out[live.batch] = batch_gallery(folder, tuple(trace.seed + i for i in range(len(trace.images))))
         out |= {live.final_image: str(folder / "image.png"), live.run_id: folder.name, live.progress: "",
                 live.cap_final: final_caption(trace.cancelled, len(trace.steps)),
                 live.status: f"Restored the settings of run `{folder.name}` (seed {trace.seed}); press Generate to rerun."}

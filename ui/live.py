@@ -22,6 +22,7 @@ import pandas as pd  # a Gradio dependency
 
 from pipelines.errors import client_message
 from pipelines.explain.common import seeded
+from pipelines.outputs import image_name
 from pipelines.types import GenerationResult, StepEvent
 from pipelines.words import counted
 from ui.render import diffusers_code
@@ -76,6 +77,9 @@ class LiveView:
             self.live_x0, self.cap_x0 = captioned_image("Predicted x̂0", 200, elem_id="live-x0")
             self.final_image, self.cap_final = captioned_image(FINAL_CAPTION, 200, elem_id="final-image", type="filepath",
                                                                buttons=["download", "fullscreen"])
+        # A batch's images, image i from seed + i, each PNG with the request that makes it alone (hidden for one).
+        self.batch = gr.Gallery(visible=False, label="Batch", columns=8, fit_columns=False, height="auto", object_fit="contain",
+                                allow_preview=True, type="filepath", elem_id="batch", elem_classes="pixelated")
         with gr.Group(visible=False) as self.scrub_group:
             self.scrub = StrictSlider(1, 2, value=1, step=1, label="Scrub through the steps", elem_id="scrub")
             self.step_info = gr.Markdown(elem_id="step-info")
@@ -113,6 +117,7 @@ class LiveView:
         """What `after_run` fills in once the image is shown."""
         return [self.scrub_group, self.scrub, self.step_info, self.scrub_latents, self.scrub_x0, self.scrub_cond,
                 self.scrub_uncond, self.scrub_delta, self.steps_table, self.sigma_plot, self.delta_plot, self.code,
+                self.batch,
                 self.cap_s_latents, self.cap_s_x0, self.cap_s_cond, self.cap_s_uncond]
 
     @property
@@ -122,7 +127,7 @@ class LiveView:
                 self.scrub, self.step_info, self.scrub_latents, self.scrub_x0, self.scrub_cond, self.scrub_uncond,
                 self.scrub_delta, self.steps_table, self.sigma_plot, self.delta_plot, self.code, self.run_id,
                 self.cap_latents, self.cap_x0, self.cap_s_latents, self.cap_s_x0, self.cap_s_cond, self.cap_s_uncond,
-                self.cap_final, self.progress]
+                self.cap_final, self.progress, self.batch]
 
     def cleared(self, status: str) -> dict:
         """Every preview emptied (nothing stale from the last run stays on screen) and `status` shown."""
@@ -237,16 +242,17 @@ class LiveView:
                 self.live_x0: app.render(run, step, "x0_live")}
 
     def hide_scrubber(self) -> dict:
-        return {self.scrub_group: gr.Group(visible=False)}
+        """As a run starts: the last run's scrubber and batch go at once."""
+        return {self.scrub_group: gr.Group(visible=False), self.batch: gr.Gallery(visible=False)}
 
     def after_run(self, rid: str) -> dict:
         """After the stream: the scrubber, plots and code of run `rid` (hidden when there is none, e.g. an error)."""
         run = self.app.runs.get(rid)
         out = {c: gr.skip() for c in self.after_outputs}
         if run is None or run.result is None or not run.steps:
-            return out | {self.scrub_group: gr.Group(visible=False), self.code: ""}
+            return out | {self.scrub_group: gr.Group(visible=False), self.code: "", self.batch: gr.Gallery(visible=False)}
         code = diffusers_code(run.result, run.previewer.pipe.dtype, self.app.loader.device.type)
-        return out | self.scrub_panel(run) | {self.code: code}
+        return out | self.scrub_panel(run) | {self.code: code, self.batch: batch_gallery(run.folder, run.result.seeds)}
 
     def stop(self, session: str | None) -> dict:
         """Cancel this session's run at the next step boundary, then show what it made so far."""
@@ -258,7 +264,8 @@ class LiveView:
         if run.error is not None or run.result is None:
             return self.cleared(f"Stopped. {error_text(run.error, self.app.outputs_dir) if run.error else ''}".strip())
         return self.finished(run, run.result) | self.scrubber(run) | {
-            self.code: diffusers_code(run.result, run.previewer.pipe.dtype, self.app.loader.device.type)}
+            self.code: diffusers_code(run.result, run.previewer.pipe.dtype, self.app.loader.device.type),
+            self.batch: batch_gallery(run.folder, run.result.seeds)}
 
     def on_scrub(self, step: float, rid: str) -> dict:
         run = self.app.runs.get(rid)
@@ -317,17 +324,29 @@ def final_caption(cancelled: bool, steps_completed: int) -> str:
     return f"Stopped at step {steps_completed} — x̂0 shown"
 
 
+def batch_gallery(folder, seeds) -> dict | Any:
+    """The batch gallery for a run folder whose images have `seeds` (image i: seed + i): shown for a batch, hidden
+    for one image (the final panel shows it)."""
+    if len(seeds) < 2:
+        return gr.Gallery(visible=False)
+    return gr.Gallery([(str(folder / image_name(i)), f"{i + 1} · seed {s}") for i, s in enumerate(seeds)],
+                      visible=True, label=f"Batch: {len(seeds)} images, image i uses seed + i (each PNG alone "
+                                          f"reproduces it)")
+
+
 def finished_status(run: Run, result: GenerationResult) -> str:
     """The status line once the image exists (done, or stopped and why)."""
     t = result.timings
     rate = result.steps_completed / t.denoise if t.denoise > 0 else 0.0
     what = (f"Stopped at step {result.steps_completed} of {result.num_steps}" if result.cancelled
             else f"Done: {counted(result.steps_completed, 'step')}")
+    seeds = result.seeds
+    seed = f"seed {result.seed}" if len(seeds) == 1 else f"{len(seeds)} images, seeds {seeds[0]}–{seeds[-1]}"
     if result.cancelled and run.time_limit is not None and run.time_limit.expired:
         what += (f" (runs here may take at most {run.time_limit.seconds:g} s; the server's "
                  f"PLAYGROUND_MAX_RUN_SECONDS sets it)")
     return (f"{what} in {t.denoise:.2f} s ({rate:.1f} it/s), {result.width}×{result.height}, "
-            f"{result.scheduler}, seed {result.seed}. Saved as run `{run.run_id}`.")
+            f"{result.scheduler}, {seed}. Saved as run `{run.run_id}`.")
 
 
 def live_steps(app: Playground, run: Run, render: Callable[[StepEvent], T]) -> Iterator[int | tuple[StepEvent, T]]:
