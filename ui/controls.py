@@ -15,7 +15,8 @@ from pipelines.loading import hub_offline, is_available_offline
 from pipelines.profile import Recommended, size_note
 from pipelines.prompts import prompt_notes as notes_on_prompt
 from pipelines.registry import MODELS, model_vocabulary, resolve, tier_of
-from pipelines.requests import OWN_SCHEDULER, build_request, max_batch, native_size, recommended, text_field
+from pipelines.requests import (OWN_SCHEDULER, build_request, max_batch, native_size, recommended, text_field,
+                                whole_number)
 from pipelines.types import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.render import display_source
 from ui.sliders import StrictSlider
@@ -228,7 +229,7 @@ class Controls:
             text = f"⚠️ {offline_hint(model)}  \n{text}"
         return text
 
-    def prompt_notes(self, prompt: str, negative_prompt: str, model: str) -> str:
+    def prompt_notes(self, prompt: str, negative_prompt: str, model: str, num_inference_steps: Any = None) -> str:
         try:  # the prompt cap before anything reads the text (a 10-million-character prompt took 8 s and 1.3 GB)
             var = ENV_VARS["max_prompt_chars"]
             prompt = text_field("prompt", prompt, self.app.limits.max_prompt_chars, var)
@@ -241,7 +242,9 @@ class Controls:
         if pipe is None and model == DEFAULT_MODEL and self.app.missing_embedded(model) is None:
             pipe = self.app.loader.get(model)  # the embedded model loads in under a second: worth it for the notes
         try:
-            notes = notes_on_prompt(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model))
+            steps = whole_number("num_inference_steps", num_inference_steps) if num_inference_steps else None
+            notes = notes_on_prompt(pipe, prompt or "", negative_prompt or "", vocabulary=model_vocabulary(model),
+                                    steps=steps if steps and 1 <= steps <= MAX_STEPS else None)  # the schedule's steps
         except ValueError as e:
             notes = [str(e)]
         return "  \n".join(f"ℹ️ {n}" for n in notes)
@@ -288,10 +291,11 @@ class Controls:
         self.guidance.change(self.on_method, inputs_kwargs=dict(method=self.guidance),
                              outputs=[self.method_note, *self.param_groups.values()], api_visibility="private")
         notes = dict(fn=self.prompt_notes, inputs_kwargs=dict(prompt=self.prompt, negative_prompt=self.negative_prompt,
-                                                               model=self.model),
+                                                               model=self.model,
+                                                               num_inference_steps=self.num_inference_steps),
                      outputs=[self.prompt_note], show_progress="hidden", trigger_mode="always_last",
                      api_visibility="private", concurrency_id="notes", concurrency_limit=2)  # queued, bounded
-        for widget in (self.prompt, self.negative_prompt, self.model):
+        for widget in (self.prompt, self.negative_prompt, self.model, self.num_inference_steps):  # steps: a schedule's
             widget.change(**notes)
 
     def restore(self, req: dict[str, Any], seed: int | None) -> dict:
