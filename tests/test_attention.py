@@ -137,6 +137,17 @@ def test_a_batch_maps_its_first_image(tiny_loader):
     assert not np.allclose(batch.total, other.total, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [5.0, 1.0])
+def test_with_a_perturbed_pass_the_maps_are_the_conditional_ones(tiny_loader, scale):
+    """PAG batches [uncond, cond, perturbed] (with CFG) or [cond, perturbed]: the probes read the cond row. At the
+    first step every run of a seed starts from the same x_T, so the maps there equal a plain run's; the perturbed
+    row (its self-attention the identity) attends to the words differently."""
+    plain = explain.attention_maps(tiny_request("sd", guidance_scale=scale), loader=tiny_loader)
+    pag = explain.attention_maps(tiny_request("sd", guidance_scale=scale, guidance="pag"), loader=tiny_loader)
+    np.testing.assert_allclose(pag.steps[0].maps, plain.steps[0].maps, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(pag.total, plain.total, rtol=1e-4)  # the runs part after the first step
+
+
 def test_a_traced_unet_never_bypasses_the_probes():
     """A TorchScript trace records one pass of the UNet and replays it without Python, so processors installed after
     it was made never run. Made while the probes are installed (a fresh loader whose first run maps attention) it
