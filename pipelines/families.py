@@ -266,6 +266,9 @@ class PixArtSigmaFamily(Family):
     def guidance_blocks(self, pipe):
         return _stack_blocks(pipe.transformer.transformer_blocks)
 
+    def _pag_attention(self, pipe):
+        return _dit_pag_attention(self, pipe)
+
     def denoiser(self, pipe):
         return pipe.transformer
 
@@ -308,6 +311,9 @@ class SD3Family(Family):
 
     def guidance_blocks(self, pipe):
         return _stack_blocks(pipe.transformer.transformer_blocks)
+
+    def _pag_attention(self, pipe):
+        return _dit_pag_attention(self, pipe)
 
     def pag_processors(self):
         return PAGCFGJointAttnProcessor2_0(), PAGJointAttnProcessor2_0()
@@ -366,6 +372,15 @@ def _stack_blocks(blocks: torch.nn.ModuleList) -> list[torch.nn.Module]:
     return [blocks[len(blocks) // 2]]
 
 
+def _dit_pag_attention(family: Family, pipe: Any) -> list[torch.nn.Module]:
+    """PAG's layers in a DiT: diffusers' default (blocks.1), or in a one-block model, which has none, its only block's
+    self-attention (the block guidance_blocks picks there too)."""
+    blocks = pipe.transformer.transformer_blocks
+    if len(blocks) > 1:
+        return Family._pag_attention(family, pipe)
+    return [m for m in blocks[0].modules() if isinstance(m, Attention) and not m.is_cross_attention]
+
+
 @dataclass(frozen=True)
 class PerturbedPass:
     """What one run's perturbation touches, resolved once; install() perturbs one batched model call."""
@@ -383,11 +398,14 @@ class PerturbedPass:
         if kind == "identity_attention":
             if chunks not in (2, 3):
                 raise ValueError(f"PAG's processors take a batch of 2 or 3 parts, got {chunks}")
-            processor = self.pag_processors[0 if chunks == 3 else 1]
+            # The family's processors on joint (text+image) attention; SD3.5's second, image-only self-attention
+            # (attn2 of its dual-attention blocks) takes the plain ones, as a UNet's does
+            plain = (PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0())
             originals = [(m, m.processor) for m in self.modules]
             try:
                 for module, _ in originals:
-                    module.set_processor(processor)
+                    joint = getattr(module, "added_kv_proj_dim", None) is not None
+                    module.set_processor((self.pag_processors if joint else plain)[0 if chunks == 3 else 1])
                 yield
             finally:
                 for module, original in originals:

@@ -420,3 +420,36 @@ def test_perturbed_methods_keep_cond_and_uncond_unperturbed_for_the_dissection(t
         first, ref = observer.events[i], plain.events[i]
         torch.testing.assert_close(first.denoised_cond, ref.denoised_cond, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(first.denoised_uncond, ref.denoised_uncond, rtol=1e-5, atol=1e-5)
+
+
+def _sd3_shaped(**transformer: object):
+    """The tiny SD3 pipeline with another transformer: one block, or SD3.5's dual attention and qk-norm."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    config = dict(sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                  caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    return StableDiffusion3Pipeline(**(tiny_pipeline("sd3").components
+                                       | {"transformer": SD3Transformer2DModel(**(config | transformer))}))
+
+
+@pytest.mark.parametrize("shape", [{"num_layers": 1},
+                                   {"num_layers": 12, "dual_attention_layers": (0, 1, 8), "qk_norm": "rms_norm"}])
+def test_perturbed_methods_run_on_other_sd3_shapes(shape):
+    """A one-block SD3 (no diffusers default PAG layer: its only block) and an SD3.5-shaped one (blocks 7-9, one with
+    a second, image-only self-attention that takes the plain PAG processor)."""
+    from pipelines.loading import ModelLoader
+
+    pipe = _sd3_shaped(**shape)
+    blocks = FAMILIES["sd3"].guidance_blocks(pipe)
+    stack = list(pipe.transformer.transformer_blocks)
+    assert [stack.index(b) for b in blocks] == ([0] if shape["num_layers"] == 1 else [7, 8, 9])
+    loader = ModelLoader(device="cpu")
+    loader.add("sd3_shape", pipe)
+    base = dict(prompt="a red circle", model="sd3_shape", num_inference_steps=3, guidance_scale=5.0, seed=2,
+                width=32, height=32, guidance_params={})
+    plain = generate(GenerationRequest(**base, guidance="cfg"), loader=loader)
+    for key in ("pag", "slg", "seg", "autoguidance"):
+        params = {"skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0} if key == "slg" else {}
+        result = generate(GenerationRequest(**(base | {"guidance_params": params}), guidance=key), loader=loader)
+        assert torch.isfinite(result.latents).all() and not torch.equal(result.latents, plain.latents), key
