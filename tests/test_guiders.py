@@ -453,3 +453,22 @@ def test_perturbed_methods_run_on_other_sd3_shapes(shape):
         params = {"skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0} if key == "slg" else {}
         result = generate(GenerationRequest(**(base | {"guidance_params": params}), guidance=key), loader=loader)
         assert torch.isfinite(result.latents).all() and not torch.equal(result.latents, plain.latents), key
+
+
+def test_sweep_and_dissection_cover_every_method(tiny_loader):
+    """The sweep's guidance axis takes every registered method; the dissection splits cond / uncond right for a
+    method with a perturbed pass (its cond x̂0 is the one generate() hands on, not the perturbed one)."""
+    from pipelines import explain
+
+    base = GenerationRequest(prompt="a red circle", model="sd3", num_inference_steps=2, guidance_scale=5.0, seed=6,
+                             width=TINY_SIZE["sd3"], height=TINY_SIZE["sd3"])
+    axis = explain.parse_axis("guidance=" + ",".join(registry.METHODS))
+    report = explain.finish(explain.sweep(base, axis, loader=tiny_loader))
+    assert [c.request.guidance for c in report.cells] == list(registry.METHODS)
+    assert all(c.result.steps_completed == 2 for c in report.cells)
+    req = GenerationRequest(**(base.to_dict() | {"guidance": "pag", "guidance_params": {}}))
+    dissection = explain.finish(explain.dissect(req, loader=tiny_loader))
+    observer = CollectingObserver()
+    generate(req, observer, loader=tiny_loader)
+    assert all(s.guided and s.x0_cond is not None for s in dissection.steps)
+    assert [s.guidance_delta_norm for s in dissection.steps] == [e.guidance_delta_norm for e in observer.events]
