@@ -127,6 +127,23 @@ def test_every_family_gives_a_map_per_word_and_step_and_the_same_image(tiny_load
     assert report.word_map("red").shape == (32, 32) and report.overlay("circle", 1).shape == (32, 32, 3)
 
 
+def test_a_switched_word_has_maps_only_on_the_steps_that_read_it(tiny_loader):
+    """[from:to:when] (pipelines/prompts.py): "circle" is read on loop iterations 0..3 of 6 (when 0.5: int(0.5 · 6)
+    = 3, as A1111), "triangle" from 4 on; each has maps exactly there, and the words around them throughout."""
+    request = tiny_request("sd", prompt="a red [circle:triangle:0.5] on a blue background", scheduler="ddim",
+                           num_inference_steps=6)
+    report = explain.attention_maps(request, loader=tiny_loader)
+    assert [w.text for w in report.words] == ["a", "red", "circle", "triangle", "on", "a", "blue", "background"]
+    mass = np.stack([s.maps.reshape(len(report.words), -1).sum(1) for s in report.steps])  # (steps, words)
+    assert (mass[:4, 2] > 0).all() and (mass[4:, 2] == 0).all()
+    assert (mass[:4, 3] == 0).all() and (mass[4:, 3] > 0).all()
+    assert (mass[:, [0, 1, 4, 5, 6, 7]] > 0).all()
+    numbers = report.to_dict()
+    assert numbers["segments"] == [{"first_step": 0, "text": "a red circle on a blue background"},
+                                   {"first_step": 4, "text": "a red triangle on a blue background"}]
+    assert [w["segments"] for w in numbers["words"]][1:4] == [[0, 1], [0], [1]]
+
+
 def test_a_batch_maps_its_first_image(tiny_loader):
     """Image 0 of a batch is the single run with the batch's seed (pipelines/generate.py), and so are its maps: the
     probes read the first image's conditional row, not the unconditional one or another image's."""

@@ -189,7 +189,7 @@ def attention(request: GenerationRequest, *, loader: ModelLoader, cancelled: Can
     request = seeded(request)
     pipe, _ = loader.view(request.model, request.scheduler)
     family = family_of(pipe)
-    read = run_words(pipe, family, [(0, request.prompt)])
+    read = run_words(pipe, family, [(segment.first, segment.text) for segment in request.schedule.prompt])
     height, width = resolve_size(request, pipe, family)
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params,
