@@ -71,7 +71,15 @@ def fdg(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scales: tup
         parallel_weight: float = PARALLEL_WEIGHT) -> torch.Tensor:
     """CFG per Laplacian band k (finest first): ε̃_k = ε_u,k + w_k·Δ_k, Δ_k = w_∥·Δ∥ + Δ⊥ (w.r.t. ε_c,k); then invert.
 
-    A band whose w_k is 1 keeps ε_c,k, as diffusers does."""
+    A band whose w_k is 1 keeps ε_c,k, as diffusers does. A latent whose sides the pyramid cannot halve is padded by
+    reflection to the next size it can, and the result cropped back (diffusers' guider fails on those sizes)."""
+    height, width = pred_cond.shape[-2:]
+    stride = 1 << (len(guidance_scales) - 1)
+    pad = (0, -width % stride, 0, -height % stride)
+    if any(pad):
+        guided = fdg(F.pad(pred_cond, pad, mode="reflect"), F.pad(pred_uncond, pad, mode="reflect"), guidance_scales,
+                     parallel_weight)
+        return guided[..., :height, :width]
     cond_bands = laplacian_pyramid(pred_cond, len(guidance_scales))
     uncond_bands = laplacian_pyramid(pred_uncond, len(guidance_scales))
     guided = []

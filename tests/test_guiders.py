@@ -190,6 +190,15 @@ def test_fdg_band_at_scale_one_keeps_the_cond_band():
     torch.testing.assert_close(ours_at(at_one, p, 0), ours_at(near_one, p, 0))
 
 
+def test_fdg_takes_odd_latent_sides():
+    """Padded by reflection for the pyramid and cropped back: guided where the bands differ, CFG where all agree."""
+    p = _preds((1, 4, 15, 9))
+    guided = ours_at(registry.create("fdg", 6.0, {"guidance_scale_low": 2.0}), p, 0)
+    assert guided.shape == p["cond"].shape and torch.isfinite(guided).all()
+    as_cfg = ours_at(registry.create("fdg", 6.0, {"guidance_scale_low": 6.0}), p, 0)
+    torch.testing.assert_close(as_cfg, p["uncond"] + 6.0 * (p["cond"] - p["uncond"]), rtol=1e-4, atol=1e-4)
+
+
 def test_laplacian_pyramid_inverts_and_refuses_odd_sizes():
     x = torch.randn(1, 4, 16, 8)
     torch.testing.assert_close(image_from_pyramid(laplacian_pyramid(x, 3)), x)
