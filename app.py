@@ -16,6 +16,7 @@ except ImportError:
     def gpu(fn):
         return fn
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,7 @@ from ui.controls import KEYS_JS, Controls
 from ui.explain import EXPERIMENT_IMAGE_BYTES, ExplainView
 from ui.history import LEGACY_KEY_FILE, HistoryView, key_file as history_key_file
 from ui.live import LiveView, generate_handler
+from ui.mcp import TOOLS as MCP_TOOLS, McpClientTag
 from ui.pnginfo import UPLOADS as PNG_UPLOADS, PngInfoView
 from ui.sliders import HEAD as SLIDERS_HEAD
 from ui.state import Playground
@@ -47,11 +49,13 @@ ROOT = Path(__file__).resolve().parent
 
 class _Blocks(gr.Blocks):
     """gr.Blocks whose launch() brings the playground's CSS, theme and keyboard shortcuts, serves the outputs folder,
-    keeps the history key out of reach and refuses uploads beyond `uploads` (UploadGate)."""
+    keeps the history key out of reach, refuses uploads beyond `uploads` (UploadGate) and, with `mcp`, serves the
+    tools of ui/mcp.py over MCP (Gradio's MCP server, at /gradio_api/mcp) to each caller under its own limits."""
 
     outputs_dir: Path
     uploads: UploadLimits = NO_UPLOADS  # what Gradio's upload route may take
     playground: Playground  # set by build_demo
+    mcp: bool = False  # launch()'s default for mcp_server (build_demo's `mcp`)
 
     def launch(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         kwargs.setdefault("css", CSS)
@@ -74,6 +78,13 @@ class _Blocks(gr.Blocks):
         app_kwargs = dict(kwargs.get("app_kwargs") or {})
         gate = Middleware(UploadGate, limits=self.uploads, trusted_proxy_hops=self.playground.trusted_proxy_hops)
         app_kwargs["middleware"] = [*(app_kwargs.get("middleware") or []), gate]
+        kwargs.setdefault("mcp_server", self.mcp)
+        if kwargs["mcp_server"]:
+            # Gradio calls a tool through a loopback client from 127.0.0.1: the tag carries the MCP caller's own
+            # address to the admission (ui/mcp.py).
+            app_kwargs["middleware"].append(Middleware(McpClientTag, key=self.playground.mcp_key,
+                                                       trusted_proxy_hops=self.playground.trusted_proxy_hops))
+            app_kwargs["lifespan"] = self._mcp_tools(app_kwargs.get("lifespan"))
         kwargs["app_kwargs"] = app_kwargs
         # Run files are written once (atomically) and never changed, so Gradio may serve them where they are: a
         # copy into its cache per streamed preview cost ~6 ms of the server's Python, taken from the loop.
@@ -85,6 +96,25 @@ class _Blocks(gr.Blocks):
         # uvicorn when launch() builds its server.
         os.environ["FORWARDED_ALLOW_IPS"] = ""
         return super().launch(*args, **kwargs)
+
+    def _mcp_tools(self, lifespan: Callable | None) -> Callable:
+        """A lifespan that, once Gradio has built its MCP server and before the server takes a request, keeps only
+        ui/mcp.py's TOOLS, under their names (Gradio would offer every public endpoint, named after its handler:
+        run_api, run_api_stream, run_jump, ...). Tool listing, /gradio_api/mcp/schema and tool calls all read
+        this one map."""
+        @contextlib.asynccontextmanager
+        async def tools(app: Any):
+            server = self.mcp_server_obj
+            if server is not None:
+                offered = set(server.tool_to_endpoint.values())
+                # On a Space Gradio prefixes each tool with the Space's name, so an agent can tell two Spaces apart.
+                server.tool_to_endpoint = {server.tool_prefix + name: e for name, e in MCP_TOOLS.items()
+                                           if e in offered}
+            async with contextlib.AsyncExitStack() as stack:
+                if lifespan is not None:
+                    await stack.enter_async_context(lifespan(app))
+                yield
+        return tools
 
 
 def default_loader(models: list[str], limits: Limits | None = None) -> ModelLoader:
@@ -117,6 +147,7 @@ def build_demo(
     experiment_image_bytes: int = EXPERIMENT_IMAGE_BYTES,
     gpu: Callable[[Callable], Callable] = gpu,
     trusted_proxy_hops: int = 0,
+    mcp: bool = True,
 ) -> gr.Blocks:
     """The playground page. `models` is the allow-list (default: the embedded model, the curated hub list and
     PLAYGROUND_EXTRA_MODELS); `default_model` the initial choice (default: PLAYGROUND_DEFAULT_MODEL or the
@@ -128,7 +159,8 @@ def build_demo(
     `shared_history` shows every visitor everyone's runs (default: each browser sees its own);
     `experiment_image_bytes` the decoded x̂0 images one Explain-lab jump or dissection keeps in memory; `gpu` the
     decorator of every handler that runs the model (spaces.GPU on ZeroGPU, else none); `trusted_proxy_hops` how many
-    proxies in front of the server append to X-Forwarded-For (0: the client is the TCP peer; ui/clients.py)."""
+    proxies in front of the server append to X-Forwarded-For (0: the client is the TCP peer; ui/clients.py); `mcp`
+    whether launch() also serves /generate and /png_info as MCP tools (ui/mcp.py; PLAYGROUND_MCP=0 turns it off)."""
     limits = limits or Limits()
     if models is None:  # heavy hub models only where the hardware can run them (Limits.heavy_allowed)
         device = loader.device.type if loader is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +180,7 @@ def build_demo(
     with _Blocks(title="Diffusion playground", delete_cache=(3600, 86400)) as demo:
         demo.outputs_dir = outputs_dir
         demo.playground = app  # tests and benchmarks reach the worker through it
+        demo.mcp = mcp
         gr.Markdown("## Diffusion playground\nType a prompt, pick a model, scheduler and guidance, and watch the "
                     "image form: the noisy latents x_t and the model's guess of the clean image x̂0 at every step.")
         with gr.Row(equal_height=False, elem_id="main-row"):
@@ -186,7 +219,7 @@ def build_demo(
         submit_event = controls.prompt.submit(run_ui, api_visibility="private", **common)
         submit_event.then(**then)
         for trigger in (controls.generate_btn.click, controls.prompt.submit):  # the last run's scrubber goes at once
-            trigger(live.hide_scrubber, outputs=[live.scrub_group, live.batch], queue=False, show_progress="hidden",
+            trigger(live.hide_scrubber, outputs=[live.scrub_group], queue=False, show_progress="hidden",
                     api_visibility="private")
         outputs = [*live.outputs, controls.seed, history.gallery, history.folders, history.mine]
 
@@ -220,10 +253,14 @@ if __name__ == "__main__":
     if not hops.isdigit():
         raise SystemExit(f"error: PLAYGROUND_TRUSTED_PROXY_HOPS must be a whole number >= 0 (how many proxies in front "
                          f"of the server append to X-Forwarded-For; 1 on a Hugging Face Space), got {hops!r}")
+    mcp = os.environ.get("PLAYGROUND_MCP") or "1"
+    if mcp not in ("0", "1"):
+        raise SystemExit(f"error: PLAYGROUND_MCP must be 1 (serve /generate and /png_info as MCP tools, the default) "
+                         f"or 0 (no MCP server), got {mcp!r}")
     try:  # PLAYGROUND_DTYPE / PLAYGROUND_TRACE / PLAYGROUND_DEFAULT_MODEL values that are not allowed
         demo = build_demo(outputs_dir=os.environ.get("PLAYGROUND_OUTPUTS") or ROOT / "outputs", limits=limits,
                           max_runs_per_client=per_client, shared_history=os.environ.get("PLAYGROUND_SHARED_HISTORY") == "1",
-                          trusted_proxy_hops=int(hops))
+                          trusted_proxy_hops=int(hops), mcp=mcp == "1")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     demo.playground.warm_up()  # load and trace the default model on the worker while the server starts

@@ -6,14 +6,17 @@ and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from guidance.registry import METHODS
 from pipelines.explain.common import seeded
 from pipelines.outputs import image_name
-from pipelines.requests import build_request
-from pipelines.types import GenerationRequest
+from pipelines.requests import MAX_GUIDANCE_SCALE, build_request
+from pipelines.schedulers import SCHEDULERS
+from pipelines.types import MAX_IMAGES_PER_PROMPT, MAX_STEPS, GenerationRequest
 from ui.live import KEEPALIVE_SECONDS, admission_validator, as_gr_error, finished_status, live_steps, starting_status, step_status, waiting_status
 from ui.state import Playground, Run
 
@@ -56,6 +59,47 @@ def batch_images(run: Run) -> list[tuple[str, str]]:
     return [(str(run.folder / image_name(i)), f"seed {s}") for i, s in enumerate(result.seeds)]
 
 
+# One line per parameter under Args: Gradio reads "name: description" line by line (a wrapped line would be lost).
+GENERATE_DOC = """Make an image with a diffusion model from a text prompt and return it as a PNG (with its settings
+written in, as AUTOMATIC1111 does), the seed used and the run's info. Every parameter but the prompt may be left
+out; the model's recommended settings are used then. A request over this server's work budget (size × steps) or a
+client with too many runs going at once is refused with a message that says what is allowed.
+
+Args:
+    prompt: what to draw, in words (at most {prompt_chars} characters), e.g. "a large red circle in the center on a blue background".
+    negative_prompt: what to steer away from; "" (default) for none.
+    model: which model draws it, one of: {models}. Default: {default_model}.
+    scheduler: the sampler; "" (default) keeps the model's own; otherwise one of {schedulers} (the ones that fit the model: flow_euler for flow-matching models, the others for the rest; lcm for LCM-distilled models only).
+    num_inference_steps: denoising steps, a whole number from 1 to {max_steps} (the server's budget may allow fewer); -1 (default) takes the model's recommended count.
+    guidance_scale: how strongly the image follows the prompt (classifier-free guidance scale), from 0 to {max_scale:g}; -1 (default) takes the model's recommended scale.
+    seed: the random seed, a whole number from 0 to 2**63-1; the same seed and settings give the same image. -1 (default) draws one, which comes back with the image.
+    width: image width in pixels, a multiple of the model's size factor (8 for most); 0 (default) for the model's native size.
+    height: image height in pixels, as width; 0 (default) for the model's native size.
+    guidance: the guidance method, one of {methods}; "" (default) takes the model's recommended method.
+    guidance_params: the method's parameters as a JSON object, e.g. {{"guidance_rescale": 0.7}} for rescale; "" (default) for their defaults.
+    num_images_per_prompt: how many images, 1 (default) to {max_images}: image i uses seed + i.
+    true_cfg_scale: Flux models only: true classifier-free guidance against the negative prompt (two model passes a step), from 0 to {max_scale:g}; 1 (default) is off (Flux's distilled guidance, guidance_scale, alone).
+
+Returns:
+    the image (PNG), the seed used, the run info (run folder, scheduler, family, size, steps completed, seconds, seeds) and every image of the batch with its seed.
+"""
+
+
+def generate_doc(app: Playground) -> str:
+    """/generate's description, with the values this server allows."""
+    return GENERATE_DOC.format(prompt_chars=app.limits.max_prompt_chars, models=", ".join(app.models),
+                               default_model=app.default_model, schedulers=", ".join(SCHEDULERS),
+                               max_steps=MAX_STEPS, max_scale=MAX_GUIDANCE_SCALE, methods=", ".join(METHODS),
+                               max_images=MAX_IMAGES_PER_PROMPT)
+
+
+def api_signature(fn: Callable, inputs: dict[str, gr.Component]) -> inspect.Signature:
+    """`fn(http, **values)`'s signature with `values` spelled out as the keyword-only parameters `inputs` names, so
+    that Gradio can match the docstring's Args lines to them (the values still arrive as **values)."""
+    http = next(iter(inspect.signature(fn).parameters.values()))
+    return inspect.Signature([http, *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in inputs)])
+
+
 class ApiView:
     """Hidden widgets that give /generate and /generate_stream their parameter names and defaults, and the two
     handlers behind them."""
@@ -76,10 +120,6 @@ class ApiView:
 
         @gpu
         async def run_api(http: gr.Request, **values: Any):
-            """Make an image (or a batch); returns (PNG path with A1111 parameters, seed used, run info, every image
-            of the batch with its seed: image i uses seed + i; one image: just that one). seed -1 is random;
-            num_inference_steps / guidance_scale -1 and guidance "" take the model's recommended values; width/height
-            0 its native size; scheduler "" keeps the model's own; guidance_params is a JSON object."""
             with self.hold(http):
                 request = await asyncio.to_thread(self.request, values)  # may load the model: off the event loop
                 run = self.start(request, http)
@@ -107,6 +147,10 @@ class ApiView:
                 run = self.start(request, http)
                 yield from self.stream(run, request)
 
+        # The docstring is the tool's description on the MCP server and /generate's in the API page (ui/mcp.py);
+        # Gradio reads each parameter's description from its Args line, matched by name against the signature.
+        run_api.__doc__ = generate_doc(app)
+        run_api.__signature__ = api_signature(run_api, self.inputs)
         # One concurrency group with the Generate button's stream: see build_demo. The validator counts each call
         # against its client when it is queued (ui/clients.py).
         validate = admission_validator(app)

@@ -27,6 +27,7 @@ from pipelines.schedulers import describe_choice
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent
 from pipelines.worker import GenerationWorker, generate_here, load_here
 from ui.clients import Admission, request_address
+from ui.mcp import tagged_client
 from ui.render import guidance_map, heat, upscale
 
 log = logging.getLogger("playground")
@@ -131,6 +132,7 @@ class Playground:
         self.scrub_bytes_per_run = scrub_bytes_per_run
         self.admission = Admission(max_runs_per_client)  # per client: events queued or running
         self.trusted_proxy_hops = trusted_proxy_hops
+        self.mcp_key = secrets.token_bytes(32)  # signs the MCP caller's address on Gradio's loopback call (ui/mcp.py)
         self.limits = limits or Limits()
         self.pending: list[Run] = []  # queued or running, in the worker's order
         self.scrub_bytes_total = scrub_bytes_total
@@ -199,8 +201,9 @@ class Playground:
         return self.worker.submit(job)
 
     def client_of(self, http: Any) -> str | None:
-        """The address of the client behind a gr.Request, for the per-client limit (ui/clients.py)."""
-        return request_address(http, self.trusted_proxy_hops)
+        """The address of the client behind a gr.Request, for the per-client limit (ui/clients.py); for an MCP tool
+        call, the MCP caller's (ui/mcp.py), not that of Gradio's loopback call."""
+        return tagged_client(http, self.mcp_key) or request_address(http, self.trusted_proxy_hops)
 
     def ahead_of(self, run: Run) -> int:
         """How many runs the worker does before `run` starts (0 once it runs)."""
