@@ -219,7 +219,7 @@ def build_demo(
         submit_event = controls.prompt.submit(run_ui, api_visibility="private", **common)
         submit_event.then(**then)
         for trigger in (controls.generate_btn.click, controls.prompt.submit):  # the last run's scrubber goes at once
-            trigger(live.hide_scrubber, outputs=[live.scrub_group], queue=False, show_progress="hidden",
+            trigger(live.hide_scrubber, outputs=[live.scrub_group, live.batch], queue=False, show_progress="hidden",
                     api_visibility="private")
         outputs = [*live.outputs, controls.seed, history.gallery, history.folders, history.mine]
 
