@@ -100,6 +100,9 @@ def test_schema_offers_generate_and_png_info_only_each_parameter_described(serve
     url, _ = server
     schema = {t["name"]: t for t in httpx.get(url + "gradio_api/mcp/schema", timeout=30).json()}
     assert set(schema) == TOOLS
+    for name, tool in schema.items():
+        undescribed = [p for p, spec in tool["inputSchema"]["properties"].items() if not spec.get("description")]
+        assert not undescribed, f"parameters of {name} without a description: {undescribed}"
     # The other public endpoints stay HTTP endpoints, not tools; private events are neither.
     endpoints = set(httpx.get(url + "gradio_api/info", timeout=30).json()["named_endpoints"])
     assert {"/generate", "/generate_stream", "/png_info", "/explain_jump", "/explain_sweep"} <= endpoints
@@ -108,8 +111,6 @@ def test_schema_offers_generate_and_png_info_only_each_parameter_described(serve
     assert generate["description"].startswith("Make an image") and "Returns:" in generate["description"]
     properties = generate["inputSchema"]["properties"]
     assert generate["inputSchema"]["required"] == ["prompt"]
-    undescribed = [name for name, p in properties.items() if not p.get("description")]
-    assert not undescribed, f"parameters of /generate without a description: {undescribed}"
     assert MODEL in properties["model"]["description"] and properties["model"]["default"] == MODEL
     assert "dpmpp_2m_karras" in properties["scheduler"]["description"]
     assert "rescale" in properties["guidance"]["description"]

@@ -200,7 +200,12 @@ class PngInfoView:
         def png_info(png: dict | None = None, text: str | None = "") -> dict:
             """The settings of a PNG (ours or AUTOMATIC1111's, at most 1 MB) or of an A1111 parameters text, named and
             written as /generate's parameters, with `source` ("request" or "parameters") and `notes` (what was not
-            used)."""
+            used).
+
+            Args:
+                png: a PNG saved by this playground (its request) or by AUTOMATIC1111 (its parameters text), at most 1 MB; over MCP a public http(s) URL of one (Gradio fetches no private or loopback address). Give it or text, not both.
+                text: an AUTOMATIC1111 parameters text: the prompt, then "Negative prompt: ..." and a line such as "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64". Give it or png, not both.
+            """
             try:
                 return as_generate_parameters(self.settings(png, text, uploaded))
             except ValueError as e:
