@@ -26,20 +26,20 @@ def cli_env() -> dict[str, str]:
     return env | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=300)
+class Started:
+    """`python -m pipelines ARGS` as from a user's shell, started now; result() waits for it."""
 
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=ROOT, env=cli_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out = Path(args[args.index("--out") + 1]) if "--out" in args else None  # the folder it writes
+        self._done: subprocess.CompletedProcess | None = None
 
-def run_clis(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
-    """run_cli for each argv, all started at once (their imports overlap on the cores); results in argv order."""
-    procs = [subprocess.Popen([sys.executable, "-m", "pipelines", *argv], cwd=ROOT, env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+    def result(self) -> subprocess.CompletedProcess:
+        if self._done is None:
+            out, err = self.proc.communicate(timeout=300)
+            self._done = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        return self._done
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +57,33 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_generate_writes_image_trace_and_steps(model_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli("generate", "--prompt", "a red circle", "--negative-prompt", "blue", "--model", str(model_dir),
-                   "--scheduler", "euler_a", "--steps", "3", "--guidance-scale", "6", "--seed", "11",
-                   "--width", "40", "--height", "24", "--out", str(out))  # multiples of 8
+REFUSED_IN_A_PROCESS = (["--out", "/etc/passwd"], ["--out", "/tmp", "--device", "cpu; rm -rf /"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def real_runs(model_dir, tmp_path_factory) -> dict[str, Started]:
+    """This module's real `python -m pipelines` processes, all started with its first test: each pays ~5 s of
+    imports, which overlap one another and the in-process tests; a test that reads one waits for it."""
+    out = tmp_path_factory.mktemp("real")
+    runs = {  # width and height: multiples of 8
+        "generate": Started("generate", "--prompt", "a red circle", "--negative-prompt", "blue", "--model",
+                            str(model_dir), "--scheduler", "euler_a", "--steps", "3", "--guidance-scale", "6",
+                            "--seed", "11", "--width", "40", "--height", "24", "--out", str(out / "run")),
+        "steps": Started("generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out",
+                         str(out / "steps")),
+        **{" ".join(args): Started("generate", "--prompt", "x", "--model", str(out / "no-model"), *args)
+           for args in REFUSED_IN_A_PROCESS},
+    }
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+        run.proc.communicate()
+
+
+def test_generate_writes_image_trace_and_steps(real_runs):
+    out = real_runs["generate"].out
+    proc = real_runs["generate"].result()
     assert proc.returncode == 0, proc.stderr
     image = Image.open(out / "image.png")
     assert image.size == (40, 24)
@@ -171,17 +193,11 @@ def test_out_and_device_are_refused_before_the_model_loads(tmp_path, capsys, req
     assert expected in line and "no-model" not in line, line
 
 
-REFUSED_IN_A_PROCESS = (["--out", "/etc/passwd"], ["--out", "/tmp", "--device", "cpu; rm -rf /"])
-
-
-def test_refusals_in_a_real_process_exit_2_without_a_traceback(model_dir, tmp_path):
+def test_refusals_in_a_real_process_exit_2_without_a_traceback(real_runs):
     """The process's own exit status and stderr, for a refusal after the model loads (bad steps) and for two before
     it (--out, --device: one line, library notices at import such as transformers' "requires torchvision"
-    included). The three processes run at once; main()'s messages for every refusal are tested in-process above
-    and below."""
-    steps, out, device = run_clis(
-        ["generate", "--prompt", "x", "--model", str(model_dir), "--steps", "5000", "--out", str(tmp_path)],
-        *(["generate", "--prompt", "x", "--model", str(tmp_path / "no-model"), *args] for args in REFUSED_IN_A_PROCESS))
+    included). main()'s messages for every refusal are tested in-process above and below."""
+    steps, out, device = (real_runs[key].result() for key in ["steps", *(" ".join(a) for a in REFUSED_IN_A_PROCESS)])
     assert steps.returncode == 2 and "Traceback" not in steps.stderr
     assert "error: num_inference_steps must be a whole number from 1 to 1000, got 5000" in steps.stderr
     for proc in (out, device):
