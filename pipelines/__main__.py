@@ -216,7 +216,11 @@ def _request_flags(g: argparse.ArgumentParser, scheduler_default: str | None = N
                    help=f"denoising steps, 1..{MAX_STEPS} (default: the model's recommended, else its pipeline's default)")
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale s, finite and >= 0; <= 1 disables the unconditional pass "
-                        "(default: the model's recommended, else its pipeline's default)")
+                        "(default: the model's recommended, else its pipeline's default); for Flux the distilled "
+                        "guidance the model takes as an input (one pass; see --true-cfg-scale)")
+    g.add_argument("--true-cfg-scale", type=float, default=None, metavar="S",
+                   help="Flux only: true CFG, a second pass on the negative prompt (an empty one is \"\") mixed as "
+                        "neg + S (cond - neg), as diffusers' FluxPipeline true_cfg_scale; on above 1 (default 1: off)")
     g.add_argument("--guidance", default=None, metavar="KEY",
                    help="guidance method (see `python -m pipelines guidance`; default: the model's recommended, else cfg)")
     g.add_argument("--guidance-param", action="append", type=_guidance_param, default=[], metavar="NAME=VALUE",
@@ -241,7 +245,8 @@ def _request(args: argparse.Namespace, trace: bool = True):
         prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, loader=loader,
         scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
         width=args.width, height=args.height, guidance=args.guidance, guidance_params=dict(args.guidance_param) or None,
-        num_images_per_prompt=getattr(args, "num_images_per_prompt", None), limits=Limits.from_env(os.environ),
+        num_images_per_prompt=getattr(args, "num_images_per_prompt", None), true_cfg_scale=args.true_cfg_scale,
+        limits=Limits.from_env(os.environ),
     )
     # Measured for this model and size (pipelines/threads.py): 1 for the embedded model, all cores for larger UNets.
     torch.set_num_threads(loader.threads(request.model, request.height, request.width, serving=False,

@@ -1,4 +1,4 @@
-"""Per-family conditioning and denoiser calls: SD 1.x/2.x, SDXL, PixArt-Σ (T5) and SD3 (CLIP+CLIP+T5).
+"""Per-family conditioning and denoiser calls: SD 1.x/2.x, SDXL, PixArt-Σ (T5), SD3 (CLIP+CLIP+T5), Flux.1 (CLIP+T5).
 
 Each family is detected from the loaded pipeline's class (never from the model name) and wraps only the
 public parts of that pipeline: `encode_prompt`, `prepare_latents`, `prepare_extra_step_kwargs`, the
@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -32,6 +34,7 @@ from diffusers.models.attention_processor import (
     PAGIdentitySelfAttnProcessor2_0,
     PAGJointAttnProcessor2_0,
 )
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift as flux_calculate_shift
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -94,6 +97,21 @@ class Family:
         stock pipeline's encode_prompt(num_images_per_prompt=n) repeats it; negative_prompt None means diffusers'
         default (\"\" or zeros for SDXL)."""
         raise NotImplementedError
+
+    def cfg_plan(self, pipe: Any, request: Any) -> tuple[float, bool]:
+        """(the scale the guidance method applies, whether the run has an unconditional pass) for a
+        GenerationRequest. As diffusers: CFG only above scale 1, and never for guidance-distilled (LCM) UNets."""
+        if request.true_cfg_scale != 1.0:
+            raise ValueError(f"true_cfg_scale is for Flux models (their guidance_scale is an input to the model); "
+                             f"this is a {self.key} model, whose CFG scale is guidance_scale: leave true_cfg_scale at "
+                             f"1, got {request.true_cfg_scale:g}")
+        scale = request.guidance_scale
+        return scale, scale > 1.0 and getattr(self.denoiser(pipe).config, "time_cond_proj_dim", None) is None
+
+    def prepare_latents(self, pipe: Any, num_images: int, height: int, width: int, dtype: torch.dtype,
+                        device: torch.device, generator: Any) -> torch.Tensor:
+        """Initial latents (B, C, h, w) from the stock pipeline's prepare_latents (scaled by init_noise_sigma)."""
+        return pipe.prepare_latents(num_images, self.latent_channels(pipe), height, width, dtype, device, generator)
 
     def timesteps(self, pipe: Any, num_inference_steps: int, device: torch.device, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Set the scheduler's timesteps (before prepare_latents: Euler's init_noise_sigma depends on them)."""
@@ -360,6 +378,104 @@ class SD3Family(Family):
         return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
 
 
+class FluxFamily(Family):
+    """Flux.1 (schnell, dev): CLIP pooled + T5 sequence conditioning, an MMDiT over packed 2×2 latent patches, flow
+    matching with a resolution-dependent shift; dev takes its (distilled) guidance scale as an input, true CFG is a
+    second pass on the negative prompt (FluxPipeline's true_cfg_scale).
+
+    The loop keeps latents unpacked (B, C, h, w): packing is a permutation and the flow schedulers step elementwise,
+    so stepping unpacked latents is the same arithmetic FluxPipeline does on packed ones, and every x̂0 the observer
+    sees is a plain latent image. predict() packs before the transformer and unpacks its output.
+    """
+
+    key = "flux"
+    pipeline_class = FluxPipeline
+    flow = True
+
+    def denoiser(self, pipe):
+        return pipe.transformer
+
+    def size_multiple(self, pipe):
+        return pipe.vae_scale_factor * 2  # FluxPipeline.check_inputs: VAE factor × the 2×2 packing
+
+    def default_size(self, pipe):
+        return pipe.default_sample_size * pipe.vae_scale_factor  # 128 × 8 = 1024, as FluxPipeline.__call__
+
+    def latent_channels(self, pipe):
+        return pipe.transformer.config.in_channels // 4  # the transformer sees 2×2 patches of C channels
+
+    def cfg_plan(self, pipe, request):
+        # guidance_scale is the distilled guidance embedding (one pass, used in predict); true CFG is the second
+        # pass, on when true_cfg_scale > 1 (an empty negative prompt is encoded as "", as CFG's unconditional pass)
+        return request.true_cfg_scale, request.true_cfg_scale > 1.0
+
+    def encode(self, pipe, prompt, negative_prompt, cfg, device, height, width, num_images=1):
+        # max_sequence_length=512 is FluxPipeline.__call__'s default; prompt_2 (T5) is the prompt, as its default
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                               num_images_per_prompt=num_images, max_sequence_length=512)
+        if not cfg:
+            return Conditioning(embeds, False, {"pooled_projections": pooled})
+        neg, neg_pooled, _ = pipe.encode_prompt(prompt=negative_prompt or "", prompt_2=None, device=device,
+                                                num_images_per_prompt=num_images, max_sequence_length=512)
+        return Conditioning(torch.cat([neg, embeds]), True, {"pooled_projections": torch.cat([neg_pooled, pooled])})
+
+    def prepare_latents(self, pipe, num_images, height, width, dtype, device, generator):
+        packed, _ = pipe.prepare_latents(num_images, self.latent_channels(pipe), height, width, dtype, device,
+                                         generator)
+        return pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+
+    def timesteps(self, pipe, num_inference_steps, device, latent_hw):
+        # Adapted from diffusers 0.42.1, FluxPipeline.__call__ step 5: sigmas 1 -> 1/N, shift mu from the packed
+        # sequence length (used by schedulers with use_dynamic_shifting, as FLUX.1-dev's)
+        config = pipe.scheduler.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_inference_steps,
+                                                                               num_inference_steps)
+        mu = flux_calculate_shift(
+            (latent_hw[0] // 2) * (latent_hw[1] // 2), config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def step_kwargs(self, pipe, generator):
+        return {}  # FluxPipeline passes nothing extra to scheduler.step
+
+    def _pag_attention(self, pipe):
+        raise ValueError("perturbed-attention guidance is not available for Flux models (their attention layers are "
+                         "FluxAttention, not the self-attention PAG replaces); choose another guidance method")
+
+    def predict(self, pipe, latent_model_input, t, cond, with_uncond, guidance_scale, perturbed=False, traced=None):
+        """Unpacked latents (B, C, h, w) -> velocity (B, C, h, w); with true CFG, one transformer call per
+        condition (negative, then positive halves of the batch), as FluxPipeline makes them."""
+        if perturbed:  # refused before the run (_pag_attention, guidance_blocks); a guard, not a fallback
+            raise ValueError("Flux runs no perturbed pass")
+        embeds, extra = cond.select(with_uncond, perturbed)
+        batch, channels, h, w = latent_model_input.shape
+        dtype, device = latent_model_input.dtype, latent_model_input.device
+        packed = pipe._pack_latents(latent_model_input, batch, channels, h, w)
+        img_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
+        encoder_dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=encoder_dtype)
+        timestep = t.expand(batch).to(dtype) / 1000
+        guidance = (torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+                    if pipe.transformer.config.guidance_embeds else None)
+        parts = 2 if with_uncond and cond.cfg else 1
+        outputs = []
+        for chunk in torch.arange(batch).chunk(parts):
+            outputs.append(pipe.transformer(
+                hidden_states=packed[chunk], timestep=timestep[chunk],
+                guidance=None if guidance is None else guidance[chunk],
+                pooled_projections=extra["pooled_projections"][chunk], encoder_hidden_states=embeds[chunk],
+                txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            )[0])
+        velocity = torch.cat(outputs) if parts > 1 else outputs[0]
+        return pipe._unpack_latents(velocity, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                                    pipe.vae_scale_factor)
+
+    def unscale_latents(self, pipe, latents):
+        return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+
 # Transformer blocks the extra pass of SLG, SEG and AutoGuidance perturbs in a DiT: StabilityAI's SLG layers for SD3.5
 # Medium (diffusers' recommended values), or the middle block of a model with fewer than 10 blocks.
 GUIDANCE_BLOCKS = (7, 8, 9)
@@ -458,7 +574,8 @@ def _fake_integral_match(layer: str, name: str) -> bool:
 
 
 # Order matters: SDXL before nothing it subclasses; detection is by isinstance on the pipeline class.
-FAMILIES: dict[str, Family] = {f.key: f for f in (SDFamily(), SDXLFamily(), PixArtSigmaFamily(), SD3Family())}
+FAMILIES: dict[str, Family] = {f.key: f for f in (SDFamily(), SDXLFamily(), PixArtSigmaFamily(), SD3Family(),
+                                                   FluxFamily())}
 
 
 def family_of(pipe: DiffusionPipeline) -> Family:

@@ -16,8 +16,8 @@ from pipelines.loading import ModelLoader
 from pipelines.observers import Observer
 from pipelines.schedulers import compatible_keys
 from pipelines.types import GenerationRequest, GenerationResult, StepEvent, Timings
-from pipelines.words import counted
 from pipelines.x0 import predict_x0, sigma_at
+from pipelines.words import counted
 
 
 def resolve_size(request: GenerationRequest, pipe, family) -> tuple[int, int]:
@@ -129,12 +129,12 @@ def generate(
         # initial noise and every step's fresh noise from its own generator, so it does not depend on the others.
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         generator = generators[0] if num_images == 1 else generators
-        denoiser = family.denoiser(pipe)
-        # As diffusers: CFG only above scale 1, and never for guidance-distilled (LCM) UNets.
-        do_cfg = request.guidance_scale > 1.0 and getattr(denoiser.config, "time_cond_proj_dim", None) is None
+        # The CFG scale and whether there is an unconditional pass: guidance_scale (diffusers' rule: above 1, never
+        # for LCM UNets), or for Flux true_cfg_scale (its guidance_scale is the distilled embedding, see predict)
+        cfg_scale, do_cfg = family.cfg_plan(pipe, request)
         prediction_type = family.prediction_type(pipe)
         # Defaults may depend on the prediction type (CFG-Zero*'s zero-init only suits flow models).
-        method = create_guidance(request.guidance, request.guidance_scale, request.guidance_params, prediction_type)
+        method = create_guidance(request.guidance, cfg_scale, request.guidance_params, prediction_type)
 
         # 3. Encode the prompt ("" negative means diffusers' default None): each distinct (prompt, negative prompt)
         # of its schedule once (one pair without [from:to:when]); the loop picks the step's pair in 5a
@@ -148,8 +148,7 @@ def generate(
         latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         timesteps = family.timesteps(pipe, request.num_inference_steps, device, latent_hw)
         check_timesteps(scheduler, timesteps, request.num_inference_steps)
-        latents = pipe.prepare_latents(num_images, family.latent_channels(pipe), height, width, cond.embeds.dtype, device,
-                                       generator)
+        latents = family.prepare_latents(pipe, num_images, height, width, cond.embeds.dtype, device, generator)
         step_kwargs = family.step_kwargs(pipe, generator)
         num_steps = len(timesteps)
 

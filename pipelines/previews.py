@@ -5,8 +5,8 @@ fitted to one model's VAE (shipped beside the model), TAESD (diffusers' Autoenco
 already in the local Hugging Face cache or one is injected) and the full VAE decode.
 
 Every strategy takes model-space latents (what the denoiser sees: already multiplied by the VAE's scaling factor,
-and for SD3 already shifted), previews only the first image of a batch, and returns a uint8 numpy array small
-enough to stream to a browser or write as a PNG.
+and for SD3 and Flux already shifted; Flux's unpacked, (B, 16, h, w)), previews only the first image of a batch,
+and returns a uint8 numpy array small enough to stream to a browser or write as a PNG.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class LatentFormat:
     decoder_file: str | None = None  # path of a fitted PreviewDecoder for this VAE
 
 
-# TAESD weights per VAE (github.com/madebyollin/taesd); Flux's taef1 is listed for when a Flux family exists.
+# TAESD weights per VAE (github.com/madebyollin/taesd); taef1 is FLUX.1's.
 TAESD_REPOS = {"sd1": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3",
                "flux": "madebyollin/taef1"}
 
@@ -76,9 +76,16 @@ SD3 = LatentFormat("sd3", 16, (
     (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
     (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189),
 ), (0.2394, 0.2135, 0.1925), "ComfyUI latent_formats.SD3", TAESD_REPOS["sd3"])
+FLUX = LatentFormat("flux", 16, (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+), (-0.0329, -0.0718, -0.0851), "ComfyUI latent_formats.Flux", TAESD_REPOS["flux"])
 
-# PixArt-Σ uses the SDXL VAE.
-FORMAT_BY_FAMILY: dict[str, LatentFormat] = {"sd": SD1, "sdxl": SDXL, "pixart_sigma": SDXL, "sd3": SD3}
+# PixArt-Σ uses the SDXL VAE. Flux's previews see its latents unpacked (B, 16, h, w), as the loop keeps them.
+FORMAT_BY_FAMILY: dict[str, LatentFormat] = {"sd": SD1, "sdxl": SDXL, "pixart_sigma": SDXL, "sd3": SD3,
+                                             "flux": FLUX}
 
 
 def load_format_file(path: str | os.PathLike) -> LatentFormat:

@@ -57,6 +57,15 @@ MODELS: dict[str, ModelEntry] = {m.key: m for m in (
     ModelEntry("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 28, 4.5, None,
                "SD 3.5 Medium, CLIP-L + CLIP-G + T5-XXL, flow matching", cuda_dtype="bfloat16",
                size=1024, tier="heavy", schedule="flow"),
+    # Flux.1 (pipelines/families.py FluxFamily): CLIP-L pooled + T5-XXL, 12 B transformer, bfloat16 as the model
+    # cards run it. guidance_scale is Flux's distilled guidance input (dev; schnell has none): one pass per step;
+    # true CFG is the separate true_cfg_scale. Steps and scales are the model cards'.
+    ModelEntry("flux.1-schnell", "black-forest-labs/FLUX.1-schnell", "flux", 4, 0.0, None,
+               "FLUX.1 schnell (timestep-distilled, 1–4 steps, no guidance input), CLIP-L + T5-XXL, flow matching",
+               cuda_dtype="bfloat16", size=1024, tier="heavy", schedule="flow"),
+    ModelEntry("flux.1-dev", "black-forest-labs/FLUX.1-dev", "flux", 28, 3.5, None,
+               "FLUX.1 dev (guidance-distilled: guidance scale is a model input, one pass; true CFG is a second pass), "
+               "CLIP-L + T5-XXL, flow matching", cuda_dtype="bfloat16", size=1024, tier="heavy", schedule="flow"),
 )}
 
 

@@ -187,6 +187,7 @@ def build_request(
     guidance: str | None = "cfg",
     guidance_params: Mapping[str, Any] | str | None = None,
     num_images_per_prompt: Any = None,
+    true_cfg_scale: Any = None,
     limits: Limits | None = None,
 ) -> GenerationRequest:
     """A validated request from user-facing values; raises ValueError naming what is allowed.
@@ -194,7 +195,8 @@ def build_request(
     Unset (None, "", or the API's sentinels): num_inference_steps / guidance_scale -1 take the model's
     recommended values; seed -1 draws a random one; width / height 0 take the model's native size;
     scheduler "" or "model default" keeps the model's own; guidance "" takes the model's recommended method (and
-    its parameters when guidance_params is unset too); num_images_per_prompt unset is 1 (image i uses seed + i).
+    its parameters when guidance_params is unset too); num_images_per_prompt unset is 1 (image i uses seed + i);
+    true_cfg_scale unset is 1 (off; Flux only: true CFG against the negative prompt, see GenerationRequest).
     limits: the work budget (default: Limits(), the built-in defaults; app.py and the CLI pass Limits.from_env).
     """
     limits = limits or Limits()
@@ -243,6 +245,10 @@ def build_request(
         raise ValueError(f"seed + num_images_per_prompt must stay below 2**63 (image i uses seed + i), got seed "
                          f"{seed_value} and {images} images")
 
+    true_cfg = 1.0 if _unset(true_cfg_scale) else number("true_cfg_scale", true_cfg_scale)
+    if not 0 <= true_cfg <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"true_cfg_scale must be from 0 to {MAX_GUIDANCE_SCALE:g} (1 = off), got {true_cfg:g}")
+
     scheduler_key = None if _unset(scheduler) or scheduler == OWN_SCHEDULER else str(scheduler).strip()
 
     # The budget needs the model's weight class and native size: the registry knows them for its models; anything
@@ -252,6 +258,11 @@ def build_request(
         pipe = loader.get(model)
     if scheduler_key is not None:  # refused now, with why and what fits, rather than after waiting in the queue
         check_scheduler(model, scheduler_key, pipe)
+    if true_cfg != 1.0:  # refused now for a family without true CFG (generate() would refuse it after the queue)
+        family = MODELS[model].family if model in MODELS else family_of(pipe).key
+        if family != "flux":
+            raise ValueError(f"true_cfg_scale is for Flux models; {model} is a {family} model, whose CFG scale is "
+                             f"guidance_scale: leave true_cfg_scale at 1, got {true_cfg:g}")
     side = native_size(model, pipe) if None in sizes.values() else 0
     check_budget(model, tier_of(model, pipe), loader.device.type, sizes["width"] or side, sizes["height"] or side,
                  steps, limits, images)
@@ -269,4 +280,5 @@ def build_request(
         guidance_params=(dict(rec.guidance_params) if guidance_unset and _unset(guidance_params)
                          else parse_guidance_params(guidance_params)),
         num_images_per_prompt=images,
+        true_cfg_scale=true_cfg,
     )

@@ -42,6 +42,10 @@ class GenerationRequest:
     # Images made in one batched run; image i uses seed + i and equals the single run with that seed (AUTOMATIC1111's
     # convention; diffusers takes a list of generators), so any image of a batch can be reproduced alone.
     num_images_per_prompt: int = 1
+    # Flux only (diffusers' FluxPipeline true_cfg_scale): CFG with a second pass on the negative prompt (empty: ""),
+    # on above 1, where guidance_scale is the distilled guidance the model takes as an input; 1 = off. Other families
+    # refuse any other value (their CFG scale is guidance_scale).
+    true_cfg_scale: float = 1.0
     # Derived, not given: the texts the encoder reads at each step, parsed from both prompts against the steps.
     schedule: PromptSchedule = field(init=False, repr=False, compare=False)
 
@@ -60,6 +64,10 @@ class GenerationRequest:
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
         object.__setattr__(self, "guidance_scale", float(g))
+        g = self.true_cfg_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"true_cfg_scale must be a finite number >= 0 (1 = off; Flux only), got {g!r}")
+        object.__setattr__(self, "true_cfg_scale", float(g))
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):
@@ -93,12 +101,14 @@ class GenerationRequest:
         _validate_guidance(self.guidance, params)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (`branch` only when set and `num_images_per_prompt` only above 1, so
-        readers of older traces see what they knew)."""
+        """A JSON-ready dict of every field (`branch` only when set, `num_images_per_prompt` only above 1 and
+        `true_cfg_scale` only when not 1, so readers of older traces see what they knew)."""
         d = asdict(self) | {"guidance_params": dict(self.guidance_params)}
         del d["schedule"]  # derived from prompt, negative_prompt and num_inference_steps
         if self.num_images_per_prompt == 1:
             del d["num_images_per_prompt"]
+        if self.true_cfg_scale == 1.0:
+            del d["true_cfg_scale"]
         if self.branch is None:
             del d["branch"]
         else:
@@ -208,7 +218,7 @@ class GenerationResult:
     num_steps: int  # iterations planned
     cancelled: bool  # True when an observer stopped the run early
     scheduler: str  # scheduler key used (or the class name when the model's own is not in the registry)
-    family: str  # model family key ("sd", "sdxl", "pixart_sigma", "sd3")
+    family: str  # model family key ("sd", "sdxl", "pixart_sigma", "sd3", "flux")
     height: int  # pixels rendered
     width: int  # pixels rendered
     images: tuple[Image.Image, ...] = ()  # every image of the batch, image i from seed + i (images[0] is `image`)

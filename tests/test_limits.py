@@ -446,7 +446,7 @@ def test_history_skips_every_malformed_run_and_logs_it(good_run, tmp_path, caplo
 
 def test_heavy_models_are_not_offered_on_a_cpu_by_default():
     heavy = {k for k, m in MODELS.items() if m.tier == "heavy"}
-    assert heavy == {"sdxl-base", "pixart-sigma-512", "sd3.5-medium"}
+    assert heavy == {"sdxl-base", "pixart-sigma-512", "sd3.5-medium", "flux.1-schnell", "flux.1-dev"}
     cpu = offered_models("cpu", Limits().heavy_allowed("cpu"), extra=["my/extra"])
     assert cpu == ["tiny-shapes", "sd-turbo", "sd-1.5", "my/extra"]
     assert set(offered_models("cuda", Limits().heavy_allowed("cuda"))) == set(MODELS)

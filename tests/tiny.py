@@ -17,6 +17,8 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
@@ -36,7 +38,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-FAMILIES = ("sd", "sdxl", "pixart_sigma", "sd3")
+FAMILIES = ("sd", "sdxl", "pixart_sigma", "sd3", "flux")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -191,11 +193,41 @@ def tiny_sd3() -> StableDiffusion3Pipeline:
     )
 
 
+def tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
+    """Flux.1 shape, after diffusers' tests/pipelines/flux/test_pipeline_flux.py: CLIP (pooled) + T5, a one double-
+    and one single-stream block transformer over packed 2×2 patches, but with Flux's 16 latent channels (in_channels
+    64) and a two-level VAE (factor 2). guidance_embeds: FLUX.1-dev's distilled guidance input (with its dynamic
+    shift); False: FLUX.1-schnell's shape (no guidance input, no dynamic shift)."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=guidance_embeds,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_config())
+    torch.manual_seed(0)
+    text_encoder_2 = _t5()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=16, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    # FLUX.1-dev's scheduler config shifts by the image size (mu); schnell's uses a fixed shift of 1
+    scheduler = (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                                 max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+                 if guidance_embeds else FlowMatchEulerDiscreteScheduler())
+    return FluxPipeline(
+        scheduler=scheduler, text_encoder=text_encoder, tokenizer=clip_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer(), transformer=transformer, vae=vae, image_encoder=None, feature_extractor=None,
+    )
+
+
 def tiny_pipeline(family: str):
     """Build the tiny pipeline of a family key."""
     builders = {"sd": tiny_sd, "sd_v": lambda: tiny_sd("v_prediction"), "sd_zsnr": lambda: tiny_sd(zero_snr=True),
                 "sdxl": tiny_sdxl,
-                "pixart_sigma": tiny_pixart_sigma, "sd3": tiny_sd3}
+                "pixart_sigma": tiny_pixart_sigma, "sd3": tiny_sd3, "flux": tiny_flux,
+                "flux_schnell": lambda: tiny_flux(guidance_embeds=False)}
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose one of: {', '.join(builders)}")
     pipe = builders[family]()
@@ -207,7 +239,8 @@ def tiny_pipeline(family: str):
 
 
 # Sizes that are valid for each tiny model (VAE factor × patch size divides them) and fast.
-TINY_SIZE = {"sd": 32, "sd_v": 32, "sd_zsnr": 32, "sdxl": 32, "pixart_sigma": 32, "sd3": 32}
+TINY_SIZE = {"sd": 32, "sd_v": 32, "sd_zsnr": 32, "sdxl": 32, "pixart_sigma": 32, "sd3": 32, "flux": 32,
+             "flux_schnell": 32}
 
 
 def tiny_sd_with_safety_checker(flag_everything: bool = False) -> StableDiffusionPipeline:

@@ -39,6 +39,7 @@ def parameters(default_model: str) -> dict[str, gr.Component]:
         guidance=gr.Textbox("", label="guidance"),  # "" = the model's recommended method (and its parameters)
         guidance_params=gr.Textbox("", label="guidance_params"),  # JSON object of the method's parameters
         num_images_per_prompt=gr.Number(1, label="num_images_per_prompt"),  # a batch: image i uses seed + i
+        true_cfg_scale=gr.Number(1, label="true_cfg_scale"),  # Flux only: true CFG on the negative prompt; 1 = off
     )
 
 

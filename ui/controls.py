@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from guidance.registry import METHODS
+from pipelines.families import family_of
 from pipelines.limits import ENV_VARS
 from pipelines.loading import hub_offline, is_available_offline
 from pipelines.profile import Recommended, size_note
@@ -98,6 +99,23 @@ def model_label(model: str) -> str:
     return f"{model} (not downloaded{': offline' if hub_offline() else ''})"
 
 
+# Under the guidance controls when a Flux model is chosen: what its two scales do (pipelines/families.py FluxFamily).
+FLUX_GUIDANCE_NOTE = (
+    "ℹ️ **Flux: two kinds of guidance.** FLUX.1-dev was *distilled* to imitate CFG: the guidance scale is an input "
+    "to the model, so one pass per step follows the prompt more or less closely (FLUX.1-schnell has no such input and "
+    "ignores it). **True CFG** is the classic kind: a second pass on the negative prompt (empty = \"\"), mixed as "
+    "neg + s·(cond − neg) by the guidance method above; on above 1, twice the work per step. The dissection then "
+    "shows the x̂0 of both passes.")
+
+
+def model_family(model: str, loader) -> str | None:
+    """The family key of a registry model (its entry) or a loaded one (its pipeline); None while unknown."""
+    if model in MODELS:
+        return MODELS[model].family
+    pipe = loader.loaded(model)
+    return None if pipe is None else family_of(pipe).key
+
+
 def method_note(key: str) -> str:
     spec = METHODS[key]
     params = "" if spec.params else " No parameters."
@@ -140,6 +158,12 @@ class Controls:
                 lo, hi = guidance_range(rec.guidance_scale)
                 self.guidance_scale = StrictSlider(lo, hi, value=rec.guidance_scale, step=0.1,
                                                 label="Guidance scale", scale=2)
+            flux = model_family(model0, app.loader) == "flux"
+            self.true_cfg_scale = StrictSlider(0, 10, value=1, step=0.1, label="True CFG scale", visible=flux,
+                                               elem_id="true-cfg-scale",
+                                               info="Flux: a second pass on the negative prompt; 1 = off")
+            self.flux_note = gr.Markdown(FLUX_GUIDANCE_NOTE, visible=flux, elem_classes="step-note",
+                                         elem_id="flux-guidance-note")
             with gr.Accordion("Guidance method parameters", open=False):
                 self.method_note = gr.Markdown(method_note(rec.guidance), elem_classes="step-note")
                 self.param_groups: dict[str, gr.Group] = {}
@@ -179,7 +203,8 @@ class Controls:
                     num_inference_steps=self.num_inference_steps, guidance=self.guidance,
                     guidance_scale=self.guidance_scale, seed=self.seed, randomize_seed=self.randomize_seed,
                     width=self.width, height=self.height, x0_preview=self.x0_preview,
-                    num_images_per_prompt=self.num_images_per_prompt, **self.param_sliders)
+                    num_images_per_prompt=self.num_images_per_prompt, true_cfg_scale=self.true_cfg_scale,
+                    **self.param_sliders)
 
     def request(self, values: dict[str, Any]) -> tuple[GenerationRequest, str]:
         """Widget values (as `inputs` names them) -> (validated request, x̂0 preview choice); ValueError if refused."""
@@ -193,6 +218,7 @@ class Controls:
             width=values["width"], height=values["height"], guidance=method,
             guidance_params=self.changed_params(method, values), limits=self.app.limits,
             num_images_per_prompt=values.get("num_images_per_prompt"),
+            true_cfg_scale=values.get("true_cfg_scale") if self.flux(values["model"]) else None,
         )
         return request, values.get("x0_preview") or "auto"
 
@@ -205,6 +231,10 @@ class Controls:
         prefix = f"{method}__"
         return {k.removeprefix(prefix): v for k, v in values.items()
                 if k.startswith(prefix) and v != defaults.get(k.removeprefix(prefix))}
+
+    def flux(self, model: str) -> bool:
+        """Whether `model` is a Flux model (the true CFG slider is shown and sent only then)."""
+        return model_family(model, self.app.loader) == "flux"
 
     # -- notes -----------------------------------------------------------------------------------------
 
@@ -262,13 +292,16 @@ class Controls:
                                                  value=rec.scheduler or OWN_SCHEDULER),
                      self.model_note: self.note_for(model_value), self.width: 0, self.height: 0, self.size_note: "",
                      self.guidance_scale: gr.Slider(lo, hi)}
+        flux = self.flux(model_value)
+        out |= {self.true_cfg_scale: gr.Slider(visible=flux, value=1), self.flux_note: gr.Markdown(visible=flux)}
         if rec is not UNKNOWN:  # an unknown folder keeps the user's values; unset ones are filled when it runs
             out |= {self.num_inference_steps: rec.num_inference_steps,
                     self.guidance_scale: gr.Slider(lo, hi, value=rec.guidance_scale), self.guidance: rec.guidance}
             out |= {self.param_sliders[f"{rec.guidance}__{k}"]: v for k, v in rec.guidance_params.items()}
             out |= self.on_method(rec.guidance)
-        out[self.num_images_per_prompt] = gr.Slider(1, batch_limit(self.app, model_value, rec.num_inference_steps),
-                                                    value=1)
+        most = batch_limit(self.app, model_value, rec.num_inference_steps)
+        # A slider needs minimum < maximum: where the budget fits one image only, it shows 1 and cannot be moved
+        out[self.num_images_per_prompt] = gr.Slider(1, max(most, 2), value=1, interactive=most > 1)
         return out
 
     def on_method(self, method: str) -> dict:
@@ -281,7 +314,8 @@ class Controls:
     def wire(self) -> None:
         self.model.input(self.on_model, inputs_kwargs=dict(model_value=self.model),
                          outputs=[self.scheduler, self.model_note, self.width, self.height, self.size_note,
-                                  self.num_inference_steps, self.num_images_per_prompt,
+                                  self.num_inference_steps,
+                                  self.num_images_per_prompt, self.true_cfg_scale, self.flux_note,
                                   self.guidance_scale, self.guidance, self.method_note, *self.param_groups.values(),
                                   *self.param_sliders.values()], api_visibility="private")
         for side in (self.width, self.height):  # release: the box left or the handle let go, in range (ui/sliders.py)
@@ -307,11 +341,15 @@ class Controls:
             self.guidance: req.get("guidance", "cfg"), self.seed: seed, self.randomize_seed: False,
             self.width: req.get("width") or 0, self.height: req.get("height") or 0,
             self.num_images_per_prompt: req.get("num_images_per_prompt") or 1,
+            self.true_cfg_scale: req.get("true_cfg_scale") or 1,
         }
         if model in self.app.models:
             out[self.model] = model
             out[self.model_note] = self.note_for(model)
             out[self.size_note] = self.size_note_for(model, req.get("width"), req.get("height"))
+            flux = self.flux(model)
+            out[self.true_cfg_scale] = gr.Slider(visible=flux, value=req.get("true_cfg_scale") or 1)
+            out[self.flux_note] = gr.Markdown(visible=flux)
             out[self.scheduler] = gr.Dropdown(choices=self.app.scheduler_choices(model),
                                               value=req.get("scheduler") or OWN_SCHEDULER)
         else:
@@ -326,7 +364,8 @@ class Controls:
     def restore_outputs(self) -> list:
         return [self.prompt, self.negative_prompt, self.model, self.model_note, self.scheduler, self.num_inference_steps,
                 self.guidance_scale, self.guidance, self.seed, self.randomize_seed, self.width, self.height, self.size_note,
-                self.num_images_per_prompt, self.method_note, *self.param_sliders.values(), *self.param_groups.values()]
+                self.num_images_per_prompt, self.true_cfg_scale, self.flux_note,
+                self.method_note, *self.param_sliders.values(), *self.param_groups.values()]
 
 
 def offline_hint(model: str) -> str:
