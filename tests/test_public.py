@@ -252,13 +252,15 @@ def test_scrub_memory_stays_bounded_over_many_runs(tmp_path):
     loader = ModelLoader(device="cpu")
     pipe = tiny_pipeline("sd")
     loader.add(MODEL, pipe)
-    side = pipe.unet.config.sample_size
+    side = pipe.unet.config.sample_size // 2  # runs at half the model's size: the budgets count steps, not pixels
     per_step = 4 * (4 * side * side * 4)  # latents, x̂0, cond and uncond: (1, 4, side, side) float32 each
     playground = Playground(loader, [MODEL], MODEL, tmp_path, 0.0, scrub_bytes_per_run=20 * per_step,
                             scrub_bytes_total=50 * per_step)
+    size = side * pipe.vae_scale_factor
     try:
         for seed in range(6):
-            run = playground.start(GenerationRequest("x", model=MODEL, num_inference_steps=120, seed=seed), "fast", None)
+            run = playground.start(GenerationRequest("x", model=MODEL, num_inference_steps=120, seed=seed, width=size,
+                                                     height=size), "fast", None)
             assert run.done.wait(120) and run.error is None, run.error
             assert run.recorder.nbytes <= 20 * per_step and len(run.steps) == run.result.num_steps >= 120
             assert sum(r.recorder.nbytes for r in playground.runs.values()) <= 50 * per_step
