@@ -77,13 +77,20 @@ def test_a_one_step_run_is_exactly_the_first_jump(loader):
     assert report.short_runs[0].distance_to_jump < 0.005
 
 
-def test_an_image_budget_thins_the_x0_images_and_keeps_every_number(loader, jumps):
+@pytest.fixture(scope="module")
+def thin_jump(loader, jumps):
+    """jumps[0]'s request again with room for 4 of its x̂0 images (max_image_bytes)."""
+    size = jumps[0].steps[0].image.nbytes
+    return explain.finish(explain.jump(request(loader, *PROMPTS[0]), loader=loader, short_steps=[5],
+                                       max_image_bytes=4 * size))
+
+
+def test_an_image_budget_thins_the_x0_images_and_keeps_every_number(loader, jumps, thin_jump):
     """Past max_image_bytes a jump keeps evenly spaced steps' images (first, last and the k-step runs' included);
     every step keeps its numbers, and the thinned report measures exactly what the full one does."""
     full = jumps[0]
     size = full.steps[0].image.nbytes
-    thin = explain.finish(explain.jump(request(loader, *PROMPTS[0]), loader=loader, short_steps=[5],
-                                       max_image_bytes=4 * size))
+    thin = thin_jump
     kept = [s.step for s in thin.steps if s.image is not None]
     assert kept == sorted(set(explain.frame_steps(20, 4)) | {4}) and kept[0] == 0 and kept[-1] == 19, kept
     for a, b in zip(full.steps, thin.steps):
@@ -218,14 +225,13 @@ def _split(data):
     return numbers, paths
 
 
-def test_every_report_writes_its_numbers_and_the_images_it_kept(loader, jumps, tmp_path):
+def test_every_report_writes_its_numbers_and_the_images_it_kept(loader, jumps, thin_jump, tmp_path):
     """write() saves OUT/<experiment>.json: exactly to_dict() (what the UI and the API show) plus the paths of the
     images it wrote, each a PNG under OUT, and the experiment's picture. A thinned report writes the images it kept;
     σ = ∞ (a zero-terminal-SNR model's first step) is the string "inf" in both, so the files are strict JSON."""
     size = jumps[0].steps[0].image.nbytes
-    thin = explain.finish(explain.jump(request(loader, *PROMPTS[0]), loader=loader, short_steps=[5],
-                                       max_image_bytes=4 * size))
-    thin = dataclasses.replace(thin, steps=(dataclasses.replace(thin.steps[0], sigma=float("inf")), *thin.steps[1:]))
+    thin = dataclasses.replace(thin_jump, steps=(dataclasses.replace(thin_jump.steps[0], sigma=float("inf")),
+                                                 *thin_jump.steps[1:]))
     small = dict(num_inference_steps=3)
     reports = {  # experiment -> (report, its picture)
         "jump": (thin, "jump.png"),
