@@ -5,16 +5,24 @@ one image and a batch; plus what the observer sees (unpacked latents and x̂0) a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchHeunDiscreteScheduler
 
+from pipelines.__main__ import main
+from pipelines.explain.dissect import dissect
 from pipelines.families import family_of
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.observers import CollectingObserver
-from pipelines.schedulers import SCHEDULERS, compatible_keys, denoiser_config, make_scheduler
+from pipelines.previews import FLUX as FLUX_FORMAT
+from pipelines.previews import Previewer, latent_format_for
+from pipelines.schedulers import SCHEDULERS, SchedulerSpec, compatible_keys, denoiser_config, make_scheduler, why_not
 from pipelines.types import GenerationRequest
+from tests.test_previews_guidance import tiny_taesd
 from tests.tiny import tiny_pipeline
 
 FLUX = ("flux", "flux_schnell")
@@ -188,10 +196,6 @@ def test_the_flux_schedule_is_shifted_by_the_image_size(loader):
 
 def test_schedulers_flux_cannot_take_are_refused_with_the_reason():
     """A flow scheduler whose set_timesteps takes no sigmas and mu cannot run FluxPipeline's schedule."""
-    from diffusers import FlowMatchHeunDiscreteScheduler
-
-    from pipelines.schedulers import SchedulerSpec, why_not
-
     pipe = tiny_pipeline("flux")
     assert set(SCHEDULER_KEYS) == {k for k, s in SCHEDULERS.items() if s.kind == "flow"
                                    if why_not(k, pipe.scheduler, denoiser_config(pipe)) is None}
@@ -231,10 +235,6 @@ def test_true_cfg_scale_is_in_the_request_json_only_when_set():
 def test_previews_use_flux_latent_format_on_unpacked_latents(loader):
     """Flux's published 16-channel latent→RGB map (ComfyUI latent_formats.Flux) and TAEF1 (injected here: the
     offline cache has none) preview the loop's unpacked x̂0 at image size."""
-    from pipelines.previews import FLUX as FLUX_FORMAT
-    from pipelines.previews import Previewer, latent_format_for
-    from tests.test_previews_guidance import tiny_taesd
-
     pipe, _ = loader.view("flux", None)
     assert latent_format_for(pipe) == FLUX_FORMAT and FLUX_FORMAT.taesd_repo == "madebyollin/taef1"
     assert Previewer(pipe).kinds == ("channels", "rgb", "decode")
@@ -250,8 +250,6 @@ def test_previews_use_flux_latent_format_on_unpacked_latents(loader):
 
 @pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
 def test_dissection_shows_both_passes_with_true_cfg_and_one_with_distilled_guidance(loader, true_cfg_scale):
-    from pipelines.explain.dissect import dissect
-
     report = list(dissect(request("flux", negative_prompt="blue", true_cfg_scale=true_cfg_scale), loader=loader))[-1]
     assert report.done and len(report.steps) == STEPS
     for step in report.steps:
@@ -261,3 +259,32 @@ def test_dissection_shows_both_passes_with_true_cfg_and_one_with_distilled_guida
             assert step.effective_scale == true_cfg_scale
         else:  # distilled guidance: the scale went into the model, there is no second pass to show
             assert not step.guided and step.x0_cond is None and step.effective_scale == 1.0
+
+
+@pytest.mark.parametrize("method", ["slg", "seg", "autoguidance"])
+def test_perturbed_pass_methods_are_refused_for_flux(loader, method):
+    with pytest.raises(ValueError, match="not available for flux models"):
+        generate(request("flux", guidance=method, true_cfg_scale=2.0, negative_prompt="blue"), loader=loader)
+
+
+@pytest.mark.parametrize("method", ["apg", "tcfg", "cfg_zero_star"])
+def test_two_prediction_methods_act_on_true_cfg(loader, method):
+    """Guidance methods that mix the conditional and unconditional predictions mix true CFG's two passes."""
+    cfg = generate(request("flux", true_cfg_scale=3.0, negative_prompt="blue"), loader=loader)
+    other = generate(request("flux", guidance=method, true_cfg_scale=3.0, negative_prompt="blue"), loader=loader)
+    assert torch.isfinite(other.latents).all() and not torch.allclose(cfg.latents, other.latents)
+
+
+def test_cli_generate_takes_true_cfg_scale(tmp_path, capsys):
+    """`python -m pipelines generate --true-cfg-scale` on a Flux folder (the tiny one, saved), in this process."""
+    folder = tmp_path / "tiny-flux"
+    tiny_pipeline("flux").save_pretrained(folder)
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(folder), "--prompt", "a red circle", "--negative-prompt", "blue",
+                 "--true-cfg-scale", "2.5", "--guidance-scale", "3.5", "--steps", "2", "--seed", "1",
+                 "--width", "32", "--height", "32", "--x0-preview", "rgb", "--out", str(out)])
+    assert code in (0, None), capsys.readouterr().err
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["request"]["true_cfg_scale"] == 2.5 and trace["family"] == "flux"
+    assert main(["generate", "--prompt", "x", "--true-cfg-scale", "2", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "true_cfg_scale is for Flux models" in capsys.readouterr().err
