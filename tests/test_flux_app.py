@@ -108,3 +108,16 @@ def test_page_shows_true_cfg_and_the_guidance_note_for_flux_only(server):
                 assert not slider.is_visible()
             page.close()
         browser.close()
+
+
+def test_dissection_says_which_guidance_a_flux_run_had(client):
+    """The Explain lab's dissection: true CFG shows both passes and names both scales; distilled guidance alone is one
+    pass, and the status says why (not 'guidance scale ≤ 1', which Flux's 3.5 is not)."""
+    common = dict(prompt="a red circle", negative_prompt="blue", model="flux", num_inference_steps=2,
+                  guidance_scale=3.5, seed=2, randomize_seed=False, width=32, height=32)
+    both = client.predict(**common, true_cfg_scale=3.0, api_name="/explain_dissect")
+    assert both[0].startswith("Done") and "true CFG scale 3, distilled guidance 3.5" in both[0]
+    assert all(s["guided"] for s in both[-1]["steps"]) and both[-1]["request"]["true_cfg_scale"] == 3.0
+    one = client.predict(**common, api_name="/explain_dissect")
+    assert "distilled guidance (scale 3.5) is an input to the model: one pass per step" in one[0]
+    assert not any(s["guided"] for s in one[-1]["steps"])
