@@ -23,6 +23,7 @@ from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import Trace
 from pipelines.profile import fitting_schedulers, size_note
+from pipelines.registry import MODELS
 from pipelines.schedulers import compatible_keys, why_not
 from pipelines.types import DEFAULT_MODEL, GenerationRequest
 from pipelines.words import counted
@@ -88,12 +89,13 @@ def test_every_slider_on_the_page_refuses_out_of_range_values_naming_its_range(s
 
 
 def test_browser_typed_values_outside_the_range_are_refused_not_clamped(server):
-    """Guidance 15 (the slider ends at 8 on the embedded model) and 1001 steps, then Generate: nothing runs, the boxes
-    keep what was typed, and the page names each range in turn; once in range, the run uses exactly the typed values."""
+    """Guidance past the slider's end (15 where it ends at 8, the embedded model's) and 1001 steps, then Generate:
+    nothing runs, the boxes keep what was typed, and the page names each range in turn; once in range, the run uses
+    exactly the typed values."""
     sync_api = pytest.importorskip("playwright.sync_api")
     url, outputs, demo = server
-    high = guidance_range(3.0)[1]
-    assert high == 8
+    high = guidance_range(MODELS[DEFAULT_MODEL].guidance_scale)[1]
+    typed = f"{high + 7:g}"
     with sync_api.sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -112,16 +114,16 @@ def test_browser_typed_values_outside_the_range_are_refused_not_clamped(server):
             page.locator(".toast-body").first.get_by_role("button").first.click()  # closed for the next one
             assert demo.playground.pending == [] and _runs(outputs) == before, "a refused value started a run"
 
-        scale.fill("15")
+        scale.fill(typed)
         steps.fill("1001")
         refused("Steps must be from 1 to 1000, got 1001")
-        assert (steps.input_value(), scale.input_value()) == ("1001", "15")  # not clamped to 1000 / 8
+        assert (steps.input_value(), scale.input_value()) == ("1001", typed)  # not clamped to 1000 / the end
         assert steps.evaluate("b => b.matches(':out-of-range')")  # drawn in red
         steps.fill("0")
         refused("Steps must be from 1 to 1000, got 0")
         steps.fill("3")
-        refused(f"Guidance scale must be from 0 to {high:g}, got 15")
-        assert scale.input_value() == "15"
+        refused(f"Guidance scale must be from 0 to {high:g}, got {typed}")
+        assert scale.input_value() == typed
         scale.fill("4.5")
         generate_btn.click()
         page.wait_for_function("() => document.querySelector('#live-status').innerText.startsWith('Done: 3 steps')",
