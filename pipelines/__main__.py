@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("jump", help="jump vs walk: every step's x̂0 against the final image, and k-step runs",
                        description="Write DIR/jump.json (per step: sigma, x̂0 sharpness, its RMS distance to the final "
-                                   "image; short_runs: separate k-step runs), DIR/jump.png, DIR/final.png, "
-                                   "DIR/x0/NNN.png and DIR/short_K.png.")
+                                   "image; bands: how much x̂0 changed in low/mid/high spatial frequencies; "
+                                   "short_runs: separate k-step runs), DIR/jump.png, DIR/final.png, DIR/x0/NNN.png and DIR/short_K.png.")
     _request_flags(j)
     j.add_argument("--frames", type=int, default=6, help="how many steps jump.png shows (default 6)")
     j.add_argument("--short-runs", default=None, metavar="LIST",
@@ -323,6 +323,8 @@ def _jump(args: argparse.Namespace) -> int:
     print(f"wrote {os.path.join(args.out, 'jump.png')} (seed {report.request.seed}); by step, RMS distance of x̂0 to "
           "the final image / sharpness: " + ", ".join(
               f"{k + 1}: {report.steps[k].distance_to_final:.3f}/{report.steps[k].sharpness:.4f}" for k in picks))
+    print("coarse before fine, the low band's share of x̂0's change (the layout first, then the details): " + ", ".join(
+        f"{k + 1}: {shares[0]:.2f}" for k in picks if (shares := report.steps[k].band_shares()) is not None))
     return 0
 
 

@@ -42,6 +42,7 @@ JUMP_COLOURS = {"x̂0 at step k (jump now)": "#1f77b4", "x̂0 at step k": "#1f77
 # The series of each Explain plot (see _frame).
 JUMP_DISTANCE = ("x̂0 at step k (jump now)", "a k-step run")
 JUMP_SHARPNESS = ("x̂0 at step k", "a k-step run")
+JUMP_BANDS = ("low (layout)", "mid", "high (details)")  # JumpStep.bands, coarse to fine
 BRANCH_SERIES = ("diversity of the endings",)
 DISSECT_PUSH = ("‖ε_c − ε_u‖", "effective scale")
 DISSECT_MOVE = ("guided x̂0",)
@@ -62,6 +63,10 @@ STYLE = """<style>
 </style>"""
 
 TEXT = {
+    "bands": "**Coarse before fine.** How much x̂0 changes from one step to the next, split into low spatial "
+             "frequencies (the layout: where the big shapes and colours sit), middle ones and high ones (edges and "
+             "texture). The first steps change x̂0 mostly in the low band, the last ones more in the high band: "
+             "the layout first, then the details.",
     "jump": "**Jump vs walk.** At every step the model predicts the clean image x̂0; *jump now* decodes that "
             "prediction, *keep walking* is where the full run ends, and *take k big steps* is a separate run of only "
             "k steps. Watch the distance to the final image fall and the sharpness rise step by step: the first "
@@ -247,6 +252,10 @@ class ExplainView:
                                                      x_title="step", y_title="RMS distance", height=240)
                     self.jump_sharpness = gr.LinePlot(x="step", y="value", color="series", title="x̂0 sharpness", color_map=JUMP_COLOURS,
                                                       x_title="step", y_title="Laplacian energy", height=240)
+                self.jump_bands = gr.LinePlot(x="step", y="value", color="series", elem_id="explain-jump-bands",
+                                              title="coarse before fine: share of x̂0's change by frequency",
+                                              x_title="step", y_title="share of the change", height=240)
+                gr.Markdown(TEXT["bands"], elem_classes="step-note")
                 self.jump_k = StrictSlider(1, 20, value=5, step=1, label="Compare at step k", elem_id="explain-jump-k")
                 with gr.Row():
                     with gr.Column():
@@ -502,7 +511,10 @@ class ExplainView:
                 dist += [{"step": r.steps, "value": r.distance_to_final, "series": JUMP_DISTANCE[1]} for r in report.short_runs]
                 sharp = [{"step": s.step + 1, "value": s.sharpness, "series": JUMP_SHARPNESS[0]} for s in report.steps]
                 sharp += [{"step": r.steps, "value": r.sharpness, "series": JUMP_SHARPNESS[1]} for r in report.short_runs]
+                bands = [{"step": s.step + 1, "value": share, "series": name} for s in report.steps
+                         if (shares := s.band_shares()) is not None for name, share in zip(JUMP_BANDS, shares)]
                 out = {self.jump_distance: _frame(dist, "step", JUMP_DISTANCE),
+                       self.jump_bands: _frame(bands, "step", JUMP_BANDS),
                        self.jump_sharpness: _frame(sharp, "step", JUMP_SHARPNESS),
                        self.jump_state: (report, files), self.numbers: report.to_dict(),
                        self.jump_progress: jump_progress(report)}
@@ -934,7 +946,7 @@ class ExplainView:
         runs = [
             ("explain_jump", self.jump_btn, self.jump_stop, self.run_jump, {}, self.jump_status,
              [self.jump_status, self.jump_state, self.jump_gallery, self.jump_k, self.jump_distance,
-              self.jump_sharpness, self.jump_compare, self.jump_short, self.jump_note, self.jump_progress, self.numbers]),
+              self.jump_sharpness, self.jump_bands, self.jump_compare, self.jump_short, self.jump_note, self.jump_progress, self.numbers]),
             ("explain_branch", self.branch_btn, self.branch_stop, self.run_branch,
              dict(branch_at=self.branch_at, branch_n=self.branch_n, branch_scheduler=self.branch_scheduler),
              self.branch_status, [self.branch_status, self.branch_gallery, self.branch_plot, self.branch_progress,

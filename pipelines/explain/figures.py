@@ -68,11 +68,12 @@ def grid(images: Sequence[np.ndarray | Image.Image], labels: Sequence[str], *, m
 
 
 def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *, title: str = "",
-               x_label: str = "", size: tuple[int, int] = (420, 200)) -> Image.Image:
-    """A small line chart, each series scaled to its own maximum (the legend gives each one's range)."""
+               x_label: str = "", size: tuple[int, int] = (420, 200), top: float | None = None) -> Image.Image:
+    """A small line chart, each series scaled to its own maximum (the legend gives each one's range), or all to
+    `top` where given (series meant to be compared with one another, such as shares of one whole)."""
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     width, height = size
-    left, right, top, bottom = 10, 10, 18 + 14 * len(series), 28
+    left, right, top_px, bottom = 10, 10, 18 + 14 * len(series), 28
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((left, 2), title, fill="black")
@@ -88,8 +89,8 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float | None]], *
         vals = [v for v in ys if v is not None]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         draw.text((left, 16 + 14 * i), f"{name}: {lo:.3g} to {hi:.3g}", fill=colour)
-        top_v = hi if hi > 0 else 1.0
-        py = lambda v: height - bottom - max(0.0, v) / top_v * (height - top - bottom)  # noqa: E731
+        top_v = top if top is not None else hi if hi > 0 else 1.0
+        py = lambda v: height - bottom - max(0.0, v) / top_v * (height - top_px - bottom)  # noqa: E731
         points = [(px(x), py(v)) for x, v in zip(xs, ys) if v is not None]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
@@ -127,7 +128,18 @@ def jump_figure(report: JumpReport, picks: Sequence[int]) -> Image.Image:
                        {"distance to final": [s.distance_to_final for s in report.steps],
                         "x0 sharpness": [s.sharpness for s in report.steps]},
                        title="per step of the full run", x_label="step", size=(max(420, pictures.width // 2), 200))
-    return stack(pictures, chart)
+    return stack(pictures, chart, bands_chart(report, size=(max(420, pictures.width // 2), 220)))
+
+
+def bands_chart(report: JumpReport, size: tuple[int, int] = (420, 220)) -> Image.Image:
+    """Coarse before fine: per step, each frequency band's share of how much x̂0 changed (0 to 1, one scale)."""
+    changed = [s for s in report.steps if s.bands is not None]
+    shares = [s.band_shares() for s in changed]
+    names = ["low (layout)", "mid", "high (details)"]
+    return line_chart([s.step + 1 for s in changed] or [1],
+                      {name: [sh[j] for sh in shares] for j, name in enumerate(names)},  # type: ignore[index]
+                      title="coarse before fine: share of x0's change per step by spatial frequency (the layout "
+                            "first, then the details)", x_label="step", size=size, top=1.0)
 
 
 def branch_figure(report: BranchReport) -> Image.Image:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.explain.common import Cancelled, Turn, _r, _save, _Watch, _X0, seeded
 from pipelines.explain.figures import jump_figure
-from pipelines.explain.metrics import rms, sharpness
+from pipelines.explain.metrics import BANDS, band_change, rms, sharpness
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
@@ -29,6 +29,14 @@ class JumpStep:
     sharpness: float  # high-frequency energy of the decoded x̂0 (see sharpness())
     distance_to_final: float  # RMS distance of the decoded x̂0 to the final image, [0, 1] pixel units
     image: np.ndarray | None  # decoded x̂0, (H, W, 3) uint8; None where the report's image budget kept only numbers
+    bands: tuple[float, float, float] | None = None  # x̂0_k − x̂0_k−1 in low/mid/high frequencies (band_change); None at 0
+
+    def band_shares(self) -> tuple[float, float, float] | None:
+        """Each band's share of this step's change of x̂0 (their squares over the sum; None at the first step)."""
+        if self.bands is None:
+            return None
+        total = sum(b * b for b in self.bands) or 1.0
+        return tuple(b * b / total for b in self.bands)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class JumpReport:
                 "preview": self.preview,
                 "steps": [{"step": s.step, "sigma": _r(s.sigma), "sharpness": _r(s.sharpness),
                            "distance_to_final": _r(s.distance_to_final)} for s in self.steps],
+                # coarse before fine: per step, how much x̂0 changed in each band (band_change; null at step 0)
+                "bands": {name: [None if s.bands is None else _r(s.bands[j]) for s in self.steps]
+                          for j, name in enumerate(BANDS)},
                 "short_runs": [{"steps": r.steps, "compare_step": r.steps - 1, "sharpness": _r(r.sharpness),
                                 "distance_to_final": _r(r.distance_to_final),
                                 "distance_to_jump": _r(r.distance_to_jump)} for r in self.short_runs],
@@ -129,7 +140,7 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
         return
     watch.deadline = None  # the run's limit is spent; decoding below stops on `cancelled` alone
     decode = _X0(request, loader)
-    steps, keep, count, turn = [], frozenset(), len(watch.events), Turn()
+    steps, keep, count, turn, previous = [], frozenset(), len(watch.events), Turn(), None
     for i, e in enumerate(watch.events):
         if watch.is_cancelled():  # a thousand-step run decodes a thousand x̂0: stoppable between them too
             return
@@ -140,7 +151,8 @@ def jump(request: GenerationRequest, *, loader: ModelLoader, short_steps: Sequen
         if i == 0:  # the k-step runs are compared with the jump after k steps: those images always stay
             keep = kept_steps(count, image.nbytes, max_image_bytes, [min(k, count) - 1 for k in short_steps])
         steps.append(JumpStep(e.step, e.sigma, sharpness(image), rms(image, result.image),
-                              image if i in keep else None))
+                              image if i in keep else None, None if previous is None else band_change(previous, image)))
+        previous = image
     steps_t = tuple(steps)
     report = JumpReport(request, result.image, steps_t, (), short_steps, decode.kind, done=not short_steps)
     yield report
