@@ -61,10 +61,12 @@ def image_from_pyramid(pyramid: list[torch.Tensor]) -> torch.Tensor:
 def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(v0 parallel to v1, v0 orthogonal to v1) per image, computed in float64."""
     dim = list(range(1, v0.ndim))
-    dtype = v0.dtype
+    dtype, device = v0.dtype, v0.device
+    if device.type in {"mps", "npu"}:  # no float64 there: project on the CPU (as guidance/apg.py)
+        v0, v1 = v0.cpu(), v1.cpu()
     v0, v1 = v0.double(), F.normalize(v1.double(), dim=dim)
     parallel = (v0 * v1).sum(dim=dim, keepdim=True) * v1
-    return parallel.to(dtype), (v0 - parallel).to(dtype)
+    return parallel.to(device=device, dtype=dtype), (v0 - parallel).to(device=device, dtype=dtype)
 
 
 def fdg(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scales: tuple[float, ...],
