@@ -285,7 +285,7 @@ def test_one_client_cannot_fill_the_queue_and_a_run_has_a_time_limit(tmp_path):
         with pytest.raises(Exception, match="PLAYGROUND_MAX_RUNS_PER_CLIENT"):
             client.predict(prompt="x", num_inference_steps=2, api_name="/generate")
         for job in jobs:  # both stopped by the 1.5 s limit, long before their 999 steps
-            _, _, info = job.result(timeout=60)
+            _, _, info, _ = job.result(timeout=60)
             assert 0 < info["steps_completed"] < LONG_STEPS, info
         run = demo.playground.runs[info["run"]]
         assert run.time_limit.expired and run.result.cancelled
