@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step counts k of the separate k-step runs (default: the shown steps below --steps)")
 
     b = sub.add_parser("branch", help="branching: run to a fraction of the schedule, finish with different noise",
-                       description="Write DIR/branch.json ({at, diversity, images: [[...] per branch point]}), "
-                                   "DIR/grid.png and DIR/branches/. The scheduler defaults to euler_a (stochastic); "
+                       description="Write DIR/branch.json ({at, diversity, x0_to_mean, images: [[...] per branch "
+                                   "point], means, x0}), DIR/grid.png, DIR/branches/, DIR/means/ (the pixel mean of the "
+                                   "endings per branch point) and DIR/x0/ (x̂0 at each branch step). The scheduler defaults to euler_a (stochastic); "
                                    "with a deterministic one (ddim, dpmpp_2m) every branch is the same image.")
     _request_flags(b, scheduler_default="euler_a")
     b.add_argument("--branches", type=int, default=4, help="endings per branch point (default 4)")
@@ -337,6 +338,8 @@ def _branch(args: argparse.Namespace) -> int:
     note = "" if report.stochastic else f" ({report.scheduler} draws no noise after the start: branches are identical)"
     print(f"wrote {os.path.join(args.out, 'grid.png')} (seed {report.request.seed}, {report.scheduler}); diversity by "
           "branch point: " + ", ".join(f"{p.fraction:g}: {p.diversity:.4f}" for p in report.points) + note)
+    print("x̂0's RMS distance to the mean of the endings (x̂0 estimates that mean): "
+          + ", ".join(f"{p.fraction:g}: {p.x0_to_mean:.4f}" for p in report.points))
     return 0
 
 

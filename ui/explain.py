@@ -43,7 +43,7 @@ JUMP_COLOURS = {"x̂0 at step k (jump now)": "#1f77b4", "x̂0 at step k": "#1f77
 JUMP_DISTANCE = ("x̂0 at step k (jump now)", "a k-step run")
 JUMP_SHARPNESS = ("x̂0 at step k", "a k-step run")
 JUMP_BANDS = ("low (layout)", "mid", "high (details)")  # JumpStep.bands, coarse to fine
-BRANCH_SERIES = ("diversity of the endings",)
+BRANCH_SERIES = ("diversity of the endings", "x̂0 to the mean of the endings")
 DISSECT_PUSH = ("‖ε_c − ε_u‖", "effective scale")
 DISSECT_MOVE = ("guided x̂0",)
 TRADEOFF_SERIES = ("adherence (judge)", "diversity")
@@ -77,7 +77,9 @@ TEXT = {
               "same x_t with different noise draws. Early branches still end far apart; late ones have already "
               "committed, so diversity (mean pairwise distance of the endings) falls as f grows. A deterministic "
               "sampler (DDIM, DPM++ 2M) adds no noise after the start, so all its branches are the same image: "
-              "only the starting noise is random there.",
+              "only the starting noise is random there. Where can it still go? Each row ends with the pixel mean of "
+              "the endings beside x̂0 at the branch step: x̂0 estimates that mean, a blend of the possible endings, "
+              "and a walk picks one of them; the plot shows x̂0's distance to the mean falling as f grows.",
     "sweep": "**Sweep grid.** The same seed in every cell (unless the seed is an axis), so each difference comes "
              "from the setting on the axis alone. Try steps against guidance scale: few steps with high guidance "
              "overshoot into noisy colour, many steps settle. Click a cell to load its settings into the main "
@@ -288,12 +290,13 @@ class ExplainView:
                 self.branch_progress = progress_bar("explain-branch-progress")
                 with gr.Row():
                     with gr.Column(scale=3):
-                        gr.Markdown("The endings: a row per branch point, the unbranched run first.", elem_classes="step-note")
+                        gr.Markdown("The endings: a row per branch point, the unbranched run first, then the mean of "
+                                    "the endings and x̂0 at the branch step.", elem_classes="step-note")
                         self.branch_gallery = gr.Gallery(label="endings: a row per branch point", show_label=False, columns=5, height="auto",
                                                          elem_classes="explain-gallery", allow_preview=False)
                     with gr.Column(scale=2):
-                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity", color_map={BRANCH_SERIES[0]: "#1f77b4"}, elem_id="explain-branch-plot",
-                                                       x_title="branch point f", y_title="pairwise RMS",
+                        self.branch_plot = gr.LinePlot(x="f", y="value", color="series", title="diversity", color_map={BRANCH_SERIES[0]: "#1f77b4", BRANCH_SERIES[1]: "#d62728"}, elem_id="explain-branch-plot",
+                                                       x_title="branch point f", y_title="RMS distance",
                                                        height=260)
             with gr.Tab("Sweep grid", elem_id="explain-sweep-tab"):
                 gr.Markdown(TEXT["sweep"], elem_classes="step-note")
@@ -594,7 +597,7 @@ class ExplainView:
         n = _whole(branch_n, "branches per point")
         files = _Files(self.app, http)
         yield {self.branch_status: f"Running the trunk (seed {request.seed}, {request.scheduler or 'the model’s own scheduler'})…",
-               self.branch_gallery: gr.Gallery(value=[], columns=n + 1),
+               self.branch_gallery: gr.Gallery(value=[], columns=n + 3),
                self.branch_progress: branch_progress(None, 1 + len(at) * n, n)}
         make = lambda c: explain.branch(request, at, n, loader=self.app.loader, cancelled=c,  # noqa: E731
                                         run_seconds=self.run_seconds)
@@ -607,11 +610,14 @@ class ExplainView:
                 for i, p in enumerate(report.points):
                     items.append((files("trunk", report.trunk), f"f={p.fraction:g}: no branch"))
                     items += [(files(f"b{i}_{j}", im), f"f={p.fraction:g} · noise {j + 1}") for j, im in enumerate(p.images)]
+                    items += [(files(f"bmean{i}", p.mean), f"f={p.fraction:g}: mean of the endings"),
+                              (files(f"bx0{i}", p.x0), f"f={p.fraction:g}: x̂0, {p.x0_to_mean:.3f} from the mean")]
                 rows = [{"f": p.fraction, "value": p.diversity, "series": BRANCH_SERIES[0]} for p in report.points]
+                rows += [{"f": p.fraction, "value": p.x0_to_mean, "series": BRANCH_SERIES[1]} for p in report.points]
                 kind = ("stochastic: each branch draws its own noise" if report.stochastic else
                         "deterministic: it adds no noise after the start, so every branch is the same image (diversity 0)")
                 last = report.points[-1]
-                yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 1), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
+                yield {self.branch_gallery: gr.Gallery(value=items, columns=n + 3), self.branch_plot: _frame(rows, "f", BRANCH_SERIES),
                        self.numbers: report.to_dict(), self.branch_progress: branch_progress(report, 1 + len(at) * n, n),
                        self.branch_status: f"{'Done' if report.done else 'Running'}: {len(report.points)}/{len(report.at)} "
                                            f"branch points, seed {report.request.seed}; {report.scheduler} is {kind}. "

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 
-from pipelines.explain.common import MAX_RUNS, Cancelled, _r, _save, _Watch, seeded
+from pipelines.explain.common import MAX_RUNS, Cancelled, _r, _save, _Watch, _X0, seeded
 from pipelines.explain.figures import branch_figure
-from pipelines.explain.metrics import diversity
+from pipelines.explain.metrics import diversity, pixels
 from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
@@ -29,6 +30,9 @@ class BranchPoint:
     seeds: tuple[int, ...]  # the branches' noise seeds (the same for every fraction)
     images: tuple[Image.Image, ...]  # the branches' final images
     diversity: float  # mean pairwise RMS distance of those images
+    mean: np.ndarray | None = None  # pixel mean of the endings, (H, W, 3) uint8: a blend of where the run can still go
+    x0: np.ndarray | None = None  # the trunk's decoded x̂0 at this step (from the shared x_t), (H, W, 3) uint8
+    x0_to_mean: float | None = None  # RMS distance of x̂0 to the (unrounded) mean of the endings, [0, 1] pixel units
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class BranchReport:
                 "scheduler": self.scheduler, "stochastic": self.stochastic, "at": [p.fraction for p in self.points],
                 "steps": [p.step for p in self.points],
                 "branch_seeds": list(self.points[0].seeds) if self.points else [],
-                "diversity": [_r(p.diversity) for p in self.points]}
+                "diversity": [_r(p.diversity) for p in self.points],
+                # x̂0 estimates the mean of the endings: how far it is from the mean of these N, per branch point
+                "x0_to_mean": [_r(p.x0_to_mean) for p in self.points]}
 
     def write(self, out: str | Path) -> dict[str, Any]:
         """OUT/branch.json (to_dict() and the image paths, relative to OUT), OUT/grid.png (figures.branch_figure),
@@ -58,7 +64,10 @@ class BranchReport:
         data = self.to_dict() | {
             "images": [[_save(out, f"branches/f{p.fraction:.2f}_{j}.png", image) for j, image in enumerate(p.images)]
                        for p in self.points],
-            "trunk": _save(out, "trunk.png", self.trunk, {"request": self.request.to_json()})}
+            "trunk": _save(out, "trunk.png", self.trunk, {"request": self.request.to_json()}),
+            "means": [None if p.mean is None else _save(out, f"means/f{p.fraction:.2f}.png", p.mean)
+                      for p in self.points],
+            "x0": [None if p.x0 is None else _save(out, f"x0/f{p.fraction:.2f}.png", p.x0) for p in self.points]}
         _save(out, "grid.png", branch_figure(self))
         write_json(out / "branch.json", data)
         return data
@@ -72,6 +81,9 @@ def branch_seed(seed: int, j: int) -> int:
 def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, loader: ModelLoader,
            cancelled: Cancelled | None = None, run_seconds: float | None = None) -> Iterator[BranchReport]:
     """Run the trunk to each fraction f of the schedule, then finish it `branches` times with different noise.
+
+    Per branch point, the pixel mean of the endings beside the trunk's decoded x̂0 at the branch step and their RMS
+    distance: x̂0 estimates that mean (a blend of the possible endings); each walk picks one ending.
 
     Exact: the trunk is deterministic for its seed, so each branch re-runs it and, from step round(f · N) on,
     draws the scheduler's noise from its own seed (GenerationRequest.branch); the multistep history stays right.
@@ -91,10 +103,11 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
                          f"at most {MAX_RUNS}")
     pipe, key = loader.view(request.model, request.scheduler)
     stochastic = is_stochastic(pipe.scheduler)
-    watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
+    watch = _Watch(cancelled, run_seconds=run_seconds)  # keeps the trunk's x̂0 of every step
     trunk = generate(request, watch, loader=loader)
     if watch.stopped(trunk):
         return
+    decode, events = _X0(request, loader), watch.events
     n = trunk.num_steps
     seeds = tuple(branch_seed(trunk.seed, j) for j in range(branches))
     report = BranchReport(request, trunk.image, stochastic, trunk.scheduler, (), at, done=False)
@@ -108,6 +121,9 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
             if watch.stopped(r):
                 return
             images.append(r.image)
-        points.append(BranchPoint(f, step, seeds, tuple(images), diversity(images)))
+        mean = np.mean([pixels(i) for i in images], axis=0)  # (H, W, 3) in [0, 1]
+        x0 = decode(events[step].denoised)  # predicted from the x_t every branch shares
+        points.append(BranchPoint(f, step, seeds, tuple(images), diversity(images),
+                                  (mean * 255).round().astype(np.uint8), x0, float(np.sqrt(np.mean((pixels(x0) - mean) ** 2)))))
         report = dataclasses.replace(report, points=tuple(points), done=len(points) == len(at))
         yield report

@@ -145,19 +145,23 @@ def bands_chart(report: JumpReport, size: tuple[int, int] = (420, 220)) -> Image
 def branch_figure(report: BranchReport) -> Image.Image:
     """A row per branch point (the trunk, then a column per noise seed) and, for several points, diversity against f."""
     n = report.request.num_inference_steps
-    rows = [[report.trunk, *p.images] for p in report.points]
+    rows = [[report.trunk, *p.images, p.mean, p.x0] for p in report.points]
     kind = "stochastic" if report.stochastic else "deterministic: no noise after the start, so every branch is the same"
     noises = [f"noise {j + 1}" for j in range(len(report.points[0].images))]
-    pictures = grid_image(rows, col_labels=["no branch"] + noises,
+    pictures = grid_image(rows, col_labels=["no branch"] + noises + ["mean of endings", "x0 at f"],
                           row_labels=[f"f={p.fraction:g} (step {p.step} of {n}) div={p.diversity:.3f}"
+                                      + ("" if p.x0_to_mean is None else f" x0-mean={p.x0_to_mean:.3f}")
                                       for p in report.points],
                           title=f"{report.request.prompt!r}, seed {report.request.seed}, {report.scheduler} ({kind})",
-                          x_title="branches: same x_t at f, different noise draws afterwards", y_title="branch point f")
+                          x_title="branches: same x_t at f, different noise draws afterwards; x0 estimates the mean "
+                                  "of the endings (a blend), each walk picks one", y_title="branch point f")
     if len(report.points) < 2:
         return pictures
     return stack(pictures, line_chart([p.fraction for p in report.points],
-                                      {"diversity": [p.diversity for p in report.points]},
-                                      title="diversity of the endings against the branch point", x_label="f"))
+                                      {"diversity": [p.diversity for p in report.points],
+                                       "x0 to the mean of the endings": [p.x0_to_mean for p in report.points]},
+                                      title="diversity of the endings, and x0's RMS distance to their mean, against "
+                                            "the branch point", x_label="f"))
 
 
 def sweep_figure(report: SweepReport) -> Image.Image:
