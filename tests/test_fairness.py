@@ -160,7 +160,7 @@ def test_prompt_notes_cap_the_text_before_reading_it(direct):
     v = Visitor(direct, "127.0.0.8")
     try:
         t0 = time.perf_counter()
-        done = _result(v, v.join_raw("/prompt_notes", ["x" * 10_000_000, "", "tiny-shapes"]))
+        done = _result(v, v.join_raw("/prompt_notes", ["x" * 10_000_000, "", "tiny-shapes", 20]))
         seconds = time.perf_counter() - t0
         assert done["success"] and "PLAYGROUND_MAX_PROMPT_CHARS" in done["output"]["data"][0], done
         assert seconds < 5, f"{seconds:.1f} s"
@@ -176,9 +176,9 @@ def test_fractions_and_empty_calls_get_a_clear_line(direct):
         for name in ("/on_model", "/on_method"):  # private events called without their data
             done = _result(v, v.join_raw(name, [None]))
             assert not done["success"] and "choose one of" in done["output"]["error"], (name, done)
-        done = _result(v, v.join_raw("/prompt_notes", [None, None, "tiny-shapes"]))  # no prompt: an empty one
+        done = _result(v, v.join_raw("/prompt_notes", [None, None, "tiny-shapes", 20]))  # no prompt: an empty one
         assert done["success"] and "Empty prompt" in done["output"]["data"][0], done
-        done = _result(v, v.join_raw("/prompt_notes", ["x", "", "not-a-model"]))  # the model list says what is allowed
+        done = _result(v, v.join_raw("/prompt_notes", ["x", "", "not-a-model", 20]))  # the model list says what is allowed
         assert not done["success"] and "tiny-shapes" in done["output"]["error"], done
     finally:
         v.close()

@@ -104,7 +104,7 @@ def test_a_stream_whose_client_goes_away_stops_its_run(server, client):
 
 
 API_PARAMETERS = ["prompt", "negative_prompt", "model", "scheduler", "num_inference_steps", "guidance_scale", "seed",
-                  "width", "height", "guidance", "guidance_params", "num_images_per_prompt"]
+                  "width", "height", "guidance", "guidance_params", "num_images_per_prompt", "true_cfg_scale"]
 
 
 def test_generate_and_generate_stream_take_one_request_shape(server):
@@ -119,7 +119,7 @@ def test_generate_and_generate_stream_take_one_request_shape(server):
     assert dict((n, d) for n, _, d in shape["/generate"]) == {
         "prompt": None, "negative_prompt": "", "model": MODEL, "scheduler": "", "num_inference_steps": -1,
         "guidance_scale": -1, "seed": -1, "width": 0, "height": 0, "guidance": "", "guidance_params": "",
-        "num_images_per_prompt": 1}
+        "num_images_per_prompt": 1, "true_cfg_scale": 1}
     assert [r["label"] for r in endpoints["/generate_stream"]["returns"]] == [
         "status", "latents x_t", "predicted x0", "image", "seed", "info", "images"]
     assert [r["label"] for r in endpoints["/generate"]["returns"]] == ["image", "seed", "info", "images"]
