@@ -437,7 +437,7 @@ def test_every_handler_that_runs_the_model_goes_through_the_gpu_decorator(tmp_pa
 
     demo = app.build_demo(loader=ModelLoader(device="cpu"), models=[MODEL], outputs_dir=tmp_path, gpu=gpu)
     assert sorted(wrapped) == sorted(["run_ui", "run_api", "run_api_stream", "run_jump", "run_branch", "run_sweep",
-                                      "run_dissect", "run_tradeoff", "on_jump_k"]), wrapped
+                                      "run_dissect", "run_tradeoff", "run_attention", "run_layout", "on_jump_k"]), wrapped
     demo.close()
 
 
