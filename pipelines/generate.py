@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
+from dataclasses import dataclass
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -96,12 +99,24 @@ def apply_guidance(
     return guided.pred, preds.cond, preds.uncond, guided.effective_scale
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A run paused before loop index `step`: enough to continue it there (generate's `start`) without re-running
+    the steps before. Schedulers are stateful (step_index, a multistep method's model_outputs), so it holds a copy."""
+
+    step: int  # the loop index the run continues at (0 <= step < num_steps)
+    latents: torch.Tensor  # x_t entering that step, (B, C, h, w)
+    scheduler: Any  # a deep copy of the run's scheduler there
+
+
 @torch.no_grad()
 def generate(
     request: GenerationRequest,
     observer: Observer | None = None,
     *,
     loader: ModelLoader | None = None,
+    start: Snapshot | None = None,
+    snapshot: tuple[Collection[int], Callable[[Snapshot], None]] | None = None,
 ) -> GenerationResult:
     """Make the image(s) of `request`, handing a StepEvent to `observer` after every loop iteration.
 
@@ -109,6 +124,11 @@ def generate(
     The noise comes from a CPU torch.Generator seeded with the seed, so results do not depend on the device. A batch
     (num_images_per_prompt n) runs as one batched model call per step with one generator per image, seeded
     seed + i, as the stock pipeline does when given a list of generators: image i is the single run with seed + i.
+
+    snapshot=(steps, keep) hands keep() a Snapshot of the run before each loop index in `steps`; start=one of them
+    continues a run of the same request there (the steps before it are not run or observed; that the snapshot comes
+    from this request, prompt and seed is the caller's to keep). With request.branch at step k, that is the
+    branch of the whole re-run, pixel for pixel (tests/test_explain2.py), at the cost of the steps after k only.
     """
     observer = observer or Observer()
     loader = loader or ModelLoader()
@@ -151,6 +171,12 @@ def generate(
         latents = family.prepare_latents(pipe, num_images, height, width, cond.embeds.dtype, device, generator)
         step_kwargs = family.step_kwargs(pipe, generator)
         num_steps = len(timesteps)
+        if start is not None:  # continue a snapshot: its x_t and its scheduler state (copied: it may start others)
+            if not 0 <= start.step < num_steps or start.latents.shape != latents.shape:
+                raise ValueError(f"a snapshot starts at a step from 0 to {num_steps - 1} with latents of shape "
+                                 f"{tuple(latents.shape)}, got step {start.step} and {tuple(start.latents.shape)}")
+            latents = start.latents.to(latents.device, latents.dtype)
+            vars(scheduler).update(copy.deepcopy(vars(start.scheduler)))
 
         # 5. Denoise (a method with a perturbed pass says what it perturbs; the family resolves it for the run)
         perturb = method.perturbation is not None
@@ -160,6 +186,10 @@ def generate(
         cancelled = False
         with family.perturbed_pass(pipe, method.perturbation) if perturb else contextlib.nullcontext() as perturbed:
             for i, t in enumerate(timesteps):
+                if start is not None and i < start.step:
+                    continue
+                if snapshot is not None and i in snapshot[0]:
+                    snapshot[1](Snapshot(i, latents.detach().clone(), copy.deepcopy(scheduler)))
                 if observer.is_cancelled():
                     cancelled = True
                     break

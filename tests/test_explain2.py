@@ -4,13 +4,16 @@ low, middle and high spatial frequencies)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines import explain
 from pipelines.explain.metrics import BANDS, band_change
+from pipelines.generate import generate
 from pipelines.loading import ModelLoader
 from pipelines.requests import build_request, missing_embedded
 from pipelines.types import DEFAULT_MODEL
@@ -88,6 +91,8 @@ def test_x0_approaches_the_mean_of_the_endings_as_the_branch_point_moves_on(load
                         scheduler="euler_a", guidance_scale=1.0, num_inference_steps=10)
     report = explain.finish(explain.branch(req, [0.0, 0.5, 0.9], 4, loader=loader))
     first, middle, _ = report.points
+    rerun = generate(dataclasses.replace(req, branch=(middle.step, middle.seeds[1])), loader=loader)  # the trunk too
+    assert np.array_equal(np.asarray(rerun.image), np.asarray(middle.images[1]))  # the branch from its snapshot
     assert first.step == 0 and first.x0_to_mean > middle.x0_to_mean, [p.x0_to_mean for p in report.points]
     for p in report.points:
         mean = np.mean([explain.pixels(i) for i in p.images], axis=0)
@@ -98,3 +103,23 @@ def test_x0_approaches_the_mean_of_the_endings_as_the_branch_point_moves_on(load
     assert saved["x0_to_mean"] == pytest.approx([p.x0_to_mean for p in report.points], abs=1e-5)
     assert len(saved["means"]) == len(saved["x0"]) == 3 == len(data["means"])
     assert all((tmp_path / path).is_file() for path in saved["means"] + saved["x0"])
+
+
+@needs_model
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_a_branch_from_a_snapshot_equals_the_branch_that_re_runs_the_trunk(loader, scheduler):
+    """generate(start=snapshot) continues a run at step k from its x_t and a copy of the scheduler's state (a
+    multistep DPM++ 2M keeps model_outputs): the branch equals the one that re-runs steps 0..k-1, pixel for pixel."""
+    req = build_request(prompt="a large red circle in the center", model=DEFAULT_MODEL, loader=loader, seed=1,
+                        scheduler=scheduler, guidance_scale=1.0, num_inference_steps=8)
+    kept = []
+    generate(req, loader=loader, snapshot=({3}, kept.append))
+    assert [s.step for s in kept] == [3]
+    for branch_seed in (11, 12):  # one snapshot starts several branches (the scheduler state is copied each time)
+        branched = dataclasses.replace(req, branch=(3, branch_seed))
+        whole = generate(branched, loader=loader)
+        resumed = generate(branched, loader=loader, start=kept[0])
+        assert np.array_equal(np.asarray(whole.image), np.asarray(resumed.image))
+        assert torch.equal(whole.latents, resumed.latents)
+    with pytest.raises(ValueError, match="a snapshot starts at a step from 0 to 2 .* got step 3"):
+        generate(dataclasses.replace(req, num_inference_steps=3), loader=loader, start=kept[0])

@@ -13,7 +13,7 @@ from PIL import Image
 from pipelines.explain.common import MAX_RUNS, Cancelled, _r, _save, _Watch, _X0, seeded
 from pipelines.explain.figures import branch_figure
 from pipelines.explain.metrics import diversity, pixels
-from pipelines.generate import generate
+from pipelines.generate import Snapshot, generate
 from pipelines.loading import ModelLoader
 from pipelines.outputs import write_json
 from pipelines.schedulers import is_stochastic
@@ -85,8 +85,10 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
     Per branch point, the pixel mean of the endings beside the trunk's decoded x̂0 at the branch step and their RMS
     distance: x̂0 estimates that mean (a blend of the possible endings); each walk picks one ending.
 
-    Exact: the trunk is deterministic for its seed, so each branch re-runs it and, from step round(f · N) on,
-    draws the scheduler's noise from its own seed (GenerationRequest.branch); the multistep history stays right.
+    Exact and without re-running the trunk: the trunk keeps a Snapshot (x_t and a copy of the scheduler's state, so
+    a multistep history stays right) before each branch step round(f · N), and each branch continues one from there,
+    drawing the scheduler's noise from its own seed (GenerationRequest.branch): the same images as re-running the
+    trunk with that branch, at the cost of the steps after the branch point only.
     """
     request = seeded(request)
     at = tuple(float(f) for f in at)
@@ -103,8 +105,11 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
                          f"at most {MAX_RUNS}")
     pipe, key = loader.view(request.model, request.scheduler)
     stochastic = is_stochastic(pipe.scheduler)
+    n_req = request.num_inference_steps
+    snapshots: dict[int, Snapshot] = {}
     watch = _Watch(cancelled, run_seconds=run_seconds)  # keeps the trunk's x̂0 of every step
-    trunk = generate(request, watch, loader=loader)
+    trunk = generate(request, watch, loader=loader,
+                     snapshot=({min(n_req - 1, round(f * n_req)) for f in at}, lambda s: snapshots.setdefault(s.step, s)))
     if watch.stopped(trunk):
         return
     decode, events = _X0(request, loader), watch.events
@@ -117,7 +122,8 @@ def branch(request: GenerationRequest, at: Sequence[float], branches: int, *, lo
         images = []
         for s in seeds:
             watch = _Watch(cancelled, keep=False, run_seconds=run_seconds)
-            r = generate(dataclasses.replace(request, branch=(step, s)), watch, loader=loader)
+            r = generate(dataclasses.replace(request, branch=(step, s)), watch, loader=loader,
+                         start=snapshots.get(step))  # none if the run has fewer steps than asked: a re-run, as exact
             if watch.stopped(r):
                 return
             images.append(r.image)
