@@ -196,7 +196,7 @@ def test_dissect_marks_the_guidance_interval(loader):
     assert plain.interval is None and all(s.guided for s in plain.steps)
 
 
-PATH_KEYS = {"image", "images", "final", "trunk"}  # what write() adds to to_dict(): image paths, relative to OUT
+PATH_KEYS = {"image", "images", "final", "trunk", "means", "x0"}  # what write() adds to to_dict(): image paths, relative to OUT
 
 
 def _flat(value) -> list[str]:
@@ -424,9 +424,9 @@ def test_browser_explain_plots_draw_every_series_of_every_run(explain_server):
                 "s => document.querySelector('#explain-branch-status').innerText.startsWith('Done') && "
                 "document.querySelector('#explain-branch-status').innerText.includes(s)", arg=sampler.split()[0],
                 timeout=60000)
-            page.wait_for_function(
-                "() => document.querySelectorAll('#explain-branch-plot [aria-roledescription=point]').length === 2",
+            page.wait_for_function(  # two branch points, each with its diversity and x̂0's distance to the mean
+                "() => document.querySelectorAll('#explain-branch-plot [aria-roledescription=point]').length === 4",
                 timeout=10000)
             lines = _lines(page, "#explain-branch-plot")
-            assert len(lines) == 1 and None not in lines.values(), (sampler, lines)
+            assert len(lines) == 2 and None not in lines.values() and len(set(lines.values())) == 2, (sampler, lines)
         browser.close()
