@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.serving import Visitor, app_processes
+from tests.serving import Visitor, app_process
 
 LIMIT = 4  # PLAYGROUND_MAX_RUNS_PER_CLIENT's default
 QUICK = dict(prompt="a red circle", num_inference_steps=2, seed=1)
@@ -21,19 +21,11 @@ SWEEP = dict(prompt="a red circle", seed=1, randomize_seed=False, num_inference_
 
 
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory):
-    """Two `python app.py`, started at once (each takes seconds to import and warm up): with no proxy in front
-    (PLAYGROUND_TRUSTED_PROXY_HOPS unset: 0) and behind one trusted proxy. Yields ((url, outputs folder), url)."""
-    outputs = tmp_path_factory.mktemp("outputs")
-    with app_processes([(outputs, None), (tmp_path_factory.mktemp("outputs"),
-                                          {"PLAYGROUND_TRUSTED_PROXY_HOPS": "1"})]) as (direct_url, proxied_url):
-        yield (direct_url, outputs), proxied_url
-
-
-@pytest.fixture(scope="module")
-def direct_app(apps):
+def direct_app(tmp_path_factory):
     """python app.py with no proxy in front (PLAYGROUND_TRUSTED_PROXY_HOPS unset: 0): (url, outputs folder)."""
-    return apps[0]
+    outputs = tmp_path_factory.mktemp("outputs")
+    with app_process(outputs) as url:
+        yield url, outputs
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +34,10 @@ def direct(direct_app):
 
 
 @pytest.fixture(scope="module")
-def proxied(apps):
+def proxied(tmp_path_factory):
     """python app.py behind one trusted proxy (as on a Space): the client is X-Forwarded-For's last entry."""
-    return apps[1]
+    with app_process(tmp_path_factory.mktemp("outputs"), {"PLAYGROUND_TRUSTED_PROXY_HOPS": "1"}) as url:
+        yield url
 
 
 def refused(answer) -> bool:
