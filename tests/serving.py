@@ -53,7 +53,36 @@ def wait_until(condition, timeout: float, what: str) -> None:
 @contextlib.contextmanager
 def app_process(outputs: Path, env: dict[str, str] | None = None, timeout: float = 120.0):
     """`python app.py` itself, in a child process on a free loopback port, with `env` on top of this one's (e.g.
-    PLAYGROUND_TRUSTED_PROXY_HOPS): yields its URL once it answers; its output is in outputs/../app.log."""
+    PLAYGROUND_TRUSTED_PROXY_HOPS): yields its URL once it answers; its output is in outputs/../app-PORT.log."""
+    with app_processes([(outputs, env)], timeout) as (url,):
+        yield url
+
+
+@contextlib.contextmanager
+def app_processes(apps: list[tuple[Path, dict[str, str] | None]], timeout: float = 120.0):
+    """app_process for each (outputs, env), all started at once (their imports and warm-ups overlap on the cores):
+    yields their URLs, in order, once every one answers."""
+    with contextlib.ExitStack() as stack:
+        started = [stack.enter_context(_app_started(outputs, env)) for outputs, env in apps]
+        for proc, url, log_path in started:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"python app.py exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+                try:
+                    if httpx.get(url + "config", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"python app.py did not answer in {timeout:g} s: {log_path.read_text()[-2000:]}")
+                time.sleep(0.25)
+        yield [url for _, url, _ in started]
+
+
+@contextlib.contextmanager
+def _app_started(outputs: Path, env: dict[str, str] | None):
+    """`python app.py` started (not yet answering): yields (process, URL, log path); stops it on exit."""
     port = free_port()
     log_path = outputs.parent / f"app-{port}.log"
     full_env = dict(os.environ) | {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
@@ -62,21 +91,8 @@ def app_process(outputs: Path, env: dict[str, str] | None = None, timeout: float
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full_env, stdout=log,
                                 stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"python app.py exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "config", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"python app.py did not answer in {timeout:g} s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.25)
-        yield url
+        yield proc, f"http://127.0.0.1:{port}/", log_path
     finally:
         proc.terminate()
         try:
