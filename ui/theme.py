@@ -32,9 +32,13 @@ input[data-testid=number-input] { min-width: calc(5ch + 36px); }
    dropdown's arrow instead of running under it. */
 .wrap-inner .secondary-wrap > input { padding-right: 28px; text-overflow: ellipsis; }
 /* The gallery's label chip sits in the flow above the thumbnails, not over the first one. */
-#history > label[data-testid=block-label] { position: static !important; margin-bottom: 4px; }
+#history > label[data-testid=block-label], #batch > label[data-testid=block-label] {
+  position: static !important; margin-bottom: 4px; }
 #history .grid-wrap { height: calc(100% - 36px) !important; }
-#history .grid-container { padding-top: 0 !important; }
+#history .grid-container, #batch .grid-container { padding-top: 0 !important; }
+#batch .caption-label { position: static !important; background: none !important; color: inherit !important;
+  white-space: normal !important; font-size: 0.8em; padding: 2px 0 0 0 !important; max-width: 100% !important; }
+#batch .thumbnail-item { flex-direction: column; height: auto !important; }
 /* Progress of a run or an experiment: a bar and what it counts, its height kept while empty so nothing moves. */
 .run-progress { min-height: 1.5em; }
 .run-progress .html-container { padding: 0 !important; }
