@@ -225,6 +225,15 @@ class _Files:
         return self.paths[name]
 
 
+def run_controls(name: str, run_label: str) -> tuple[gr.Button, gr.Button, gr.Markdown, gr.HTML]:
+    """An experiment tab's Run and Stop buttons (one row), its status line and progress bar, with the elem_ids the
+    page's CSS and the tests know (explain-<name>-status, explain-<name>-progress)."""
+    with gr.Row():
+        run = gr.Button(run_label, variant="primary", scale=3)
+        stop = gr.Button("Stop", variant="stop", scale=1)
+    return run, stop, gr.Markdown("", elem_id=f"explain-{name}-status"), progress_bar(f"explain-{name}-progress")
+
+
 class ExplainView:
     """The Explain lab: one sub-tab per experiment, each reading the main controls."""
 
@@ -243,11 +252,8 @@ class ExplainView:
         with gr.Tabs(elem_id="explain-tabs"):
             with gr.Tab("Jump vs walk", elem_id="explain-jump-tab"):
                 gr.Markdown(TEXT["jump"], elem_classes="step-note")
-                with gr.Row():
-                    self.jump_btn = gr.Button("Run jump vs walk", variant="primary", scale=3)
-                    self.jump_stop = gr.Button("Stop", variant="stop", scale=1)
-                self.jump_status = gr.Markdown("", elem_id="explain-jump-status")
-                self.jump_progress = progress_bar("explain-jump-progress")
+                self.jump_btn, self.jump_stop, self.jump_status, self.jump_progress = (
+                    run_controls("jump", "Run jump vs walk"))
                 self.jump_state = gr.State(None)
                 with gr.Row():
                     self.jump_distance = gr.LinePlot(x="step", y="value", color="series", title="distance to final", color_map=JUMP_COLOURS, elem_id="explain-jump-distance",
@@ -283,11 +289,8 @@ class ExplainView:
                     self.branch_n = StrictSlider(2, 8, value=4, step=1, label="Branches per point")
                     self.branch_scheduler = gr.Radio([("euler_a (stochastic)", "euler_a"), ("ddim (deterministic)", "ddim"),
                                                       ("the main scheduler", "main")], value="euler_a", label="Sampler")
-                with gr.Row():
-                    self.branch_btn = gr.Button("Run branching", variant="primary", scale=3)
-                    self.branch_stop = gr.Button("Stop", variant="stop", scale=1)
-                self.branch_status = gr.Markdown("", elem_id="explain-branch-status")
-                self.branch_progress = progress_bar("explain-branch-progress")
+                self.branch_btn, self.branch_stop, self.branch_status, self.branch_progress = (
+                    run_controls("branch", "Run branching"))
                 with gr.Row():
                     with gr.Column(scale=3):
                         gr.Markdown("The endings: a row per branch point, the unbranched run first, then the mean of "
@@ -306,11 +309,8 @@ class ExplainView:
                     self.sweep_x_values = gr.Textbox("1,3,7.5,12", label="x values")
                     self.sweep_y = gr.Dropdown([("none", ""), *((a, a) for a in axes)], value="steps", label="y axis")
                     self.sweep_y_values = gr.Textbox("2,5,20", label="y values")
-                with gr.Row():
-                    self.sweep_btn = gr.Button("Run sweep", variant="primary", scale=3)
-                    self.sweep_stop = gr.Button("Stop", variant="stop", scale=1)
-                self.sweep_status = gr.Markdown("", elem_id="explain-sweep-status")
-                self.sweep_progress = progress_bar("explain-sweep-progress")
+                self.sweep_btn, self.sweep_stop, self.sweep_status, self.sweep_progress = (
+                    run_controls("sweep", "Run sweep"))
                 self.sweep_state = gr.State([])
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -325,11 +325,8 @@ class ExplainView:
                                     "`cfg,rescale,apg,pag`.", elem_classes="step-note")
             with gr.Tab("Guidance dissection", elem_id="explain-dissect-tab"):
                 gr.Markdown(TEXT["dissect"], elem_classes="step-note")
-                with gr.Row():
-                    self.dissect_btn = gr.Button("Run dissection", variant="primary", scale=3)
-                    self.dissect_stop = gr.Button("Stop", variant="stop", scale=1)
-                self.dissect_status = gr.Markdown("", elem_id="explain-dissect-status")
-                self.dissect_progress = progress_bar("explain-dissect-progress")
+                self.dissect_btn, self.dissect_stop, self.dissect_status, self.dissect_progress = (
+                    run_controls("dissect", "Run dissection"))
                 self.dissect_state = gr.State(None)
                 with gr.Row():
                     self.dissect_push = gr.LinePlot(x="step", y="value", color="series", title="guidance per step",
@@ -352,11 +349,8 @@ class ExplainView:
                 with gr.Row():
                     self.tradeoff_scales = gr.Textbox("1,2,3,5,7.5,12", label="Guidance scales")
                     self.tradeoff_seeds = StrictSlider(2, 12, value=6, step=1, label="Seeds per scale")
-                with gr.Row():
-                    self.tradeoff_btn = gr.Button("Run trade-off", variant="primary", scale=3)
-                    self.tradeoff_stop = gr.Button("Stop", variant="stop", scale=1)
-                self.tradeoff_status = gr.Markdown("", elem_id="explain-tradeoff-status")
-                self.tradeoff_progress = progress_bar("explain-tradeoff-progress")
+                self.tradeoff_btn, self.tradeoff_stop, self.tradeoff_status, self.tradeoff_progress = (
+                    run_controls("tradeoff", "Run trade-off"))
                 with gr.Row():
                     with gr.Column(scale=3):
                         gr.Markdown("The images: a row per guidance scale, the same seeds in every row.", elem_classes="step-note")
@@ -771,11 +765,8 @@ class ExplainView:
         final image, and every word's whole-run map."""
         with gr.Tab("Which word drew where", elem_id="explain-attention-tab"):
             gr.Markdown(TEXT["attention"], elem_classes="step-note")
-            with gr.Row():
-                self.attention_btn = gr.Button("Run word maps", variant="primary", scale=3)
-                self.attention_stop = gr.Button("Stop", variant="stop", scale=1)
-            self.attention_status = gr.Markdown("", elem_id="explain-attention-status")
-            self.attention_progress = progress_bar("explain-attention-progress")
+            self.attention_btn, self.attention_stop, self.attention_status, self.attention_progress = (
+                run_controls("attention", "Run word maps"))
             self.attention_state = gr.State(None)
             self.attention_word = gr.Radio([], label="Word", elem_id="explain-attention-word")
             self.attention_k = StrictSlider(1, 20, value=20, step=1, label="Step k", elem_id="explain-attention-k")
@@ -891,11 +882,8 @@ class ExplainView:
                 self.layout_at = gr.Textbox(",".join(f"{f:g}" for f in explain.SWITCH_POINTS), scale=2,
                                             label="Switch points (shares of the steps, 0 to 1)")
                 self.layout_seeds = StrictSlider(1, 6, value=1, step=1, label="Seeds (a row each)", scale=1)
-            with gr.Row():
-                self.layout_btn = gr.Button("Run the switch", variant="primary", scale=3)
-                self.layout_stop = gr.Button("Stop", variant="stop", scale=1)
-            self.layout_status = gr.Markdown("", elem_id="explain-layout-status")
-            self.layout_progress = progress_bar("explain-layout-progress")
+            self.layout_btn, self.layout_stop, self.layout_status, self.layout_progress = (
+                run_controls("layout", "Run the switch"))
             gr.Markdown("A column per switch point (when the new text starts to be read), a row per seed; under each "
                         "image, what the judge reads in it and whose it is: *from* (the old text) or *to* (the new).",
                         elem_classes="step-note")
